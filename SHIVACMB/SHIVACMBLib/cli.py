@@ -1,0 +1,240 @@
+"""The ``shivacmb`` command.
+
+Exit codes: 0 done, 2 bad input or usage, 3 model problem, 4 runtime failure, 130 cancelled.
+Errors are one line on stderr: ``shivacmb: error: <file>: <problem>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import __version__
+from .errors import Cancelled, ModelError, ShivaError
+from .inference import DEVICES
+from .progress import PROGRESS_MODES
+
+EPILOG = """exit codes: 0 done, 2 bad input or usage, 3 model problem, 4 runtime failure, 130 cancelled"""
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def _volume(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shivacmb",
+        description="Find cerebral microbleeds (CMBs) in T2*-GRE and SWI MRI with SHIVA-CMB-style 3D U-Nets "
+                    "(ONNX). Results land in the scan's own grid.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"shivacmb {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    seg = commands.add_parser(
+        "segment", help="find the CMBs of one scan",
+        description="Find the CMBs of one scan and write, into OUT/<scan-id>/: cmb_labels (label k = CMB k, in "
+                    "the input's format), cmb.seg.nrrd (one Slicer segment per CMB), findings.tsv (one row per "
+                    "CMB), run.json (provenance, timings, warnings) and report.html (QC thumbnails).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    seg.add_argument("input", metavar="INPUT",
+                     help="scan: NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM "
+                          "series folder; any orientation, spacing or obliquity")
+    seg.add_argument("--mask", metavar="M", help="brain mask on any grid (voxels > 0 are brain); "
+                                                 "computed from the scan when not given")
+    seg.add_argument("--model", metavar="NAME|DIR",
+                     help="installed model name or model folder (default: the embedded default model)")
+    seg.add_argument("--out", metavar="DIR", default="shivacmb_output",
+                     help="output folder; results go to DIR/<scan-id>/ (default: %(default)s)")
+    seg.add_argument("--scan-id", metavar="ID", help="name of the result folder (default: input file name)")
+    seg.add_argument("--device", choices=DEVICES, default="auto",
+                     help="where the network runs; a GPU that fails falls back to CPU (default: %(default)s)")
+    seg.add_argument("--threshold", type=_probability, metavar="T",
+                     help="probability threshold, 0-1 (default: the model's own, usually 0.5)")
+    seg.add_argument("--min-volume", type=_volume, default=0.0, metavar="MM3",
+                     help="drop CMBs smaller than this, in mm^3 on the model grid (default: keep all)")
+    seg.add_argument("--max-volume", type=_volume, metavar="MM3",
+                     help="drop CMBs larger than this, in mm^3 on the model grid (default: keep all)")
+    seg.add_argument("--save-probability", action="store_true",
+                     help="also write cmb_probability (ensemble probability on the scan's grid)")
+    seg.add_argument("--no-report", action="store_true", help="do not write report.html")
+    seg.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
+                     help="bar: progress bar on stderr; json: one JSON object per line on stdout "
+                          "(for front ends); none (default: %(default)s)")
+    seg.set_defaults(handler=_segment)
+
+    models = commands.add_parser("models", help="list or verify installed models",
+                                 description="Models are folders with model.json and ONNX folds, looked up in "
+                                             "the user model folder (or $SHIVACMB_MODELS) and the embedded "
+                                             "models/.")
+    actions = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="installed models with modality, licence and location")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_models_list)
+    verify = actions.add_parser("verify", help="check every fold file against its sha256")
+    verify.add_argument("models", nargs="*", metavar="NAME|DIR", help="models to verify (default: all installed)")
+    verify.set_defaults(handler=_models_verify)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous = _install_cancel_handlers()
+    try:
+        return int(args.handler(args) or 0)
+    except ShivaError as err:
+        _error(str(err))
+        return err.exit_code
+    except KeyboardInterrupt:
+        _error("cancelled")
+        return Cancelled.exit_code
+    except MemoryError:
+        _error("out of memory")
+        return 4
+    except Exception as err:  # noqa: BLE001 - last resort: one line, and the trace on demand
+        if os.environ.get("SHIVACMB_DEBUG"):
+            traceback.print_exc()
+        _error(f"internal error: {type(err).__name__}: {' '.join(str(err).split())[:300]} "
+               "(set SHIVACMB_DEBUG=1 for the traceback)")
+        return 4
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _error(message: str) -> None:
+    print(f"shivacmb: error: {message}", file=sys.stderr, flush=True)
+
+
+def _install_cancel_handlers() -> Dict[int, Any]:
+    """SIGTERM (Slicer's Cancel, batch schedulers) ends the run like Ctrl-C: cleanly, exit 130."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                previous[sig] = signal.signal(sig, interrupt)
+            except ValueError:  # not the main thread
+                pass
+    return previous
+
+
+# --- segment ------------------------------------------------------------------------------
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .pipeline import SegmentOptions, segment
+    from .progress import BarReporter, json_reporter
+
+    options = SegmentOptions(model=args.model, mask=args.mask, device=args.device, threshold=args.threshold,
+                             save_probability=args.save_probability, min_volume_mm3=args.min_volume,
+                             max_volume_mm3=args.max_volume, scan_id=args.scan_id, report=not args.no_report)
+    if args.progress == "json":
+        report = json_reporter()
+        result = segment(args.input, args.out, options, progress=report)
+        print(json.dumps({"stage": "done", "fraction": 1.0, "message": _summary(result),
+                          "output": str(result.output_dir), "cmb_count": len(result.findings),
+                          "provider": result.run["inference"]["provider"], "warnings": result.run["warnings"]}),
+              flush=True)
+        return 0
+    if args.progress == "bar" and sys.stderr.isatty():
+        with BarReporter(Path(args.input).name) as bar:
+            result = segment(args.input, args.out, options, progress=bar)
+    else:
+        result = segment(args.input, args.out, options)
+    print(_summary(result))
+    for warning in result.run["warnings"]:
+        print(f"warning: {warning}")
+    return 0
+
+
+def _summary(result: Any) -> str:
+    n = len(result.findings)
+    return (f"{n} CMB{'s' if n != 1 else ''} found in {result.scan_id} "
+            f"({result.run['inference']['provider']}, {result.run['timings_s']['total']:.1f} s) -> "
+            f"{result.output_dir}{os.sep} ({', '.join(result.files)})")
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from .models import installed_models, model_search_dirs
+
+    entries = installed_models()
+    rows: List[Dict[str, Any]] = []
+    for entry in entries:
+        if isinstance(entry, tuple):
+            rows.append({"name": entry[0].name, "path": str(entry[0]), "error": entry[1]})
+        else:
+            row = entry.summary()
+            row["folds"] = len(entry.folds)
+            rows.append(row)
+    if args.json:
+        print(json.dumps({"search_path": [str(p) for p in model_search_dirs()], "models": rows}, indent=2))
+        return 0
+    if not rows:
+        print("no models installed; searched: " + ", ".join(str(p) for p in model_search_dirs()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "version", "modalities", "folds", "licence", "location")
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["name"], "-", "-", "-", "-", f"{row['path']} [red](unusable: {row['error']})[/red]")
+        else:
+            table.add_row(row["name"], row["version"], ",".join(row["modalities"]), str(row["folds"]),
+                          row["license"], row["path"])
+    Console(width=max(120, Console().width)).print(table)
+    return 0
+
+
+def _models_verify(args: argparse.Namespace) -> int:
+    from .models import ModelDescriptor, installed_models, load_model
+
+    targets: List[Callable[[], ModelDescriptor]] = []
+    if args.models:
+        targets = [lambda m=m: load_model(m) for m in args.models]
+    else:
+        for entry in installed_models():
+            if isinstance(entry, tuple):
+                _error(f"{entry[0]}: {entry[1]}")
+                return ModelError.exit_code
+            targets.append(lambda path=entry.path: load_model(str(path)))
+    if not targets:
+        print("no models installed")
+        return 0
+    failed = 0
+    for load in targets:
+        try:
+            model = load()
+            print(f"ok      {model.name} {model.version} ({len(model.folds)} fold(s), {model.path})")
+        except ModelError as err:
+            failed += 1
+            print(f"FAILED  {err}")
+    return ModelError.exit_code if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

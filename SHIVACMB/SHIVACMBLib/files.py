@@ -1,0 +1,120 @@
+"""File helpers: checksums, atomic writes and staged output folders.
+
+Results are never left half-written: a file is written under a temporary name and renamed
+into place; a scan's output folder is filled under a hidden temporary name and renamed
+into place as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+PathLike = Union[str, Path]
+
+
+def checksum(files: Sequence[PathLike]) -> str:
+    """sha256 of the files' bytes, in order (a DICOM series hashes all its files)."""
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _host() -> str:
+    return "".join(c for c in socket.gethostname() if c.isalnum()) or "host"
+
+
+def _temporary_sibling(path: Path, tag: str) -> Path:
+    """Hidden unique name beside ``path``: ``.<name>.<tag>-<host>-<pid>-<random>``."""
+    return path.with_name(f".{path.name}.{tag}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove_stale_siblings(final: Path) -> None:
+    """Remove staging leftovers of ``final`` whose process (on this host) no longer exists."""
+    if os.name == "nt":  # no safe liveness probe without extra packages
+        return
+    prefix = f"{_host()}-"
+    for tag in ("partial", "old"):
+        for leftover in final.parent.glob(f".{glob.escape(final.name)}.{tag}-*"):
+            rest = leftover.name.rsplit(f".{tag}-", 1)[-1]
+            if not rest.startswith(prefix):
+                continue
+            pid = rest[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it is renamed to ``path``."""
+    path = Path(path)
+    tmp = _temporary_sibling(path, "tmp")
+    # keep the real extension(s) last so writers that dispatch on it (SimpleITK) still work
+    tmp = tmp.with_name(tmp.name + "".join(path.suffixes[-2:]) if path.suffixes else tmp.name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def staged_directory(final: PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``final``; on success it replaces ``final`` whole.
+
+    On failure the staging folder is removed, and so is the parent if this call created it
+    and it is still empty, so an interrupted run leaves nothing behind.
+    """
+    final = Path(final)
+    parent = final.parent
+    created = [p for p in [parent, *parent.parents] if not p.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(final)
+    stage = _temporary_sibling(final, "partial")
+    stage.mkdir()  # plain mkdir honours the umask, unlike mkdtemp's 0700
+    try:
+        yield stage
+        if final.exists():
+            old = _temporary_sibling(final, "old")
+            os.replace(final, old)
+            os.replace(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise

@@ -1,0 +1,188 @@
+"""Segment one scan: read, mask, resample, infer, postprocess, write (DESIGN: data flow of one scan).
+
+Everything is computed before anything is written; the outputs are then written into a
+hidden staging folder that is renamed to ``<out>/<scan-id>/`` in one step.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .errors import InputError
+from .files import atomic_write_text, staged_directory
+from .findings import Finding, write_tsv
+from .geometry import resample
+from .inference import FoldEnsemble, get_ensemble
+from .models import ModelDescriptor, load_model
+from .postprocess import OUTSIDE_RATIO, find_components, map_to_native, measure
+from .preprocess import compute_brain_mask, load_brain_mask, prepare_input
+from .progress import Reporter, stage_reporter
+from .report import write_report
+from .scan import Scan, read_scan, scan_id_from_path
+from .segfile import write_seg_nrrd
+
+PathLike = Union[str, Path]
+LABELS_NAME = "cmb_labels"
+PROBABILITY_NAME = "cmb_probability"
+SEGMENTATION_NAME = "cmb.seg.nrrd"
+FINDINGS_NAME = "findings.tsv"
+RUN_NAME = "run.json"
+REPORT_NAME = "report.html"
+
+
+@dataclass
+class SegmentOptions:
+    """Settings of one `segment` run (the command's options)."""
+
+    model: Optional[str] = None  # installed model name or model folder; None = default model
+    mask: Optional[PathLike] = None
+    device: str = "auto"
+    threshold: Optional[float] = None  # None = the model's own
+    save_probability: bool = False
+    min_volume_mm3: float = 0.0
+    max_volume_mm3: Optional[float] = None
+    scan_id: Optional[str] = None
+    report: bool = True
+
+
+@dataclass
+class SegmentResult:
+    scan_id: str
+    output_dir: Path
+    findings: List[Finding]
+    run: Dict[str, Any]
+    files: List[str] = field(default_factory=list)
+
+
+class _Stopwatch:
+    """Wall time per stage; ``snapshot`` includes the stage still running."""
+
+    def __init__(self) -> None:
+        self.times: Dict[str, float] = {}
+        self._start = time.perf_counter()
+        self._current: Optional[tuple] = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._current = (name, time.perf_counter())
+        try:
+            yield
+        finally:
+            self.times[name] = round(time.perf_counter() - self._current[1], 4)
+            self._current = None
+
+    def snapshot(self) -> Dict[str, float]:
+        now = time.perf_counter()
+        times = dict(self.times)
+        if self._current is not None:
+            times[self._current[0]] = round(now - self._current[1], 4)
+        times["total"] = round(now - self._start, 4)
+        return times
+
+
+def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOptions] = None,
+            progress: Optional[Reporter] = None, model: Optional[ModelDescriptor] = None,
+            ensemble: Optional[FoldEnsemble] = None) -> SegmentResult:
+    """Find the CMBs of one scan and write its outputs into ``out_dir/<scan-id>/``.
+
+    ``model``/``ensemble`` may be passed in to reuse them across scans.
+    """
+    options = options or SegmentOptions()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    clock = _Stopwatch()
+    if model is None:
+        model = load_model(options.model, verify=False)
+    threshold = model.threshold if options.threshold is None else float(options.threshold)
+    if not 0.0 < threshold < 1.0:
+        raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
+
+    with clock.stage("read"):
+        stage_reporter(progress, "read")(0.0, f"reading {Path(input_path).name}")
+        scan = read_scan(input_path)
+    with clock.stage("mask"):
+        stage_reporter(progress, "mask")(0.0, "brain mask")
+        mask = load_brain_mask(options.mask, scan) if options.mask else compute_brain_mask(scan)
+    with clock.stage("preprocess"):
+        stage_reporter(progress, "preprocess")(0.0, "resampling to the model grid")
+        model_input = prepare_input(scan, mask, model)
+    with clock.stage("inference"):
+        if ensemble is None:
+            ensemble = get_ensemble(model, options.device)
+        mean, folds = ensemble.predict(model_input.volume, stage_reporter(progress, "inference"))
+    with clock.stage("postprocess"):
+        stage_reporter(progress, "postprocess")(0.0, "finding CMBs")
+        native = scan.geometry
+        components = find_components(mean, model_input.mask, model_input.grid, native, threshold,
+                                     OUTSIDE_RATIO, options.min_volume_mm3, options.max_volume_mm3)
+        labels, rescued = map_to_native(components, model_input.grid, native, threshold)
+        findings = measure(components, folds, labels, model_input.grid, native, threshold)
+        del folds
+
+    scan_id = options.scan_id or scan_id_from_path(scan.path)
+    run = {
+        "scan_id": scan_id,
+        "software": _software(ensemble),
+        "input": {"path": str(Path(scan.path).resolve()), "format": scan.format, "sha256": scan.sha256,
+                  "files": len(scan.files), "geometry": native.to_dict()},
+        "mask": mask.summary(),
+        "model": model.summary(),
+        "settings": {"threshold": threshold, "device": options.device, "fold_floor": model.fold_floor,
+                     "outside_ratio": OUTSIDE_RATIO, "min_volume_mm3": options.min_volume_mm3,
+                     "max_volume_mm3": options.max_volume_mm3, "save_probability": options.save_probability},
+        "inference": ensemble.summary(),
+        "model_box": {"shape": list(model_input.grid.size), "spacing_mm": list(model_input.grid.spacing),
+                      "origin_ras": np.round(model_input.grid.index_to_ras(np.zeros(3)), 3).tolist()},
+        "results": {"cmb_count": len(findings), "dropped": components.dropped,
+                    "kept_by_single_voxel_rule": rescued},
+        "warnings": scan.warnings + model_input.warnings + ensemble.warnings,
+        "started": started.isoformat(timespec="seconds"),
+    }
+
+    stage_reporter(progress, "write")(0.0, "writing results")
+    with clock.stage("write"):
+        out = Path(out_dir) / scan_id
+        files = _write_outputs(out, scan, labels, findings, components, model_input.grid, options, run, clock)
+    stage_reporter(progress, "write")(1.0, f"{len(findings)} CMB(s) found")
+    return SegmentResult(scan_id=scan_id, output_dir=out, findings=findings, run=run, files=files)
+
+
+def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Finding], components: Any,
+                   box: Any, options: SegmentOptions, run: Dict[str, Any], clock: _Stopwatch) -> List[str]:
+    native = scan.geometry
+    ext = scan.output_extension
+    with staged_directory(out) as stage:
+        files = [LABELS_NAME + ext, SEGMENTATION_NAME, FINDINGS_NAME]
+        sitk.WriteImage(native.with_image(labels), str(stage / files[0]), True)
+        write_seg_nrrd(stage / SEGMENTATION_NAME, labels, native, findings)
+        write_tsv(findings, stage / FINDINGS_NAME)
+        if options.save_probability:
+            files.append(PROBABILITY_NAME + ext)
+            probability = resample(box.with_image(components.probability), native, sitk.sitkLinear)
+            sitk.WriteImage(probability, str(stage / files[-1]), True)
+            del probability
+        if options.report:
+            files.append(REPORT_NAME)
+            write_report(stage / REPORT_NAME, scan.image, labels, findings, run)
+        files.append(RUN_NAME)
+        run["results"]["files"] = files
+        run["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        run["timings_s"] = clock.snapshot()
+        atomic_write_text(stage / RUN_NAME, json.dumps(run, indent=2) + "\n")
+    return files
+
+
+def _software(ensemble: FoldEnsemble) -> Dict[str, str]:
+    return {"name": "shivacmb", "version": __version__, "python": platform.python_version(),
+            "onnxruntime": ensemble.onnxruntime_version, "simpleitk": sitk.Version.VersionString(),
+            "numpy": np.__version__, "platform": platform.platform()}

@@ -1,0 +1,214 @@
+"""From the ensemble probability in the model box to CMBs in the scan's own grid.
+
+1. Threshold the fold mean and find 26-connected components.
+2. Drop components with more than 25 % of their voxels outside the brain mask, components
+   whose peak lies outside the scan's field of view, and (optionally) components outside the
+   size limits. Kept components then lose their voxels outside the mask (probability x mask).
+3. Number the CMBs from the top of the head down (superior -> inferior, then right -> left,
+   then anterior -> posterior) so that ids are stable and follow reading order.
+4. Map to the native grid: the probability is interpolated (linearly) at every native voxel
+   near a CMB, and each native voxel above threshold goes to the nearest CMB. A CMB that
+   covers no native voxel (small CMB, thick slices) gets the native voxel nearest to its
+   peak, so the CMB count is the same in model and native space.
+5. Measure each CMB (centroid, volume, probabilities, fold agreement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from .findings import Finding
+from .geometry import Geometry
+
+OUTSIDE_RATIO = 0.25
+_CONNECT_26 = np.ones((3, 3, 3), dtype=bool)
+_CROP_MARGIN = 2  # model voxels around a CMB searched for native voxels
+
+
+@dataclass
+class Components:
+    """Kept CMB candidates in the model box (arrays indexed [z, y, x])."""
+
+    labels: np.ndarray  # int32, 1..count, 0 elsewhere
+    probability: np.ndarray  # float32: fold mean x mask, 0 at above-threshold voxels of dropped components
+    count: int
+    dropped: Dict[str, int] = field(default_factory=dict)
+
+
+def find_components(
+    mean: np.ndarray,
+    inside: np.ndarray,
+    model: Geometry,
+    native: Geometry,
+    threshold: float,
+    outside_ratio: float = OUTSIDE_RATIO,
+    min_volume_mm3: float = 0.0,
+    max_volume_mm3: Optional[float] = None,
+) -> Components:
+    """Steps 1-3 of the module docstring."""
+    binary = mean > threshold
+    labels, n = ndimage.label(binary, structure=_CONNECT_26)
+    probability = mean * inside
+    dropped = {"outside_brain": 0, "outside_scan": 0, "too_small": 0, "too_large": 0}
+    if n == 0:
+        return Components(labels.astype(np.int32), probability.astype(np.float32), 0, dropped)
+
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    outside = np.bincount(labels[binary & ~inside], minlength=n + 1)
+    volume = sizes * model.voxel_volume
+    reasons = {
+        "outside_brain": outside > outside_ratio * sizes,
+        "too_small": volume < min_volume_mm3,
+        "too_large": volume > (np.inf if max_volume_mm3 is None else max_volume_mm3),
+    }
+    peaks = _peaks(probability, labels, n)
+    reasons["outside_scan"] = ~native.contains_ras(model.index_to_ras(peaks[:, ::-1]))
+    keep = np.ones(n + 1, dtype=bool)
+    keep[0] = False
+    for reason, mask in reasons.items():
+        mask[0] = False
+        dropped[reason] = int(np.count_nonzero(mask & keep))
+        keep &= ~mask
+
+    labels[~inside] = 0
+    remap = np.zeros(n + 1, dtype=np.int32)
+    kept = np.flatnonzero(keep)
+    remap[kept] = _reading_order(probability, labels, kept)
+    labels = remap[labels]
+    probability[binary & (labels == 0)] = 0.0
+    return Components(labels, probability.astype(np.float32, copy=False), len(kept), dropped)
+
+
+def _peaks(probability: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """[z, y, x] index of the highest-probability voxel of each label 1..n, row 0 unused."""
+    positions = ndimage.maximum_position(probability, labels, np.arange(1, n + 1))
+    return np.array([(0, 0, 0)] + [tuple(p) for p in positions], dtype=float)
+
+
+def _reading_order(probability: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """New ids 1..len(ids) for ``ids``: superior first, then right, then anterior."""
+    if len(ids) == 0:
+        return ids
+    centres = np.array(ndimage.center_of_mass(probability, labels, ids)).reshape(-1, 3)  # z, y, x
+    order = np.lexsort((-centres[:, 1], -centres[:, 2], -centres[:, 0]))  # last key sorts first
+    new = np.empty(len(ids), dtype=np.int32)
+    new[order] = np.arange(1, len(ids) + 1)
+    return new
+
+
+def map_to_native(components: Components, model: Geometry, native: Geometry, threshold: float
+                  ) -> Tuple[np.ndarray, int]:
+    """Native label map ([k, j, i], label k = CMB k) and how many CMBs needed the one-voxel rescue."""
+    dtype = np.uint8 if components.count < 256 else np.uint16
+    out = np.zeros(native.array_shape, dtype=dtype)
+    if components.count == 0:
+        return out, 0
+    native_to_model = np.linalg.inv(model.ijk_to_lps()) @ native.ijk_to_lps()
+    size = np.asarray(native.size)
+    for cmb, box in enumerate(ndimage.find_objects(components.labels), start=1):
+        if box is None:
+            continue
+        crop = tuple(slice(max(s.start - _CROP_MARGIN, 0), min(s.stop + _CROP_MARGIN, dim))
+                     for s, dim in zip(box, components.labels.shape))
+        territory = _nearest_label(components.labels[crop])
+        lo, hi = _native_bounds(crop, model, native)
+        if np.any(lo > hi):
+            continue
+        kk, jj, ii = np.mgrid[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+        ijk = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1).astype(float)
+        xyz = ijk @ native_to_model[:3, :3].T + native_to_model[:3, 3]
+        zyx = xyz[:, ::-1].T
+        p = ndimage.map_coordinates(components.probability, zyx, order=1, mode="constant", cval=0.0)
+        nearest = np.rint(zyx).astype(int) - np.array([s.start for s in crop])[:, None]
+        valid = np.all((nearest >= 0) & (nearest < np.array(territory.shape)[:, None]), axis=0)
+        owner = np.zeros(len(p), dtype=territory.dtype)
+        owner[valid] = territory[tuple(nearest[:, valid])]
+        chosen = ((p > threshold) & (owner == cmb)).reshape(kk.shape)
+        region = out[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+        region[chosen & (region == 0)] = cmb
+    counts = np.bincount(out.ravel(), minlength=components.count + 1)
+    missing = [c for c in range(1, components.count + 1) if counts[c] == 0]
+    if missing:
+        peaks = _peaks(components.probability, components.labels, components.count)
+        for cmb in missing:
+            target = native.lps_to_index(model.index_to_lps(peaks[cmb, ::-1]))
+            out[_free_voxel_near(out, np.clip(target, 0, size - 1))] = cmb
+    return out, len(missing)
+
+
+def _nearest_label(labels: np.ndarray) -> np.ndarray:
+    """Each voxel's nearest non-zero label (the territory of every CMB in a crop)."""
+    background = labels == 0
+    if not background.any():
+        return labels
+    index = ndimage.distance_transform_edt(background, return_distances=False, return_indices=True)
+    return labels[tuple(index)]
+
+
+def _native_bounds(crop: Sequence[slice], model: Geometry, native: Geometry) -> Tuple[np.ndarray, np.ndarray]:
+    """Native (i, j, k) index range covering a model-box crop given as [z, y, x] slices."""
+    z, y, x = crop
+    corners = np.array([[a, b, c] for a in (x.start - 0.5, x.stop - 0.5)
+                        for b in (y.start - 0.5, y.stop - 0.5) for c in (z.start - 0.5, z.stop - 0.5)])
+    index = native.lps_to_index(model.index_to_lps(corners))
+    top = np.asarray(native.size) - 1
+    lo = np.clip(np.floor(index.min(axis=0)), 0, top).astype(int)
+    hi = np.clip(np.ceil(index.max(axis=0)), 0, top).astype(int)
+    outside = (index.max(axis=0) < -0.5) | (index.min(axis=0) > top + 0.5)
+    hi[outside] = lo[outside] - 1
+    return lo, hi
+
+
+def _free_voxel_near(labels: np.ndarray, ijk: np.ndarray) -> Tuple[int, int, int]:
+    """[k, j, i] of the unlabelled native voxel nearest (in index units) to continuous ``ijk``."""
+    centre = np.rint(ijk).astype(int)
+    shape_ijk = np.array(labels.shape[::-1])
+    for radius in range(0, max(shape_ijk)):
+        lo = np.maximum(centre - radius, 0)
+        hi = np.minimum(centre + radius, shape_ijk - 1)
+        kk, jj, ii = np.mgrid[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+        free = labels[kk, jj, ii] == 0
+        if free.any():
+            distance = (ii - ijk[0]) ** 2 + (jj - ijk[1]) ** 2 + (kk - ijk[2]) ** 2
+            distance[~free] = np.inf
+            best = np.unravel_index(int(np.argmin(distance)), distance.shape)
+            return int(kk[best]), int(jj[best]), int(ii[best])
+    raise RuntimeError("no free native voxel left for a CMB")
+
+
+def measure(components: Components, folds: Sequence[np.ndarray], native_labels: np.ndarray,
+            model: Geometry, native: Geometry, threshold: float) -> List[Finding]:
+    """One :class:`Finding` per CMB (ids 1..count)."""
+    n = components.count
+    if n == 0:
+        return []
+    ids = np.arange(1, n + 1)
+    prob, labels = components.probability, components.labels
+    centres = np.array(ndimage.center_of_mass(prob, labels, ids)).reshape(-1, 3)  # z, y, x
+    ras = model.index_to_ras(centres[:, ::-1])
+    ijk = np.clip(np.rint(native.ras_to_index(ras)), 0, np.asarray(native.size) - 1).astype(int)
+    maxima = np.asarray(ndimage.maximum(prob, labels, ids))
+    means = np.asarray(ndimage.mean(prob, labels, ids))
+    if folds:
+        detected = [np.asarray(ndimage.maximum(f, labels, ids)) > threshold for f in folds]
+        agreement = np.mean(detected, axis=0)
+    else:
+        agreement = np.ones(n)
+    voxels = np.bincount(native_labels.ravel(), minlength=n + 1)
+    return [
+        Finding(
+            cmb_id=int(c),
+            r=float(ras[c - 1, 0]), a=float(ras[c - 1, 1]), s=float(ras[c - 1, 2]),
+            i=int(ijk[c - 1, 0]), j=int(ijk[c - 1, 1]), k=int(ijk[c - 1, 2]),
+            volume_mm3=float(voxels[c] * native.voxel_volume),
+            voxels=int(voxels[c]),
+            max_prob=float(maxima[c - 1]),
+            mean_prob=float(means[c - 1]),
+            fold_agreement=float(agreement[c - 1]),
+        )
+        for c in ids
+    ]

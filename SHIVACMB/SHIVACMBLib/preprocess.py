@@ -1,0 +1,187 @@
+"""From a native scan to the model's input: brain mask, model box, normalisation.
+
+The scan is resampled once, straight from its native grid into the model box (1 mm RAS by
+default), so no full-size intermediate copy is made.
+
+Computed brain mask (when the user gives none), on a 2 mm copy of the scan:
+  Gaussian smoothing (sigma 2 mm) -> Otsu threshold (head vs background) -> erosion by a
+  4 mm ball (detaches scalp, eyes, neck) -> largest connected component -> dilation by the
+  same ball -> hole filling (dark lesions, veins, iron) -> closing by a 6 mm ball (dark
+  cortical veins and sulci at the surface) -> hole filling.
+It works on magnitude SWI and T2*-GRE, whose brain is brighter than background and skull.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import InputError
+from .geometry import Geometry, model_grid, resample
+from .models import ModelDescriptor, Normalization
+from .scan import Scan, read_label_image
+
+MASK_VOXEL_MM = 2.0
+ERODE_MM = 4.0
+CLOSE_MM = 6.0
+MIN_BRAIN_ML = 5.0
+MIN_MASK_OVERLAP = 0.5
+TOP_MARGIN_MM = 5.0
+
+
+@dataclass
+class BrainMask:
+    """A binary brain mask on its own grid (uint8 image, 1 = brain) and where it came from."""
+
+    image: sitk.Image
+    source: str  # "computed" or the mask file's path
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry.of(self.image)
+
+    def points_ras(self) -> np.ndarray:
+        """RAS positions of the mask's voxel centres, shape (N, 3)."""
+        k, j, i = np.nonzero(sitk.GetArrayViewFromImage(self.image))
+        return self.geometry.index_to_ras(np.stack([i, j, k], axis=1))
+
+    def volume_ml(self) -> float:
+        count = int(np.count_nonzero(sitk.GetArrayViewFromImage(self.image)))
+        return count * self.geometry.voxel_volume / 1000.0
+
+    def summary(self) -> dict:
+        return {"source": self.source, "volume_ml": round(self.volume_ml(), 2), "grid": self.geometry.to_dict()}
+
+
+@dataclass
+class ModelInput:
+    """The normalised model-box volume and mask, arrays indexed [z, y, x] (S, A, R)."""
+
+    grid: Geometry
+    volume: np.ndarray
+    mask: np.ndarray
+    warnings: List[str] = field(default_factory=list)
+
+
+def compute_brain_mask(scan: Scan, voxel_mm: float = MASK_VOXEL_MM) -> BrainMask:
+    """Classical brain mask (see module docstring) on a coarse copy of the scan."""
+    native = scan.geometry
+    spacing = np.maximum(np.asarray(native.spacing), voxel_mm)
+    size = np.maximum(np.ceil(np.asarray(native.size) * native.spacing / spacing), 1).astype(int)
+    first_centre = -0.5 + 0.5 * spacing / np.asarray(native.spacing)  # native index of coarse voxel 0
+    coarse = Geometry(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
+                      tuple(float(v) for v in native.index_to_lps(first_centre)), native.direction)
+    image = resample(scan.image, coarse)
+    image = sitk.SmoothingRecursiveGaussian(image, voxel_mm)
+    values = np.nan_to_num(sitk.GetArrayFromImage(image), nan=0.0, posinf=0.0, neginf=0.0)
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(sitk.GetImageFromArray(values))
+    head = values > otsu.GetThreshold()
+
+    spacing_kji = spacing[::-1]
+    # pad so that morphology does not stick to the field-of-view border
+    pad = int(np.ceil(CLOSE_MM / spacing.min())) + 1
+    head = np.pad(head, pad)
+    core = ndimage.binary_erosion(head, _ball(ERODE_MM, spacing_kji))
+    labels, n = ndimage.label(core)
+    if n == 0:
+        raise InputError(scan.path, "could not find the brain for the automatic mask; give one with --mask")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    brain = labels == int(np.argmax(sizes))
+    brain = ndimage.binary_dilation(brain, _ball(ERODE_MM, spacing_kji))
+    brain = ndimage.binary_fill_holes(brain)
+    brain = ndimage.binary_closing(brain, _ball(CLOSE_MM, spacing_kji))
+    brain = ndimage.binary_fill_holes(brain)[pad:-pad, pad:-pad, pad:-pad]
+    mask = BrainMask(coarse.with_image(brain.astype(np.uint8)), "computed")
+    if mask.volume_ml() < MIN_BRAIN_ML:
+        raise InputError(scan.path, f"automatic brain mask is only {mask.volume_ml():.1f} mL; "
+                                    "give a brain mask with --mask")
+    return mask
+
+
+def load_brain_mask(path: Union[str, Path], scan: Scan) -> BrainMask:
+    """A user-given mask (any grid, any label type: > 0 is brain), checked against the scan."""
+    image = read_label_image(path)
+    values = sitk.GetArrayViewFromImage(image)
+    brain = np.isfinite(values) & (values > 0) if np.issubdtype(values.dtype, np.floating) else values > 0
+    if not brain.any():
+        raise InputError(path, "brain mask is empty (no voxel above 0)")
+    binary = Geometry.of(image).with_image(brain.astype(np.uint8))
+    mask = BrainMask(binary, str(path))
+    points = mask.points_ras()
+    step = max(1, len(points) // 200_000)  # a sample is enough to measure the overlap
+    inside = float(np.mean(scan.geometry.contains_ras(points[::step])))
+    if inside < MIN_MASK_OVERLAP:
+        raise InputError(path, f"brain mask does not overlap the scan {scan.path.name}: only {inside:.0%} of "
+                               "its voxels lie in the scan's field of view")
+    return mask
+
+
+def place_model_box(mask: BrainMask, shape: Sequence[int], spacing_mm: Sequence[float],
+                    top_margin_mm: float = TOP_MARGIN_MM) -> Tuple[Geometry, List[str]]:
+    """The model box: centred on the mask's centre of mass, raised so the top of the brain is inside."""
+    points = mask.points_ras()
+    shape = np.asarray(shape, dtype=int)
+    spacing = np.asarray(spacing_mm, dtype=float)
+    centre = np.ceil(points.mean(axis=0) / spacing) * spacing
+    origin = centre - (shape // 2) * spacing
+    last = origin + (shape - 1) * spacing
+    top = points[:, 2].max()
+    if top > last[2]:
+        origin[2] += np.ceil((top - last[2] + top_margin_mm) / spacing[2]) * spacing[2]
+        last = origin + (shape - 1) * spacing
+    warnings = []
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    for axis, name in enumerate("RAS"):
+        outside = max(origin[axis] - lo[axis], hi[axis] - last[axis])
+        if outside > spacing[axis] / 2:
+            warnings.append(f"brain mask extends up to {outside:.0f} mm beyond the model box along {name}; "
+                            "CMBs there are not searched")
+    return model_grid(shape, spacing, origin), warnings
+
+
+def normalise(volume: np.ndarray, inside: np.ndarray, norm: Normalization) -> Optional[float]:
+    """In place: non-finite and negative values to 0, then divide by the brain's percentile, clip, rescale to 0-1.
+
+    Returns the percentile value used (None for method 'none').
+    """
+    np.nan_to_num(volume, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.maximum(volume, 0.0, out=volume)
+    if norm.method == "none":
+        return None
+    reference = float(np.percentile(volume[inside], norm.percentile))
+    if reference <= 0:
+        raise ValueError(f"no signal inside the brain mask ({norm.percentile:g}th percentile is 0)")
+    volume *= np.float32(1.0 / reference)
+    np.minimum(volume, np.float32(norm.clip), out=volume)
+    volume *= np.float32(1.0 / norm.clip)
+    return reference
+
+
+def prepare_input(scan: Scan, mask: BrainMask, model: ModelDescriptor) -> ModelInput:
+    """Resample the scan and mask into the model box and normalise the scan."""
+    grid, warnings = place_model_box(mask, model.shape, model.spacing_mm)
+    volume = sitk.GetArrayFromImage(resample(scan.image, grid, sitk.sitkLinear))
+    inside = sitk.GetArrayViewFromImage(resample(mask.image, grid, sitk.sitkNearestNeighbor,
+                                                 pixel_type=sitk.sitkUInt8)) > 0
+    if not inside.any():
+        raise InputError(mask.source if mask.source != "computed" else scan.path,
+                         "brain mask does not reach into the model box")
+    try:
+        normalise(volume, inside, model.normalization)
+    except ValueError as err:
+        raise InputError(scan.path, str(err)) from None
+    return ModelInput(grid=grid, volume=volume, mask=inside, warnings=warnings)
+
+
+def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """Ellipsoidal structuring element of a physical radius on an anisotropic grid."""
+    half = [max(int(radius_mm // s), 0) for s in spacing]
+    grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    return sum((g * s / radius_mm) ** 2 for g, s in zip(grids, spacing)) <= 1.0

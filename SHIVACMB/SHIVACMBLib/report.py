@@ -1,0 +1,132 @@
+"""``report.html``: a self-contained QC page for one scan (no network, no scripts).
+
+For every CMB, three thumbnails centred on its centroid (axial, coronal, sagittal, in
+radiological convention: the patient's right on the image's left), 40 mm across at
+0.5 mm per pixel, resampled from the scan's own grid, with the CMB's native voxels outlined.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .findings import Finding
+from .geometry import LPS_RAS, Geometry, resample
+
+THUMB_MM = 40.0
+THUMB_PIXEL_MM = 0.5
+MAX_THUMBNAILS = 200
+# In-plane axes (screen right, screen down) in RAS for each view, radiological convention.
+VIEWS = {
+    "axial": ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),
+    "coronal": ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    "sagittal": ((0.0, -1.0, 0.0), (0.0, 0.0, -1.0)),
+}
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f0f0f0}.num{text-align:right}.warn{background:#fff4e0;border:1px solid #e0a030;padding:.5em 1em}
+.note{background:#eef4ff;border:1px solid #8aa8e0;padding:.5em 1em}
+.cmb{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+.cmb img{width:160px;height:160px;image-rendering:pixelated;margin-right:2px;background:#000}
+.cmb .cap{font-size:.85em}
+"""
+
+
+def write_report(path: Path, scan_image: sitk.Image, labels: np.ndarray, findings: Sequence[Finding],
+                 run: Dict[str, Any]) -> None:
+    """Write the QC page for one scan; ``labels`` is the native label map ``[k, j, i]``."""
+    grid = Geometry.of(scan_image)
+    label_image = grid.with_image(labels)
+    cards = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for f in list(findings)[:MAX_THUMBNAILS]:
+            images = "".join(
+                f'<img alt="CMB {f.cmb_id} {view}" title="{view}" src="data:image/png;base64,'
+                f'{_thumbnail(scan_image, label_image, f, axes, Path(scratch))}">'
+                for view, axes in VIEWS.items())
+            cards.append(f'<div class="cmb" id="cmb-{f.cmb_id}">{images}<div class="cap">CMB {f.cmb_id}: '
+                         f'R {f.r:.1f} A {f.a:.1f} S {f.s:.1f} mm, {f.volume_mm3:.1f} mm&sup3;</div></div>')
+    Path(path).write_text(_page(run, findings, cards), encoding="utf-8")
+
+
+def _thumbnail(image: sitk.Image, labels: sitk.Image, finding: Finding, axes: Sequence[Sequence[float]],
+               scratch: Path) -> str:
+    """Base64 PNG of one plane through the CMB centroid, outline in red."""
+    n = int(round(THUMB_MM / THUMB_PIXEL_MM))
+    right, down = (LPS_RAS @ np.asarray(a) for a in axes)  # RAS -> LPS directions
+    normal = np.cross(right, down)
+    centre = LPS_RAS @ np.asarray(finding.ras)
+    origin = centre - (n / 2 - 0.5) * THUMB_PIXEL_MM * (right + down)
+    plane = Geometry((n, n, 1), (THUMB_PIXEL_MM,) * 3, tuple(origin),
+                     tuple(np.column_stack([right, down, normal]).ravel()))
+    grey = sitk.GetArrayFromImage(resample(image, plane, sitk.sitkLinear))[0]
+    mask = sitk.GetArrayFromImage(resample(labels, plane, sitk.sitkNearestNeighbor,
+                                           pixel_type=sitk.sitkUInt16))[0] == finding.cmb_id
+    finite = grey[np.isfinite(grey)]
+    lo, hi = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
+    scaled = np.clip((np.nan_to_num(grey) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    rgb = np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
+    outline = mask & ~ndimage.binary_erosion(mask)
+    rgb[outline] = (255, 40, 40)
+    target = scratch / "thumb.png"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(target))
+    return base64.b64encode(target.read_bytes()).decode("ascii")
+
+
+def _rows(pairs: List[List[str]]) -> str:
+    return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
+
+
+def _page(run: Dict[str, Any], findings: Sequence[Finding], cards: List[str]) -> str:
+    model = run.get("model", {})
+    inp = run.get("input", {})
+    geometry = inp.get("geometry", {})
+    inference = run.get("inference", {})
+    summary = _rows([
+        ["Scan", str(inp.get("path", ""))],
+        ["sha256", str(inp.get("sha256", ""))],
+        ["Grid", f"{'x'.join(map(str, geometry.get('size', [])))} voxels of "
+                 f"{' x '.join(f'{s:g}' for s in geometry.get('spacing_mm', []))} mm, "
+                 f"{geometry.get('orientation', '')}, oblique {geometry.get('obliquity_deg', 0):g} deg"],
+        ["Brain mask", f"{run.get('mask', {}).get('source', '')} ({run.get('mask', {}).get('volume_ml', 0):g} mL)"],
+        ["Model", f"{model.get('name', '')} {model.get('version', '')} ({model.get('license', '')})"],
+        ["Ran on", f"{inference.get('provider', '')}, onnxruntime {inference.get('onnxruntime', '')}"],
+        ["Threshold", str(run.get("settings", {}).get("threshold", ""))],
+        ["CMBs found", str(len(findings))],
+        ["Time", f"{run.get('timings_s', {}).get('total', 0):.1f} s"],
+    ])
+    warnings = run.get("warnings", [])
+    warn_html = ("<div class='warn'><b>Warnings</b><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+                 + "</ul></div>") if warnings else ""
+    description = model.get("description", "")
+    note = f"<div class='note'>{html.escape(description)}</div>" if description else ""
+    header = "".join(f"<th>{h}</th>" for h in ("CMB", "R", "A", "S", "volume mm&sup3;", "voxels", "max prob",
+                                                 "fold agreement", "status"))
+    body = "".join(
+        f"<tr><td><a href='#cmb-{f.cmb_id}'>{f.cmb_id}</a></td><td class=num>{f.r:.1f}</td>"
+        f"<td class=num>{f.a:.1f}</td><td class=num>{f.s:.1f}</td><td class=num>{f.volume_mm3:.1f}</td>"
+        f"<td class=num>{f.voxels}</td><td class=num>{_opt(f.max_prob)}</td>"
+        f"<td class=num>{_opt(f.fold_agreement)}</td><td>{html.escape(f.status)}</td></tr>"
+        for f in findings)
+    more = "" if len(findings) <= MAX_THUMBNAILS else f"<p>Thumbnails of the first {MAX_THUMBNAILS} CMBs only.</p>"
+    title = html.escape(f"SHIVA-CMB report: {run.get('scan_id', '')}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
+            f"</head><body><h1>{title}</h1>{note}{warn_html}<table>{summary}</table>"
+            f"<h2>Findings</h2><table><tr>{header}</tr>{body}</table>"
+            f"<h2>Thumbnails</h2><p>Axial, coronal, sagittal; patient's right on the image's left; "
+            f"{THUMB_MM:g} mm across.</p>{more}{''.join(cards) or '<p>No CMB detected.</p>'}"
+            f"<p><small>shivacmb {html.escape(str(run.get('software', {}).get('version', '')))}</small></p>"
+            f"</body></html>\n")
+
+
+def _opt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
