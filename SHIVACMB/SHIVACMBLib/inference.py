@@ -9,6 +9,7 @@ error), is dropped for CPU with a warning; the provider that really ran is repor
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -100,8 +101,10 @@ class FoldEnsemble:
         for fold in self.model.folds:
             printed: List[str] = []
             try:
-                with native_stderr_captured(printed):
+                with native_stderr_captured(printed), warnings.catch_warnings(record=True) as raised:
+                    warnings.simplefilter("always")
                     session = create_session(str(fold.path), providers, self.threads)
+                printed += [f"{w.message}\n" for w in raised]
             except Exception as err:  # noqa: BLE001 - any provider failure gets the same treatment
                 if providers == [CPU]:
                     raise ModelError(f"{fold.path}: onnxruntime cannot load this model: {_one_line(err)}") from None
@@ -222,6 +225,6 @@ def _one_line(err: BaseException) -> str:
 
 def _first_error_line(text: str) -> str:
     for line in text.splitlines():
-        if "error" in line.lower() or "fail" in line.lower():
+        if any(word in line.lower() for word in ("error", "fail", "not in available")):
             return " ".join(line.split())[:240]
     return ""

@@ -168,8 +168,8 @@ def prepare_input(scan: Scan, mask: BrainMask, model: ModelDescriptor) -> ModelI
     """Resample the scan and mask into the model box and normalise the scan."""
     grid, warnings = place_model_box(mask, model.shape, model.spacing_mm)
     volume = sitk.GetArrayFromImage(resample(scan.image, grid, sitk.sitkLinear))
-    inside = sitk.GetArrayViewFromImage(resample(mask.image, grid, sitk.sitkNearestNeighbor,
-                                                 pixel_type=sitk.sitkUInt8)) > 0
+    mask_in_box = resample(mask.image, grid, sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8)
+    inside = sitk.GetArrayViewFromImage(mask_in_box) > 0  # the view must not outlive mask_in_box
     if not inside.any():
         raise InputError(mask.source if mask.source != "computed" else scan.path,
                          "brain mask does not reach into the model box")

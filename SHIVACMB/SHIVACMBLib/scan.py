@@ -123,6 +123,12 @@ def _read_file(path: Path) -> sitk.Image:
         raise InputError(path, f"cannot read image: {_itk_reason(err)}") from None
     size = list(reader.GetSize())
     _check_shape(path, size, reader.GetNumberOfComponents())
+    dim = len(size)
+    header_grid = Geometry(tuple(size[:3]), tuple(reader.GetSpacing()[:3]), tuple(reader.GetOrigin()[:3]),
+                           tuple(np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3].ravel()))
+    problems = header_grid.problems()
+    if problems:  # ITK would refuse these later with a less helpful message
+        raise InputError(path, problems[0])
     if _suffix(path) in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
     if len(size) == 4:  # a 4D file holding a single volume: read that volume

@@ -1,0 +1,207 @@
+"""onnxruntime sessions: layouts, activations, the fold ensemble, providers and CPU fallback."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import onnx_models
+from SHIVACMBLib import inference
+from SHIVACMBLib.errors import ModelError, RuntimeFailure
+from SHIVACMBLib.files import checksum
+from SHIVACMBLib.inference import CPU, CUDA, FoldEnsemble, get_ensemble, provider_plan
+from SHIVACMBLib.models import read_descriptor
+
+SHAPE = (24, 28, 20)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    """A normalised box with two dark blobs, indexed [z, y, x]."""
+    z, y, x = np.indices(tuple(reversed(SHAPE)))
+    v = np.full(z.shape, 0.6, np.float32) + np.random.default_rng(0).normal(0, 0.02, z.shape).astype(np.float32)
+    for cz, cy, cx in ((10, 14, 12), (6, 8, 18)):
+        v[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= 6] = 0.08
+    return v
+
+
+def ensemble(tmp_path, **kwargs):
+    return FoldEnsemble(read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE, **kwargs)), "cpu")
+
+
+@pytest.mark.parametrize("layout", ["NDHWC", "NCDHW"])
+@pytest.mark.parametrize("activation", ["none", "sigmoid", "softmax"])
+def test_every_layout_and_activation_gives_the_same_probability(tmp_path, volume, layout, activation):
+    reference, _ = ensemble(tmp_path / "ref").predict(volume)
+    prob, folds = ensemble(tmp_path / "v", layout=layout, activation=activation).predict(volume)
+    assert prob.shape == volume.shape and prob.dtype == np.float32 and folds == []
+    assert np.allclose(prob, reference, atol=1e-4)
+    assert prob[10, 14, 12] > 0.9 and prob[0, 0, 0] < 0.5
+
+
+def test_fixed_spatial_axes_matching_the_descriptor_run(tmp_path, volume):
+    prob, _ = ensemble(tmp_path, spatial_fixed=True).predict(volume)
+    assert prob[6, 8, 18] > 0.9
+
+
+def test_ensemble_is_the_mean_of_floored_folds(tmp_path, volume):
+    runner = ensemble(tmp_path, folds=3)
+    mean, folds = runner.predict(volume)
+    assert len(folds) == 3
+    feed = {"image": np.ascontiguousarray(volume.transpose(2, 1, 0)[None, ..., None])}
+    own = []
+    for fold in runner.model.folds:
+        p = ort.InferenceSession(str(fold.path), providers=[CPU]).run(None, feed)[0][0, ..., 0].transpose(2, 1, 0)
+        p[p < 0.001] = 0
+        own.append(p)
+    assert np.allclose(mean, np.mean(own, axis=0), atol=1e-6)
+    assert all(np.allclose(f, o, atol=1e-6) for f, o in zip(folds, own))
+    assert not any(np.any((f > 0) & (f < 0.001)) for f in folds)  # the floor applies per fold
+
+
+def test_provider_plan():
+    assert provider_plan("cpu", [CUDA, CPU]) == ([CPU], [])
+    assert provider_plan("auto", [CPU]) == ([CPU], [])
+    assert provider_plan("auto", ["CoreMLExecutionProvider", CUDA, CPU]) == \
+        ([CUDA, "CoreMLExecutionProvider", CPU], [])
+    plan, notes = provider_plan("cuda", [CPU])
+    assert plan == [CPU] and "no CUDA provider" in notes[0]
+    with pytest.raises(ValueError):
+        provider_plan("tpu", [CPU])
+
+
+def pretend_gpu(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+
+
+def test_real_onnxruntime_without_cuda_falls_back_with_a_warning(tmp_path, volume, monkeypatch):
+    """CUDA is offered but this onnxruntime cannot use it: the session runs on CPU and says why."""
+    pretend_gpu(monkeypatch)
+    model = read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE))
+    runner = FoldEnsemble(model, "auto")
+    assert runner.requested == [CUDA, CPU]
+    assert runner.provider == CPU
+    assert any(CUDA in w and "running on CPU" in w for w in runner.warnings)
+    assert runner.predict(volume)[0][10, 14, 12] > 0.9
+
+
+def test_gpu_session_that_fails_to_start_falls_back(tmp_path, volume, monkeypatch):
+    pretend_gpu(monkeypatch)
+    real = inference.create_session
+
+    def create(path, providers, threads):
+        if providers[0] == CUDA:
+            raise RuntimeError("CUDA driver version is insufficient")
+        return real(path, providers, threads)
+
+    monkeypatch.setattr(inference, "create_session", create)
+    runner = FoldEnsemble(read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE)), "cuda")
+    assert runner.provider == CPU
+    assert any("driver version is insufficient" in w for w in runner.warnings)
+
+
+class FailingGpuSession:
+    """Looks like a CUDA session, fails in run() like a GPU out of memory."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def get_providers(self):
+        return [CUDA, CPU]
+
+    def get_inputs(self):
+        return self.real.get_inputs()
+
+    def run(self, *args, **kwargs):
+        raise RuntimeError("CUDA failure 2: out of memory")
+
+
+def test_gpu_running_out_of_memory_reruns_on_cpu(tmp_path, volume, monkeypatch):
+    pretend_gpu(monkeypatch)
+    real = inference.create_session
+
+    def create(path, providers, threads):
+        session = real(path, [CPU], threads)
+        return FailingGpuSession(session) if providers[0] == CUDA else session
+
+    monkeypatch.setattr(inference, "create_session", create)
+    runner = FoldEnsemble(read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE, folds=2)), "auto")
+    assert runner.provider == CUDA
+    prob, folds = runner.predict(volume)
+    assert runner.provider == CPU and len(folds) == 2
+    assert any("out of memory" in w and "running on CPU" in w for w in runner.warnings)
+    expected, _ = FoldEnsemble(runner.model, "cpu").predict(volume)
+    assert np.allclose(prob, expected)
+
+
+def test_cpu_failure_is_a_runtime_failure(tmp_path, volume, monkeypatch):
+    real = inference.create_session
+
+    def create(path, providers, threads):
+        session = real(path, providers, threads)
+        session.run = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad allocation"))
+        return session
+
+    monkeypatch.setattr(inference, "create_session", create)
+    runner = ensemble(tmp_path)
+    with pytest.raises(RuntimeFailure, match="inference failed on CPU: bad allocation"):
+        runner.predict(volume)
+
+
+def identity_model(tmp_path, input_shape, output_channels=1):
+    folder = tmp_path / "identity"
+    folder.mkdir()
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["output"])], "identity",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, input_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (folder / "fold0.onnx").write_bytes(model.SerializeToString())
+    descriptor = {"name": "identity", "version": "1", "target": "CMB",
+                  "input": {"shape": list(SHAPE), "layout": "NDHWC"},
+                  "output": {"activation": "none", "channel": output_channels},
+                  "folds": [{"file": "fold0.onnx", "sha256": checksum([folder / "fold0.onnx"])}]}
+    (folder / "model.json").write_text(json.dumps(descriptor))
+    return read_descriptor(folder)
+
+
+def test_spatial_shape_disagreeing_with_the_descriptor_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="model.json says"):
+        FoldEnsemble(identity_model(tmp_path, [1, 10, 10, 10, 1]), "cpu")
+
+
+def test_multi_channel_input_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="2 input channels"):
+        FoldEnsemble(identity_model(tmp_path, [1, "x", "y", "z", 2]), "cpu")
+
+
+def test_missing_output_channel_is_refused(tmp_path, volume):
+    runner = FoldEnsemble(identity_model(tmp_path, [1, "x", "y", "z", 1], output_channels=3), "cpu")
+    with pytest.raises(ModelError, match="output channel 3 does not exist"):
+        runner.predict(volume)
+
+
+def test_unloadable_onnx_file_is_a_model_error(tmp_path):
+    folder = onnx_models.write_model(tmp_path / "m", shape=SHAPE)
+    (folder / "fold0.onnx").write_bytes(b"not an onnx graph")
+    data = json.loads((folder / "model.json").read_text())
+    data["folds"][0]["sha256"] = checksum([folder / "fold0.onnx"])
+    (folder / "model.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="onnxruntime cannot load this model"):
+        FoldEnsemble(read_descriptor(folder), "cpu")
+
+
+def test_sessions_are_created_once_per_model_and_device(tmp_path):
+    model = read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE))
+    first = get_ensemble(model, "cpu")
+    assert get_ensemble(model, "cpu") is first
+    assert get_ensemble(model, "auto") is not first
+
+
+def test_threads_follow_the_available_cores(tmp_path):
+    runner = ensemble(tmp_path)
+    assert runner.threads == inference.available_cores() >= 1
+    assert runner.summary()["provider"] == CPU
