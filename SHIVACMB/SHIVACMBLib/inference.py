@@ -67,6 +67,7 @@ def create_session(path: str, providers: Sequence[str], threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # give each fold's working memory back: folds run one after another
     return ort.InferenceSession(path, sess_options=options, providers=list(providers))
 
 

@@ -125,8 +125,9 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         native = scan.geometry
         components = find_components(mean, model_input.mask, model_input.grid, native, threshold,
                                      OUTSIDE_RATIO, options.min_volume_mm3, options.max_volume_mm3)
-        labels, rescued = map_to_native(components, model_input.grid, native, threshold)
-        findings = measure(components, folds, labels, model_input.grid, native, threshold)
+        native_labels = map_to_native(components, model_input.grid, native, threshold)
+        findings = measure(components, folds, native_labels, model_input.grid, native, threshold)
+        labels = native_labels.labels
         del folds
 
     scan_id = options.scan_id or scan_id_from_path(scan.path)
@@ -144,7 +145,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         "model_box": {"shape": list(model_input.grid.size), "spacing_mm": list(model_input.grid.spacing),
                       "origin_ras": np.round(model_input.grid.index_to_ras(np.zeros(3)), 3).tolist()},
         "results": {"cmb_count": len(findings), "dropped": components.dropped,
-                    "kept_by_single_voxel_rule": rescued},
+                    "kept_by_single_voxel_rule": native_labels.rescued},
         "warnings": scan.warnings + model_input.warnings + ensemble.warnings,
         "started": started.isoformat(timespec="seconds"),
     }

@@ -31,12 +31,30 @@ _CROP_MARGIN = 2  # model voxels around a CMB searched for native voxels
 
 @dataclass
 class Components:
-    """Kept CMB candidates in the model box (arrays indexed [z, y, x])."""
+    """Kept CMB candidates in the model box (arrays indexed [z, y, x]).
+
+    ``index``/``ids`` list the kept voxels sparsely (flat index into the box, CMB id) so that
+    per-CMB statistics never scan the whole box.
+    """
 
     labels: np.ndarray  # int32, 1..count, 0 elsewhere
     probability: np.ndarray  # float32: fold mean x mask, 0 at above-threshold voxels of dropped components
     count: int
+    index: np.ndarray  # flat indices of the kept voxels
+    ids: np.ndarray  # their CMB ids
     dropped: Dict[str, int] = field(default_factory=dict)
+
+    def zyx(self) -> np.ndarray:
+        """[z, y, x] indices of the kept voxels, shape (N, 3)."""
+        return np.stack(np.unravel_index(self.index, self.labels.shape), axis=1)
+
+    def peaks(self) -> np.ndarray:
+        """[z, y, x] of each CMB's highest-probability voxel, row 0 unused."""
+        return self.zyx()[_argmax_per_label(self.ids, self.probability.ravel()[self.index], self.count)]
+
+    def centres(self) -> np.ndarray:
+        """Probability-weighted [z, y, x] centre of each CMB, row 0 unused."""
+        return _weighted_centres(self.ids, self.zyx(), self.probability.ravel()[self.index], self.count)
 
 
 def find_components(
@@ -55,60 +73,86 @@ def find_components(
     probability = mean * inside
     dropped = {"outside_brain": 0, "outside_scan": 0, "too_small": 0, "too_large": 0}
     if n == 0:
-        return Components(labels.astype(np.int32), probability.astype(np.float32), 0, dropped)
-
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    outside = np.bincount(labels[binary & ~inside], minlength=n + 1)
+        nothing = np.zeros(0, dtype=np.int64)
+        return Components(labels, probability.astype(np.float32, copy=False), 0, nothing, nothing, dropped)
+    flat_labels, flat_probability = labels.ravel(), probability.ravel()
+    where = np.flatnonzero(binary)
+    ids = flat_labels[where]
+    in_brain = inside.ravel()[where]
+    sizes = np.bincount(ids, minlength=n + 1)
+    outside = np.bincount(ids, weights=~in_brain, minlength=n + 1)
     volume = sizes * model.voxel_volume
+    zyx = np.stack(np.unravel_index(where, labels.shape), axis=1)
+    peaks = zyx[_argmax_per_label(ids, flat_probability[where], n)]
     reasons = {
         "outside_brain": outside > outside_ratio * sizes,
+        "outside_scan": ~native.contains_ras(model.index_to_ras(peaks[:, ::-1].astype(float))),
         "too_small": volume < min_volume_mm3,
         "too_large": volume > (np.inf if max_volume_mm3 is None else max_volume_mm3),
     }
-    peaks = _peaks(probability, labels, n)
-    reasons["outside_scan"] = ~native.contains_ras(model.index_to_ras(peaks[:, ::-1]))
     keep = np.ones(n + 1, dtype=bool)
     keep[0] = False
-    for reason, mask in reasons.items():
-        mask[0] = False
-        dropped[reason] = int(np.count_nonzero(mask & keep))
-        keep &= ~mask
+    for reason, hit in reasons.items():
+        hit[0] = False
+        dropped[reason] = int(np.count_nonzero(hit & keep))
+        keep &= ~hit
 
-    labels[~inside] = 0
+    kept = keep[ids] & in_brain  # kept components lose their voxels outside the mask
+    flat_probability[where[~kept]] = 0.0
+    centres = _weighted_centres(ids[kept], zyx[kept], flat_probability[where[kept]], n)
     remap = np.zeros(n + 1, dtype=np.int32)
-    kept = np.flatnonzero(keep)
-    remap[kept] = _reading_order(probability, labels, kept)
-    labels = remap[labels]
-    probability[binary & (labels == 0)] = 0.0
-    return Components(labels, probability.astype(np.float32, copy=False), len(kept), dropped)
+    order = np.flatnonzero(keep)
+    remap[order] = _reading_order(centres[order])
+    new_ids = remap[ids]
+    new_ids[~kept] = 0
+    flat_labels[where] = new_ids
+    return Components(labels, probability.astype(np.float32, copy=False), len(order), where[kept], new_ids[kept],
+                      dropped)
 
 
-def _peaks(probability: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """[z, y, x] index of the highest-probability voxel of each label 1..n, row 0 unused."""
-    positions = ndimage.maximum_position(probability, labels, np.arange(1, n + 1))
-    return np.array([(0, 0, 0)] + [tuple(p) for p in positions], dtype=float)
+def _argmax_per_label(ids: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Position (into ``ids``) of the largest value of each label 0..n (0 where a label is absent)."""
+    best = np.zeros(n + 1, dtype=np.int64)
+    if len(ids):
+        order = np.lexsort((values, ids))  # by label, then value: the last of each label is its maximum
+        last = np.flatnonzero(np.diff(np.append(ids[order], n + 1)))
+        best[ids[order][last]] = order[last]
+    return best
 
 
-def _reading_order(probability: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """New ids 1..len(ids) for ``ids``: superior first, then right, then anterior."""
-    if len(ids) == 0:
-        return ids
-    centres = np.array(ndimage.center_of_mass(probability, labels, ids)).reshape(-1, 3)  # z, y, x
+def _weighted_centres(ids: np.ndarray, zyx: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """Weighted mean [z, y, x] per label 0..n."""
+    total = np.bincount(ids, weights=weights, minlength=n + 1)
+    safe = np.where(total > 0, total, 1.0)
+    return np.stack([np.bincount(ids, weights=weights * zyx[:, d], minlength=n + 1) / safe for d in range(3)],
+                    axis=1)
+
+
+def _reading_order(centres: np.ndarray) -> np.ndarray:
+    """Ids 1..len for CMBs with these [z, y, x] centres: superior first, then right, then anterior."""
     order = np.lexsort((-centres[:, 1], -centres[:, 2], -centres[:, 0]))  # last key sorts first
-    new = np.empty(len(ids), dtype=np.int32)
-    new[order] = np.arange(1, len(ids) + 1)
+    new = np.empty(len(centres), dtype=np.int32)
+    new[order] = np.arange(1, len(centres) + 1)
     return new
 
 
-def map_to_native(components: Components, model: Geometry, native: Geometry, threshold: float
-                  ) -> Tuple[np.ndarray, int]:
-    """Native label map ([k, j, i], label k = CMB k) and how many CMBs needed the one-voxel rescue."""
+@dataclass
+class NativeLabels:
+    """CMBs on the scan's own grid: ``labels`` [k, j, i] (label k = CMB k) and voxels per CMB."""
+
+    labels: np.ndarray
+    voxels: np.ndarray  # voxels[k] = native voxel count of CMB k (index 0 unused)
+    rescued: int  # CMBs that got their single voxel from the one-voxel rule
+
+
+def map_to_native(components: Components, model: Geometry, native: Geometry, threshold: float) -> NativeLabels:
+    """Step 4 of the module docstring."""
     dtype = np.uint8 if components.count < 256 else np.uint16
     out = np.zeros(native.array_shape, dtype=dtype)
+    voxels = np.zeros(components.count + 1, dtype=np.int64)
     if components.count == 0:
-        return out, 0
+        return NativeLabels(out, voxels, 0)
     native_to_model = np.linalg.inv(model.ijk_to_lps()) @ native.ijk_to_lps()
-    size = np.asarray(native.size)
     for cmb, box in enumerate(ndimage.find_objects(components.labels), start=1):
         if box is None:
             continue
@@ -120,24 +164,25 @@ def map_to_native(components: Components, model: Geometry, native: Geometry, thr
             continue
         kk, jj, ii = np.mgrid[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
         ijk = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1).astype(float)
-        xyz = ijk @ native_to_model[:3, :3].T + native_to_model[:3, 3]
-        zyx = xyz[:, ::-1].T
+        zyx = (ijk @ native_to_model[:3, :3].T + native_to_model[:3, 3])[:, ::-1].T
         p = ndimage.map_coordinates(components.probability, zyx, order=1, mode="constant", cval=0.0)
         nearest = np.rint(zyx).astype(int) - np.array([s.start for s in crop])[:, None]
         valid = np.all((nearest >= 0) & (nearest < np.array(territory.shape)[:, None]), axis=0)
         owner = np.zeros(len(p), dtype=territory.dtype)
         owner[valid] = territory[tuple(nearest[:, valid])]
-        chosen = ((p > threshold) & (owner == cmb)).reshape(kk.shape)
         region = out[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
-        region[chosen & (region == 0)] = cmb
-    counts = np.bincount(out.ravel(), minlength=components.count + 1)
-    missing = [c for c in range(1, components.count + 1) if counts[c] == 0]
-    if missing:
-        peaks = _peaks(components.probability, components.labels, components.count)
+        chosen = ((p > threshold) & (owner == cmb)).reshape(kk.shape) & (region == 0)
+        region[chosen] = cmb
+        voxels[cmb] += int(np.count_nonzero(chosen))
+    missing = np.flatnonzero(voxels[1:] == 0) + 1
+    if len(missing):
+        peaks = components.peaks().astype(float)
+        top = np.asarray(native.size) - 1
         for cmb in missing:
             target = native.lps_to_index(model.index_to_lps(peaks[cmb, ::-1]))
-            out[_free_voxel_near(out, np.clip(target, 0, size - 1))] = cmb
-    return out, len(missing)
+            out[_free_voxel_near(out, np.clip(target, 0, top))] = cmb
+            voxels[cmb] = 1
+    return NativeLabels(out, voxels, len(missing))
 
 
 def _nearest_label(labels: np.ndarray) -> np.ndarray:
@@ -180,35 +225,40 @@ def _free_voxel_near(labels: np.ndarray, ijk: np.ndarray) -> Tuple[int, int, int
     raise RuntimeError("no free native voxel left for a CMB")
 
 
-def measure(components: Components, folds: Sequence[np.ndarray], native_labels: np.ndarray,
+def measure(components: Components, folds: Sequence[np.ndarray], native_labels: NativeLabels,
             model: Geometry, native: Geometry, threshold: float) -> List[Finding]:
-    """One :class:`Finding` per CMB (ids 1..count)."""
+    """Step 5: one :class:`Finding` per CMB (ids 1..count)."""
     n = components.count
     if n == 0:
         return []
-    ids = np.arange(1, n + 1)
-    prob, labels = components.probability, components.labels
-    centres = np.array(ndimage.center_of_mass(prob, labels, ids)).reshape(-1, 3)  # z, y, x
-    ras = model.index_to_ras(centres[:, ::-1])
+    ids = components.ids
+    prob = components.probability.ravel()[components.index]
+    ras = model.index_to_ras(components.centres()[1:, ::-1])
     ijk = np.clip(np.rint(native.ras_to_index(ras)), 0, np.asarray(native.size) - 1).astype(int)
-    maxima = np.asarray(ndimage.maximum(prob, labels, ids))
-    means = np.asarray(ndimage.mean(prob, labels, ids))
+    maxima = _max_per_label(ids, prob, n)
+    means = np.bincount(ids, weights=prob, minlength=n + 1) / np.maximum(np.bincount(ids, minlength=n + 1), 1)
     if folds:
-        detected = [np.asarray(ndimage.maximum(f, labels, ids)) > threshold for f in folds]
+        detected = [_max_per_label(ids, f.ravel()[components.index], n) > threshold for f in folds]
         agreement = np.mean(detected, axis=0)
     else:
-        agreement = np.ones(n)
-    voxels = np.bincount(native_labels.ravel(), minlength=n + 1)
+        agreement = np.ones(n + 1)
+    voxels = native_labels.voxels
     return [
         Finding(
-            cmb_id=int(c),
+            cmb_id=c,
             r=float(ras[c - 1, 0]), a=float(ras[c - 1, 1]), s=float(ras[c - 1, 2]),
             i=int(ijk[c - 1, 0]), j=int(ijk[c - 1, 1]), k=int(ijk[c - 1, 2]),
             volume_mm3=float(voxels[c] * native.voxel_volume),
             voxels=int(voxels[c]),
-            max_prob=float(maxima[c - 1]),
-            mean_prob=float(means[c - 1]),
-            fold_agreement=float(agreement[c - 1]),
+            max_prob=float(maxima[c]),
+            mean_prob=float(means[c]),
+            fold_agreement=float(agreement[c]),
         )
-        for c in ids
+        for c in range(1, n + 1)
     ]
+
+
+def _max_per_label(ids: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    out = np.full(n + 1, -np.inf)
+    np.maximum.at(out, ids, values)
+    return out

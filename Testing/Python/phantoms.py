@@ -87,10 +87,20 @@ def grid_around(centre_ras: Sequence[float], fov_mm: Sequence[float], spacing: S
                     tuple(float(v) for v in d.ravel()))
 
 
-def render(scene: Scene, grid: Geometry, seed: int = 0, supersample: int = 4) -> sitk.Image:
-    """Sample the scene on ``grid`` (float32 image); spheres get partial-volume edges."""
+def render(scene: Scene, grid: Geometry, seed: int = 0, supersample: int = 4, dtype=np.float32) -> sitk.Image:
+    """Sample the scene on ``grid``; spheres get partial-volume edges. Works in slabs of slices."""
     rng = np.random.default_rng(seed)
-    kk, jj, ii = np.indices(grid.array_shape)
+    out = np.empty(grid.array_shape, dtype=dtype)
+    slab = max(1, 2_000_000 // (grid.size[0] * grid.size[1]))
+    for k0 in range(0, grid.size[2], slab):
+        k1 = min(k0 + slab, grid.size[2])
+        out[k0:k1] = _render_slab(scene, grid, k0, k1, rng, supersample)
+    return grid.with_image(out)
+
+
+def _render_slab(scene: Scene, grid: Geometry, k0: int, k1: int, rng: np.random.Generator,
+                 supersample: int) -> np.ndarray:
+    kk, jj, ii = np.mgrid[k0:k1, 0:grid.size[1], 0:grid.size[0]]
     ijk = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1).astype(float)
     ras = grid.index_to_ras(ijk)
     radius = np.sqrt((((ras - np.asarray(scene.brain_centre)) / np.asarray(scene.brain_radii)) ** 2).sum(axis=1))
@@ -110,7 +120,7 @@ def render(scene: Scene, grid: Geometry, seed: int = 0, supersample: int = 4) ->
         fraction = (np.linalg.norm(sub - np.asarray(sphere.centre), axis=2) <= sphere.radius).mean(axis=1)
         values[near] = values[near] * (1 - fraction) + sphere.intensity * fraction
     values = np.abs(values + rng.normal(0.0, scene.noise, values.shape)) * scene.tissue
-    return grid.with_image(values.reshape(grid.array_shape).astype(np.float32))
+    return values.reshape(k1 - k0, grid.size[1], grid.size[0])
 
 
 def write(image: sitk.Image, path: Path) -> Path:

@@ -83,11 +83,12 @@ def test_every_cmb_keeps_at_least_one_native_voxel(spacing, direction):
         mean[z, y, x] = rng.uniform(0.55, 1.0)
     components = find_components(mean, np.ones_like(mean, bool), BOX, NATIVE_1MM, 0.5)
     native = phantoms.grid_around((0.3, -0.2, 0.1), (40, 40, 40), spacing, direction)
-    labels, rescued = map_to_native(components, BOX, native, 0.5)
-    present = np.unique(labels[labels > 0])
+    mapped = map_to_native(components, BOX, native, 0.5)
+    present = np.unique(mapped.labels[mapped.labels > 0])
     assert present.tolist() == list(range(1, components.count + 1))
+    assert mapped.voxels[1:].tolist() == np.bincount(mapped.labels.ravel())[1:].tolist()
     if min(spacing) > 1:
-        assert rescued > 0  # thick voxels miss most single-voxel CMBs: the rule keeps them
+        assert mapped.rescued > 0  # thick voxels miss most single-voxel CMBs: the rule keeps them
 
 
 def test_native_voxels_follow_the_interpolated_probability():
@@ -95,8 +96,9 @@ def test_native_voxels_follow_the_interpolated_probability():
     blob(mean, (20, 20, 20), 4)
     components = find_components(mean, np.ones_like(mean, bool), BOX, NATIVE_1MM, 0.5)
     fine = phantoms.grid_around((0.0, 0.0, 0.0), (40, 40, 40), (0.5, 0.5, 0.5))
-    labels, rescued = map_to_native(components, BOX, fine, 0.5)
-    assert rescued == 0
+    mapped = map_to_native(components, BOX, fine, 0.5)
+    labels = mapped.labels
+    assert mapped.rescued == 0
     volume = np.count_nonzero(labels) * fine.voxel_volume
     assert volume == pytest.approx(np.count_nonzero(components.labels), rel=0.15)
     centre = fine.index_to_ras(np.argwhere(labels)[:, ::-1].mean(axis=0))
@@ -111,7 +113,7 @@ def test_neighbouring_cmbs_keep_their_own_native_voxels():
     components = find_components(mean, np.ones_like(mean, bool), BOX, NATIVE_1MM, 0.5)
     assert components.count == 2
     fine = phantoms.grid_around((0.0, 0.0, 0.0), (40, 40, 40), (0.5, 0.5, 0.5))
-    labels, _ = map_to_native(components, BOX, fine, 0.5)
+    labels = map_to_native(components, BOX, fine, 0.5).labels
     for cmb in (1, 2):  # the gap voxel x = 18 sits at R = -2
         ras = fine.index_to_ras(np.argwhere(labels == cmb)[:, ::-1])
         own_side = ras[:, 0] < -2 if components.labels[20, 20, 15] == cmb else ras[:, 0] > -2
@@ -124,8 +126,9 @@ def test_measurements():
     mean[25, 22, 18] = 0.95
     folds = [mean.copy(), mean * 0.5, mean.copy()]  # the middle fold stays below threshold
     components = find_components(mean, np.ones_like(mean, bool), BOX, NATIVE_1MM, 0.5)
-    labels, _ = map_to_native(components, BOX, NATIVE_1MM, 0.5)
-    [finding] = measure(components, folds, labels, BOX, NATIVE_1MM, 0.5)
+    mapped = map_to_native(components, BOX, NATIVE_1MM, 0.5)
+    labels = mapped.labels
+    [finding] = measure(components, folds, mapped, BOX, NATIVE_1MM, 0.5)
     assert finding.cmb_id == 1 and finding.status == "unreviewed"
     assert np.allclose(finding.ras, [-2.0, 2.0, 5.0], atol=1e-6)  # x 18, y 22, z 25 -> RAS
     assert finding.max_prob == pytest.approx(0.95)
@@ -139,6 +142,6 @@ def test_measurements():
 
 def test_nothing_found():
     components = find_components(empty(), np.ones((40, 40, 40), bool), BOX, NATIVE_1MM, 0.5)
-    labels, rescued = map_to_native(components, BOX, NATIVE_1MM, 0.5)
-    assert components.count == 0 and rescued == 0 and not labels.any()
-    assert measure(components, [], labels, BOX, NATIVE_1MM, 0.5) == []
+    mapped = map_to_native(components, BOX, NATIVE_1MM, 0.5)
+    assert components.count == 0 and mapped.rescued == 0 and not mapped.labels.any()
+    assert measure(components, [], mapped, BOX, NATIVE_1MM, 0.5) == []
