@@ -13,7 +13,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import Cancelled, ModelError, ShivaError
@@ -229,24 +229,16 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_verify(args: argparse.Namespace) -> int:
-    from .models import ModelDescriptor, installed_models, load_model
+    from .models import installed_models, load_model
 
-    targets: List[Callable[[], ModelDescriptor]] = []
-    if args.models:
-        targets = [lambda m=m: load_model(m) for m in args.models]
-    else:
-        for entry in installed_models():
-            if isinstance(entry, tuple):
-                _error(f"{entry[0]}: {entry[1]}")
-                return ModelError.exit_code
-            targets.append(lambda path=entry.path: load_model(str(path)))
-    if not targets:
+    names = args.models or [str(e[0] if isinstance(e, tuple) else e.path) for e in installed_models()]
+    if not names:
         print("no models installed")
         return 0
     failed = 0
-    for load in targets:
+    for name in names:
         try:
-            model = load()
+            model = load_model(name)
             print(f"ok      {model.name} {model.version} ({len(model.folds)} fold(s), {model.path})")
         except ModelError as err:
             failed += 1

@@ -22,10 +22,10 @@ from . import __version__
 from .errors import InputError
 from .files import atomic_write_text, staged_directory
 from .findings import Finding, write_tsv
-from .geometry import resample
+from .geometry import Geometry, resample
 from .inference import FoldEnsemble, get_ensemble
 from .models import ModelDescriptor, load_model
-from .postprocess import OUTSIDE_RATIO, find_components, map_to_native, measure
+from .postprocess import OUTSIDE_RATIO, Components, find_components, map_to_native, measure
 from .preprocess import compute_brain_mask, load_brain_mask, prepare_input
 from .progress import Reporter, stage_reporter
 from .report import write_report
@@ -125,6 +125,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         native = scan.geometry
         components = find_components(mean, model_input.mask, model_input.grid, native, threshold,
                                      OUTSIDE_RATIO, options.min_volume_mm3, options.max_volume_mm3)
+        del mean
         native_labels = map_to_native(components, model_input.grid, native, threshold)
         findings = measure(components, folds, native_labels, model_input.grid, native, threshold)
         labels = native_labels.labels
@@ -158,8 +159,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     return SegmentResult(scan_id=scan_id, output_dir=out, findings=findings, run=run, files=files)
 
 
-def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Finding], components: Any,
-                   box: Any, options: SegmentOptions, run: Dict[str, Any], clock: _Stopwatch) -> List[str]:
+def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Finding], components: Components,
+                   box: Geometry, options: SegmentOptions, run: Dict[str, Any], clock: _Stopwatch) -> List[str]:
     native = scan.geometry
     ext = scan.output_extension
     with staged_directory(out) as stage:

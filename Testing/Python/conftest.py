@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import onnx_models
+from SHIVACMBLib import blobmodel
 import phantoms
 from helpers import SMALL_BOX, SMALL_FOV
 from SHIVACMBLib import inference
@@ -24,7 +24,7 @@ def _isolated_models(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A one-fold NDHWC dark-blob detector with a small model box."""
-    return onnx_models.write_model(tmp_path_factory.mktemp("model") / "test-dark-blob", shape=SMALL_BOX)
+    return blobmodel.write_model(tmp_path_factory.mktemp("model") / "test-dark-blob", shape=SMALL_BOX)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import onnx_models
+from SHIVACMBLib import blobmodel
 import phantoms
 from helpers import REPO, files_under, run_cli
 
@@ -92,7 +92,7 @@ def test_model_problems_exit_3(tmp_path, iso_scan):
     result = run_cli(["segment", iso_scan, "--model", "no-such-model", "--out", tmp_path / "out"])
     assert result.returncode == 3 and "no model named 'no-such-model'" in result.stderr
     assert len(result.stderr.splitlines()) == 1
-    broken = onnx_models.write_model(tmp_path / "broken", shape=(80, 96, 80))
+    broken = blobmodel.write_model(tmp_path / "broken", shape=(80, 96, 80))
     (broken / "fold0.onnx").write_bytes(b"tampered")
     result = run_cli(["segment", iso_scan, "--model", broken, "--out", tmp_path / "out"])
     assert result.returncode == 3 and str(broken / "fold0.onnx") in result.stderr and "sha256" in result.stderr
@@ -108,7 +108,7 @@ def test_usage_errors_exit_2(tmp_path, iso_scan):
 
 def test_models_list_and_verify(tmp_path, monkeypatch):
     user = tmp_path / "models"
-    onnx_models.write_model(user / "good", name="good-model", folds=2)
+    blobmodel.write_model(user / "good", name="good-model", folds=2)
     monkeypatch.setenv("SHIVACMB_MODELS", str(user))
     listing = run_cli(["models", "list", "--json"])
     assert listing.returncode == 0
@@ -129,7 +129,7 @@ def test_models_list_and_verify(tmp_path, monkeypatch):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_cancels_cleanly(tmp_path, iso_scan):
     """Slicer's Cancel sends SIGTERM: the run stops with exit 130 and leaves no output."""
-    slow = onnx_models.write_model(tmp_path / "slow", shape=(256, 256, 256), folds=12)
+    slow = blobmodel.write_model(tmp_path / "slow", shape=(256, 256, 256), folds=12)
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "SHIVACMBLib.cli", "segment", str(iso_scan), "--model", str(slow), "--out",

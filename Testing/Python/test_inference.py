@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-import onnx_models
+from SHIVACMBLib import blobmodel
 from SHIVACMBLib import inference
 from SHIVACMBLib.errors import ModelError, RuntimeFailure
 from SHIVACMBLib.files import checksum
@@ -28,7 +28,7 @@ def volume():
 
 
 def ensemble(tmp_path, **kwargs):
-    return FoldEnsemble(read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE, **kwargs)), "cpu")
+    return FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE, **kwargs)), "cpu")
 
 
 @pytest.mark.parametrize("layout", ["NDHWC", "NCDHW"])
@@ -79,7 +79,7 @@ def pretend_gpu(monkeypatch):
 def test_real_onnxruntime_without_cuda_falls_back_with_a_warning(tmp_path, volume, monkeypatch):
     """CUDA is offered but this onnxruntime cannot use it: the session runs on CPU and says why."""
     pretend_gpu(monkeypatch)
-    model = read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE))
+    model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE))
     runner = FoldEnsemble(model, "auto")
     assert runner.requested == [CUDA, CPU]
     assert runner.provider == CPU
@@ -97,7 +97,7 @@ def test_gpu_session_that_fails_to_start_falls_back(tmp_path, volume, monkeypatc
         return real(path, providers, threads)
 
     monkeypatch.setattr(inference, "create_session", create)
-    runner = FoldEnsemble(read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE)), "cuda")
+    runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE)), "cuda")
     assert runner.provider == CPU
     assert any("driver version is insufficient" in w for w in runner.warnings)
 
@@ -127,7 +127,7 @@ def test_gpu_running_out_of_memory_reruns_on_cpu(tmp_path, volume, monkeypatch):
         return FailingGpuSession(session) if providers[0] == CUDA else session
 
     monkeypatch.setattr(inference, "create_session", create)
-    runner = FoldEnsemble(read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE, folds=2)), "auto")
+    runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE, folds=2)), "auto")
     assert runner.provider == CUDA
     prob, folds = runner.predict(volume)
     assert runner.provider == CPU and len(folds) == 2
@@ -185,7 +185,7 @@ def test_missing_output_channel_is_refused(tmp_path, volume):
 
 
 def test_unloadable_onnx_file_is_a_model_error(tmp_path):
-    folder = onnx_models.write_model(tmp_path / "m", shape=SHAPE)
+    folder = blobmodel.write_model(tmp_path / "m", shape=SHAPE)
     (folder / "fold0.onnx").write_bytes(b"not an onnx graph")
     data = json.loads((folder / "model.json").read_text())
     data["folds"][0]["sha256"] = checksum([folder / "fold0.onnx"])
@@ -195,7 +195,7 @@ def test_unloadable_onnx_file_is_a_model_error(tmp_path):
 
 
 def test_sessions_are_created_once_per_model_and_device(tmp_path):
-    model = read_descriptor(onnx_models.write_model(tmp_path / "m", shape=SHAPE))
+    model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE))
     first = get_ensemble(model, "cpu")
     assert get_ensemble(model, "cpu") is first
     assert get_ensemble(model, "auto") is not first

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import onnx_models
+from SHIVACMBLib import blobmodel
 from helpers import SHIPPED_MODEL
 from SHIVACMBLib.errors import ModelError
 from SHIVACMBLib.models import (DEFAULT_MODEL, find_model, installed_models, load_model, model_search_dirs,
@@ -15,7 +15,7 @@ from SHIVACMBLib.models import (DEFAULT_MODEL, find_model, installed_models, loa
 
 @pytest.fixture
 def model(tmp_path):
-    return onnx_models.write_model(tmp_path / "m", name="my-model", folds=2)
+    return blobmodel.write_model(tmp_path / "m", name="my-model", folds=2)
 
 
 def edit(folder, change):
@@ -77,7 +77,7 @@ def test_not_json(model):
 
 def test_registry_finds_models_by_name_in_the_user_folder(tmp_path, monkeypatch):
     user = tmp_path / "user"
-    onnx_models.write_model(user / "folder-a", name="alpha")
+    blobmodel.write_model(user / "folder-a", name="alpha")
     monkeypatch.setenv("SHIVACMB_MODELS", str(user))
     assert user_model_dirs() == [user]
     assert find_model("alpha") == user / "folder-a"
@@ -88,8 +88,8 @@ def test_registry_finds_models_by_name_in_the_user_folder(tmp_path, monkeypatch)
 
 def test_registry_path_list_and_priority(tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
-    onnx_models.write_model(first / "x", name="same", threshold=0.3)
-    onnx_models.write_model(second / "x", name="same", threshold=0.7)
+    blobmodel.write_model(first / "x", name="same", threshold=0.3)
+    blobmodel.write_model(second / "x", name="same", threshold=0.7)
     monkeypatch.setenv("SHIVACMB_MODELS", os.pathsep.join([str(first), str(second)]))
     assert model_search_dirs()[:2] == [first, second]
     assert load_model("same").threshold == 0.3
@@ -105,7 +105,7 @@ def test_broken_models_are_listed_with_their_problem(tmp_path, monkeypatch):
 
 
 def test_unknown_name_lists_what_is_installed(tmp_path, monkeypatch):
-    onnx_models.write_model(tmp_path / "u" / "a", name="alpha")
+    blobmodel.write_model(tmp_path / "u" / "a", name="alpha")
     monkeypatch.setenv("SHIVACMB_MODELS", str(tmp_path / "u"))
     with pytest.raises(ModelError, match="no model named 'beta'.*installed: alpha"):
         find_model("beta")
@@ -127,8 +127,8 @@ def test_model_folder_without_descriptor(tmp_path):
 
 
 def test_shipped_test_model_is_what_the_builder_makes(tmp_path):
-    """Testing/models/dark-blob-detector is reproducible from Testing/Python/onnx_models.py."""
-    rebuilt = onnx_models.write_model(tmp_path / "rebuilt", **onnx_models.SHIPPED)
+    """Testing/models/dark-blob-detector is reproducible from Testing/Python/blobmodel.py."""
+    rebuilt = blobmodel.write_model(tmp_path / "rebuilt", **blobmodel.SHIPPED)
     for name in ("model.json", "fold0.onnx", "fold1.onnx"):
         assert (rebuilt / name).read_bytes() == (SHIPPED_MODEL / name).read_bytes(), name
     verify_model(read_descriptor(SHIPPED_MODEL))

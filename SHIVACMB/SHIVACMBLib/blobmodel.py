@@ -1,12 +1,16 @@
-"""Tiny fixed-weight ONNX "dark blob detectors", built in code for tests and the demo.
+"""Tiny fixed-weight ONNX "dark blob detectors", built in code for tests, the demo and the Slicer self-test.
 
-The detector is not trained: it compares a small local mean (3 mm box) with a larger one
+Needs the ``onnx`` package (the ``test`` extra), imported only here. The detector is not trained: it compares a small local mean (3 mm box) with a larger one
 (11 mm box) of the normalised image and turns "darker than the surroundings" into a
 probability, gated so that dark background (outside the head) gives nothing. It finds
 dark spheres of 1.5-4 mm radius in the phantoms of ``phantoms.py``.
 
 Variants exercise every descriptor option: layout NDHWC/NCDHW, activation none/sigmoid/
 softmax, one or several folds, fixed or dynamic spatial axes.
+
+    python -m SHIVACMBLib.blobmodel OUT_FOLDER
+
+writes the test model shipped in Testing/models/dark-blob-detector.
 """
 
 from __future__ import annotations
@@ -16,10 +20,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-from SHIVACMBLib.files import checksum
+from .files import checksum
 
 OPSET = 17
 BIG = 11  # voxels (mm on the 1 mm model grid)
@@ -33,8 +35,11 @@ def _box_kernel(shape: Sequence[int]) -> np.ndarray:
 
 def dark_blob_graph(gain: float = 25.0, offset: float = 0.25, gate_level: float = 0.3, gate_gain: float = 30.0,
                     layout: str = "NDHWC", activation: str = "none", spatial: Optional[Sequence[int]] = None,
-                    name: str = "dark_blob_detector") -> onnx.ModelProto:
+                    name: str = "dark_blob_detector") -> "onnx.ModelProto":  # noqa: F821
     """One fold: probability = sigmoid(gain*(big_mean - small_mean - offset)) * sigmoid(gate_gain*(big_mean - gate_level))."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     dims: List[object] = list(spatial) if spatial else ["x", "y", "z"]
     shape = [1] + dims + [1] if layout == "NDHWC" else [1, 1] + dims
     inits = [
@@ -116,7 +121,7 @@ def write_model(folder: Path, name: str = "test-dark-blob", shape: Sequence[int]
         entries.append({"file": file, "sha256": checksum([folder / file])})
     descriptor = {
         "name": name, "version": "1.0", "target": "CMB", "modalities": ["swi", "t2s"],
-        "description": description, "license": "Apache-2.0", "source": "Testing/Python/onnx_models.py",
+        "description": description, "license": "Apache-2.0", "source": "SHIVACMBLib/blobmodel.py",
         "input": {"shape": list(shape), "layout": layout, "spacing_mm": [1, 1, 1], "orientation": "RAS",
                   "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3}},
         "output": {"activation": activation, "channel": 1 if activation == "softmax" else 0},
@@ -128,8 +133,8 @@ def write_model(folder: Path, name: str = "test-dark-blob", shape: Sequence[int]
 
 
 SHIPPED = {"name": "test-dark-blob-detector", "shape": (160, 214, 176), "folds": 2,
-           "description": "TEST MODEL: a fixed-weight dark-blob detector built in code (Testing/Python/"
-                          "onnx_models.py), not trained on any data. It finds dark spheres in the project's "
+           "description": "TEST MODEL: a fixed-weight dark-blob detector built in code (SHIVACMBLib/"
+                          "blobmodel.py), not trained on any data. It finds dark spheres in the project's "
                           "phantoms for tests and the demo; it is not for clinical or research reads."}
 
 
@@ -137,5 +142,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python Testing/Python/onnx_models.py OUT_FOLDER  (writes the shipped test model)")
+        sys.exit("usage: python -m SHIVACMBLib.blobmodel OUT_FOLDER  (writes the shipped test model)")
     print(write_model(Path(sys.argv[1]), **SHIPPED))

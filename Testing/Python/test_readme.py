@@ -1,0 +1,33 @@
+"""The README's two set-up commands stay true: CI runs the test command verbatim, the demo's files exist."""
+
+import re
+import shlex
+
+from helpers import REPO
+
+
+def readme_commands():
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", text, flags=re.S)[:2]
+
+
+def test_readme_starts_with_two_commands():
+    text = (REPO / "README.md").read_text()
+    first_block = text.index("```bash")
+    assert "##" not in text[:first_block]  # nothing but the title and a sentence before them
+    main, tests = readme_commands()
+    assert "shivacmb segment" in main and "pytest" in tests
+    assert "\n" not in main and "\n" not in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    _, tests = readme_commands()
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_demo_command_files_exist():
+    main, _ = readme_commands()
+    words = shlex.split(main.replace("&&", " "))
+    for word in words:
+        if word.startswith(("Testing/", "SHIVACMB/")):
+            assert (REPO / word).exists(), word
