@@ -26,7 +26,7 @@ def test_columns_are_exactly_the_design():
 def test_tsv_round_trip_with_missing_values(tmp_path):
     path = tmp_path / "findings.tsv"
     write_tsv(sample(), path)
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[1].split("\t")[:12] == ["1", "12.35", "-6.50", "30.00", "120", "88", "40", "23.46", "19",
                                          "0.9912", "0.8123", "1.000"]
     assert lines[2].split("\t")[9:12] == ["n/a", "n/a", "n/a"]
@@ -59,7 +59,7 @@ def test_bad_tables_are_refused_with_the_line(tmp_path):
     with pytest.raises(InputError, match="lacks column"):
         read_tsv(path)
     write_tsv(sample(), path)
-    path.write_text(path.read_text().replace("unreviewed", "maybe"))
+    path.write_text(path.read_text(encoding="utf-8").replace("unreviewed", "maybe"))
     with pytest.raises(InputError, match="line 2: status 'maybe'"):
         read_tsv(path)
     path.write_text("")

@@ -187,7 +187,7 @@ def test_missing_output_channel_is_refused(tmp_path, volume):
 def test_unloadable_onnx_file_is_a_model_error(tmp_path):
     folder = blobmodel.write_model(tmp_path / "m", shape=SHAPE)
     (folder / "fold0.onnx").write_bytes(b"not an onnx graph")
-    data = json.loads((folder / "model.json").read_text())
+    data = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     data["folds"][0]["sha256"] = checksum([folder / "fold0.onnx"])
     (folder / "model.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="onnxruntime cannot load this model"):

@@ -20,7 +20,7 @@ def model(tmp_path):
 
 def edit(folder, change):
     path = folder / "model.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     change(data)
     path.write_text(json.dumps(data))
 

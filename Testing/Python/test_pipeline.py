@@ -109,7 +109,7 @@ def test_outputs_are_complete_and_consistent(rich_run):
 
 def test_run_json_records_provenance(rich_run):
     scan, result = rich_run
-    run = json.loads((result.output_dir / "run.json").read_text())
+    run = json.loads((result.output_dir / "run.json").read_text(encoding="utf-8"))
     assert run["input"]["sha256"] == checksum([scan])
     assert run["input"]["path"] == str(scan.resolve())
     tilt = np.degrees(np.arccos(np.abs(OBLIQUE).max(axis=0))).max()  # rotated axes vs anatomical axes

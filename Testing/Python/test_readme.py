@@ -7,12 +7,12 @@ from helpers import REPO
 
 
 def readme_commands():
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     return re.findall(r"```bash\n(.+?)\n```", text, flags=re.S)[:2]
 
 
 def test_readme_starts_with_two_commands():
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     first_block = text.index("```bash")
     assert "##" not in text[:first_block]  # nothing but the title and a sentence before them
     main, tests = readme_commands()
@@ -22,7 +22,7 @@ def test_readme_starts_with_two_commands():
 
 def test_ci_runs_the_readme_test_command():
     _, tests = readme_commands()
-    assert tests in (REPO / ".ci" / "run").read_text().splitlines()
+    assert tests in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
 
 
 def test_demo_command_files_exist():
