@@ -103,7 +103,7 @@ def test_outputs_are_complete_and_consistent(rich_run):
     assert Geometry.of(probability).size == scan_grid.size
     assert sitk.GetArrayViewFromImage(probability).max() <= max(f.max_prob for f in table) + 1e-6
 
-    html = (out / "report.html").read_text()
+    html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count('class="cmb"') == len(table) and html.count("data:image/png;base64,") == 3 * len(table)
 
 
