@@ -51,9 +51,6 @@ def dark_blob_graph(gain: float = 25.0, offset: float = 0.25, gate_level: float 
         numpy_helper.from_array(np.array(offset, np.float32), "offset"),
         numpy_helper.from_array(np.array(gate_level, np.float32), "gate_level"),
         numpy_helper.from_array(np.array(gate_gain, np.float32), "gate_gain"),
-        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
-        numpy_helper.from_array(np.array(1.0 - 1e-6, np.float32), "one_minus_eps"),
-        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
     ]
     r, h = BIG // 2, SMALL // 2
     nodes = []
@@ -78,6 +75,11 @@ def dark_blob_graph(gain: float = 25.0, offset: float = 0.25, gate_level: float 
     if activation == "none":
         last = "p"
     else:  # logits that the runner's activation turns back into p
+        inits += [
+            numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+            numpy_helper.from_array(np.array(1.0 - 1e-6, np.float32), "one_minus_eps"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        ]
         nodes += [
             helper.make_node("Clip", ["p", "eps", "one_minus_eps"], ["p_c"]),
             helper.make_node("Log", ["p_c"], ["log_p"]),

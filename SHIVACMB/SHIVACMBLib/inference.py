@@ -9,6 +9,7 @@ error), is dropped for CPU with a warning; the provider that really ran is repor
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -113,7 +114,7 @@ class FoldEnsemble:
                 return self._open([CPU])
             used = session.get_providers()[0]
             if used != providers[0]:
-                reason = _first_error_line("".join(printed)) or "provider unavailable"
+                reason = _provider_failure("".join(printed)) or "provider unavailable"
                 self._warn_fallback(f"{providers[0]} not usable ({reason})")
                 return self._open([CPU])
             self._check_io(session, fold.path)
@@ -224,8 +225,13 @@ def _one_line(err: BaseException) -> str:
     return text[:240] or type(err).__name__
 
 
-def _first_error_line(text: str) -> str:
+def _provider_failure(text: str) -> str:
+    """The useful part of what onnxruntime printed when a provider failed to load (one line)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    reasons = []
     for line in text.splitlines():
-        if any(word in line.lower() for word in ("error", "fail", "not in available")):
-            return " ".join(line.split())[:240]
-    return ""
+        if "[E:" in line or "not in available" in line:
+            reasons.append(line.split("with error:", 1)[-1].split("FAIL :", 1)[-1].split("] ", 1)[-1])
+        elif "Require " in line:
+            reasons.append("Require " + line.split("Require ", 1)[1].split(". ", 1)[0])
+    return "; ".join(" ".join(r.split())[:200] for r in reasons if r.strip())[:400]

@@ -205,3 +205,19 @@ def test_threads_follow_the_available_cores(tmp_path):
     runner = ensemble(tmp_path)
     assert runner.threads == inference.available_cores() >= 1
     assert runner.summary()["provider"] == CPU
+
+
+def test_provider_failure_reason_from_onnxruntime_gpu_output():
+    """What onnxruntime-gpu 1.31 printed on this machine (no CUDA libraries), colours included."""
+    printed = (
+        "\x1b[1;31m2026-11-25 06:58:51.55 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+        "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:2043 onnxruntime::Provider& "
+        "onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library "
+        "/x/libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open shared object file: "
+        "No such file or directory\n\x1b[m\n"
+        "\x1b[0;93m2026-11-25 06:58:51.55 [W:onnxruntime:Default, onnxruntime_pybind_state.cc:1295 "
+        "CreateExecutionProviderFactoryInstance] Failed to create CUDAExecutionProvider. Require cuDNN 9.* and "
+        "CUDA 13.*. Please install all dependencies as mentioned in the GPU requirements page\x1b[m\n")
+    assert inference._provider_failure(printed) == (
+        "libcublasLt.so.13: cannot open shared object file: No such file or directory; "
+        "Require cuDNN 9.* and CUDA 13.*")
