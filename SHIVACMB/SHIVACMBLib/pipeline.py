@@ -175,6 +175,7 @@ def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Fin
             del probability
         if options.report:
             files.append(REPORT_NAME)
+            run["timings_s"] = clock.snapshot()
             write_report(stage / REPORT_NAME, scan.image, labels, findings, run)
         files.append(RUN_NAME)
         run["results"]["files"] = files

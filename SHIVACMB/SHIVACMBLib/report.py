@@ -11,7 +11,7 @@ import base64
 import html
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -46,20 +46,32 @@ def write_report(path: Path, scan_image: sitk.Image, labels: np.ndarray, finding
     """Write the QC page for one scan; ``labels`` is the native label map ``[k, j, i]``."""
     grid = Geometry.of(scan_image)
     label_image = grid.with_image(labels)
+    window = _display_window(scan_image)
     cards = []
     with tempfile.TemporaryDirectory() as scratch:
         for f in list(findings)[:MAX_THUMBNAILS]:
             images = "".join(
                 f'<img alt="CMB {f.cmb_id} {view}" title="{view}" src="data:image/png;base64,'
-                f'{_thumbnail(scan_image, label_image, f, axes, Path(scratch))}">'
+                f'{_thumbnail(scan_image, label_image, f, axes, window, Path(scratch))}">'
                 for view, axes in VIEWS.items())
             cards.append(f'<div class="cmb" id="cmb-{f.cmb_id}">{images}<div class="cap">CMB {f.cmb_id}: '
                          f'R {f.r:.1f} A {f.a:.1f} S {f.s:.1f} mm, {f.volume_mm3:.1f} mm&sup3;</div></div>')
     Path(path).write_text(_page(run, findings, cards), encoding="utf-8")
 
 
+def _display_window(image: sitk.Image) -> Tuple[float, float]:
+    """One grey-level window for every thumbnail: 0.5th to 99.5th percentile of the scan's signal."""
+    values = sitk.GetArrayViewFromImage(image).ravel()[::7]
+    values = values[np.isfinite(values)]
+    signal = values[values > np.percentile(values, 50) * 0.2] if values.size else values
+    if signal.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(signal, (0.5, 99.5))
+    return float(min(lo, 0.0)), float(max(hi, lo + 1e-6))
+
+
 def _thumbnail(image: sitk.Image, labels: sitk.Image, finding: Finding, axes: Sequence[Sequence[float]],
-               scratch: Path) -> str:
+               window: Tuple[float, float], scratch: Path) -> str:
     """Base64 PNG of one plane through the CMB centroid, outline in red."""
     n = int(round(THUMB_MM / THUMB_PIXEL_MM))
     right, down = (LPS_RAS @ np.asarray(a) for a in axes)  # RAS -> LPS directions
@@ -71,9 +83,8 @@ def _thumbnail(image: sitk.Image, labels: sitk.Image, finding: Finding, axes: Se
     grey = sitk.GetArrayFromImage(resample(image, plane, sitk.sitkLinear))[0]
     mask = sitk.GetArrayFromImage(resample(labels, plane, sitk.sitkNearestNeighbor,
                                            pixel_type=sitk.sitkUInt16))[0] == finding.cmb_id
-    finite = grey[np.isfinite(grey)]
-    lo, hi = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
-    scaled = np.clip((np.nan_to_num(grey) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    lo, hi = window
+    scaled = np.clip((np.nan_to_num(grey) - lo) / (hi - lo), 0, 1) * 255
     rgb = np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
     outline = mask & ~ndimage.binary_erosion(mask)
     rgb[outline] = (255, 40, 40)
@@ -97,7 +108,7 @@ def _page(run: Dict[str, Any], findings: Sequence[Finding], cards: List[str]) ->
         ["Grid", f"{'x'.join(map(str, geometry.get('size', [])))} voxels of "
                  f"{' x '.join(f'{s:g}' for s in geometry.get('spacing_mm', []))} mm, "
                  f"{geometry.get('orientation', '')}, oblique {geometry.get('obliquity_deg', 0):g} deg"],
-        ["Brain mask", f"{run.get('mask', {}).get('source', '')} ({run.get('mask', {}).get('volume_ml', 0):g} mL)"],
+        ["Brain mask", f"{run.get('mask', {}).get('source', '')} ({run.get('mask', {}).get('volume_ml', 0):.0f} mL)"],
         ["Model", f"{model.get('name', '')} {model.get('version', '')} ({model.get('license', '')})"],
         ["Ran on", f"{inference.get('provider', '')}, onnxruntime {inference.get('onnxruntime', '')}"],
         ["Threshold", str(run.get("settings", {}).get("threshold", ""))],
