@@ -270,7 +270,8 @@ def _read_dicom_series(folder: Path) -> Tuple[sitk.Image, List[Path]]:
         raise InputError(folder, f"folder holds {len(series)} DICOM series ({shown}); give a folder with one series")
     files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])]
     if len(files) < 2:
-        raise InputError(folder, "DICOM series has a single slice; a 3D volume is needed")
+        raise InputError(folder, "DICOM series has a single file: one slice, or an enhanced multi-frame file "
+                                 "whose geometry ITK does not read reliably (convert it with dcm2niix)")
     _check_dicom_slices(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])

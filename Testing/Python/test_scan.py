@@ -211,3 +211,10 @@ def test_mask_reader_applies_the_same_checks(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5), np.uint8)), str(path))
     with pytest.raises(InputError, match="2D image"):
         read_label_image(path)
+
+
+def test_dicom_series_of_a_single_file(tmp_path, image):
+    folder = phantoms.write_dicom_series(image, tmp_path / "one")
+    for extra in sorted(folder.iterdir())[1:]:
+        extra.unlink()
+    refused(folder, "single file")
