@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, RuntimeFailure
 from .files import atomic_write_text, staged_directory
 from .findings import Finding, write_tsv
 from .geometry import Geometry, resample
@@ -106,6 +107,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     threshold = model.threshold if options.threshold is None else float(options.threshold)
     if not 0.0 < threshold < 1.0:
         raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
+    _check_writable(Path(out_dir))
 
     with clock.stage("read"):
         stage_reporter(progress, "read")(0.0, f"reading {Path(input_path).name}")
@@ -154,9 +156,21 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     stage_reporter(progress, "write")(0.0, "writing results")
     with clock.stage("write"):
         out = Path(out_dir) / scan_id
-        files = _write_outputs(out, scan, labels, findings, components, model_input.grid, options, run, clock)
+        try:
+            files = _write_outputs(out, scan, labels, findings, components, model_input.grid, options, run, clock)
+        except OSError as err:
+            raise RuntimeFailure(f"{out}: cannot write results: {err.strerror or err}") from None
     stage_reporter(progress, "write")(1.0, f"{len(findings)} CMB(s) found")
     return SegmentResult(scan_id=scan_id, output_dir=out, findings=findings, run=run, files=files)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any computation."""
+    existing = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise InputError(existing, "output path is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(existing, "output folder is not writable")
 
 
 def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Finding], components: Components,

@@ -143,3 +143,21 @@ def test_sigterm_cancels_cleanly(tmp_path, iso_scan):
     assert process.returncode == 130
     assert stderr.strip().splitlines() == ["shivacmb: error: cancelled"]
     assert files_under(out) == []
+
+
+def test_output_path_that_is_a_file_is_refused_before_work(tmp_path, iso_scan, model_dir):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    result = run_cli(["segment", iso_scan, "--model", model_dir, "--out", blocker / "sub"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"shivacmb: error: {blocker}: output path is not a folder"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_output_folder_is_refused(tmp_path, iso_scan, model_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    result = run_cli(["segment", iso_scan, "--model", model_dir, "--out", locked])
+    locked.chmod(0o700)
+    assert result.returncode == 2 and "not writable" in result.stderr

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import phantoms
 from helpers import SMALL_FOV, files_under, match
 from SHIVACMBLib import pipeline
-from SHIVACMBLib.errors import InputError
+from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.files import checksum
 from SHIVACMBLib.findings import read_tsv
 from SHIVACMBLib.geometry import Geometry
@@ -162,7 +162,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, iso_scan, model_dir, mon
 
     monkeypatch.setattr(pipeline, "write_report", broken)
     out = tmp_path / "new" / "results"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RuntimeFailure, match="cannot write results: disk full"):
         segment(iso_scan, out, SegmentOptions(model=str(model_dir)))
     assert not (tmp_path / "new").exists()
 
