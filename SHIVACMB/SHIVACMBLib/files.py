@@ -39,8 +39,12 @@ def _temporary_sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _remove_stale_siblings(final: Path) -> None:
-    """Remove staging leftovers of ``final`` whose process (on this host) no longer exists."""
+def _clean_stale_siblings(final: Path) -> None:
+    """Tidy leftovers of processes (on this host) that died while writing ``final``.
+
+    A staging folder is removed; a previous result that was being swapped out is put back
+    if ``final`` is missing, else removed.
+    """
     if os.name == "nt":  # no safe liveness probe without extra packages
         return
     prefix = f"{_host()}-"
@@ -50,7 +54,11 @@ def _remove_stale_siblings(final: Path) -> None:
             if not rest.startswith(prefix):
                 continue
             pid = rest[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if tag == "old" and not final.exists():
+                os.replace(leftover, final)
+            else:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -84,11 +92,6 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 @contextlib.contextmanager
 def staged_directory(final: PathLike) -> Iterator[Path]:
     """Yield an empty hidden folder beside ``final``; on success it replaces ``final`` whole.
@@ -100,21 +103,23 @@ def staged_directory(final: PathLike) -> Iterator[Path]:
     parent = final.parent
     created = [p for p in [parent, *parent.parents] if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(final)
+    _clean_stale_siblings(final)
     stage = _temporary_sibling(final, "partial")
     stage.mkdir()  # plain mkdir honours the umask, unlike mkdtemp's 0700
+    old = None
     try:
         yield stage
         if final.exists():
             old = _temporary_sibling(final, "old")
             os.replace(final, old)
-            os.replace(stage, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, final)
+        os.replace(stage, final)
     except BaseException:
+        if old is not None and old.exists() and not final.exists():
+            os.replace(old, final)  # the previous result stays
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:  # deepest first
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

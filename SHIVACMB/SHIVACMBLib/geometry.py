@@ -91,16 +91,6 @@ class Geometry:
     def voxel_volume(self) -> float:
         return float(np.prod(self.spacing))
 
-    @property
-    def voxel_count(self) -> int:
-        return int(np.prod(self.size))
-
-    def corners_ras(self) -> np.ndarray:
-        """RAS positions of the 8 outer corners of the grid (voxel edges, not centres)."""
-        lo, hi = -0.5, np.asarray(self.size) - 0.5
-        corners = np.array([[a, b, c] for a in (lo, hi[0]) for b in (lo, hi[1]) for c in (lo, hi[2])])
-        return self.index_to_ras(corners)
-
     def contains_ras(self, ras: np.ndarray) -> np.ndarray:
         """Whether each RAS point lies inside the grid's field of view."""
         ijk = self.ras_to_index(ras)

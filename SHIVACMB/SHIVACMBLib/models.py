@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ModelError
-from .files import atomic_write_text, checksum
+from .files import checksum
 from .resources import bundled_models_dir
 
 DESCRIPTOR = "model.json"
@@ -260,13 +260,3 @@ class _Parser:
             folds.append(Fold(entry["file"], entry["sha256"].lower(), folder / rel))
         return tuple(folds)
 
-
-def write_descriptor(folder: Union[str, Path], descriptor: Dict[str, Any]) -> Path:
-    """Write ``model.json`` into ``folder``, filling each fold's sha256 from its file."""
-    folder = Path(folder)
-    data = json.loads(json.dumps(descriptor))
-    for fold in data.get("folds", []):
-        fold["sha256"] = checksum([folder / fold["file"]])
-    path = folder / DESCRIPTOR
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-    return path

@@ -1,6 +1,7 @@
 """One scan end to end: CMBs planted at known RAS positions come back there, in every geometry."""
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import phantoms
 from helpers import SMALL_FOV, files_under, match
 from SHIVACMBLib import pipeline
 from SHIVACMBLib.errors import InputError, RuntimeFailure
-from SHIVACMBLib.files import checksum
+from SHIVACMBLib.files import checksum, staged_directory
 from SHIVACMBLib.findings import read_tsv
 from SHIVACMBLib.geometry import Geometry
 from SHIVACMBLib.pipeline import SegmentOptions, segment
@@ -188,3 +189,19 @@ def test_bad_input_writes_nothing(tmp_path, model_dir):
 def test_scan_id_option_names_the_folder(tmp_path, iso_scan, model_dir):
     result = segment(iso_scan, tmp_path, SegmentOptions(model=str(model_dir), scan_id="sub-07", report=False))
     assert result.output_dir == tmp_path / "sub-07" and result.run["scan_id"] == "sub-07"
+
+
+def test_result_killed_mid_swap_is_restored_by_the_next_run(tmp_path, iso_scan, model_dir):
+    """A run killed between moving the old result aside and renaming the new one loses nothing."""
+    first = segment(iso_scan, tmp_path, SegmentOptions(model=str(model_dir), report=False))
+    dead_pid = 2 ** 22 + 12345  # above the default pid_max: no such process
+    host = "".join(c for c in socket.gethostname() if c.isalnum())
+    aside = tmp_path / f".iso.old-{host}-{dead_pid}-0000"
+    first.output_dir.rename(aside)
+    (tmp_path / f".iso.partial-{host}-{dead_pid}-0000").mkdir()
+    with pytest.raises(RuntimeError):
+        with staged_directory(tmp_path / "iso"):
+            raise RuntimeError("fails before the swap")
+    assert (tmp_path / "iso" / "findings.tsv").is_file()
+    assert files_under(tmp_path) == ["iso", "iso/cmb.seg.nrrd", "iso/cmb_labels.nii.gz", "iso/findings.tsv",
+                                     "iso/run.json"]
