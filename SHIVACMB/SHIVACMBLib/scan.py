@@ -155,18 +155,16 @@ def _check_shape(path: Path, size: Sequence[int], components: int) -> None:
 def _check_voxels(image: sitk.Image, path: Path) -> List[str]:
     """Refuse empty or all-NaN images; report (but accept) partly non-finite ones."""
     values = sitk.GetArrayViewFromImage(image)
+    warnings = []
     if np.issubdtype(values.dtype, np.floating):
-        finite = np.isfinite(values)
-        n_finite = int(np.count_nonzero(finite))
+        n_finite = int(np.count_nonzero(np.isfinite(values)))
         if n_finite == 0:
             raise InputError(path, "every voxel is NaN or infinite")
-        lo, hi = float(values[finite].min()), float(values[finite].max())
-        warnings = []
         if n_finite < values.size:
             warnings.append(f"{values.size - n_finite} non-finite voxels set to 0")
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))  # reductions: no copy of the volume
     else:
         lo, hi = float(values.min()), float(values.max())
-        warnings = []
     if lo == hi:
         raise InputError(path, f"empty image: every voxel is {lo:g}")
     return warnings
