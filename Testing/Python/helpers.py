@@ -28,7 +28,7 @@ def run_cli(args: Sequence[str], cwd: Path = REPO, **kwargs) -> subprocess.Compl
     """Run `python -m SHIVACMBLib.cli ARGS` in a subprocess (exit code and streams as a user sees them)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "SHIVACMBLib.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+                          capture_output=True, encoding="utf-8", timeout=300, **kwargs)
 
 
 def files_under(folder: Path) -> List[str]:

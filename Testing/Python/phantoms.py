@@ -8,6 +8,7 @@ can be planted in scans of any orientation, resolution or obliquity.
 
 from __future__ import annotations
 
+import locale
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -143,8 +144,20 @@ def write_ras_nrrd(image: sitk.Image, path: Path) -> Path:
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> Path:
-    """Write a DICOM series (int16 MR slices) keeping the image's geometry."""
+    """Write a DICOM series (int16 MR slices) keeping the image's geometry.
+
+    GDCM's writer resets the process locale to "C"; it is restored afterwards.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    ctype = locale.setlocale(locale.LC_CTYPE)
+    try:
+        _write_slices(image, folder, series_uid)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
+    return folder
+
+
+def _write_slices(image: sitk.Image, folder: Path, series_uid: str) -> None:
     data = sitk.Cast(sitk.RescaleIntensity(image, 0, 4000), sitk.sitkInt16)
     grid = Geometry.of(image)
     d = grid.direction_matrix
@@ -167,4 +180,3 @@ def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str = "1.2.8
         piece.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
         writer.SetFileName(str(folder / f"slice{k:04d}.dcm"))
         writer.Execute(piece)
-    return folder
