@@ -110,7 +110,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     _check_writable(Path(out_dir))
 
     with clock.stage("read"):
-        stage_reporter(progress, "read")(0.0, f"reading {Path(input_path).name}")
+        stage_reporter(progress, "read")(0.0, f"reading {options.scan_id or Path(input_path).name}")
         scan = read_scan(input_path)
     with clock.stage("mask"):
         stage_reporter(progress, "mask")(0.0, "brain mask")

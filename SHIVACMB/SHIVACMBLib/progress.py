@@ -51,7 +51,8 @@ def json_reporter(stream: Optional[IO[str]] = None) -> Reporter:
 
 
 def parse_progress_line(line: str) -> Optional[Dict[str, Any]]:
-    """A ``--progress json`` line as a dict with stage, fraction, message; None for other lines."""
+    """A ``--progress json`` line as a dict (stage, fraction 0-1, message, and any other fields of
+    the line, such as the final line's output and cmb_count); None for other lines."""
     line = line.strip()
     if not line.startswith("{"):
         return None
@@ -65,7 +66,7 @@ def parse_progress_line(line: str) -> Optional[Dict[str, Any]]:
         fraction = min(1.0, max(0.0, float(data["fraction"])))
     except (TypeError, ValueError):
         return None
-    return {"stage": str(data["stage"]), "fraction": fraction, "message": str(data.get("message", ""))}
+    return dict(data, stage=str(data["stage"]), fraction=fraction, message=str(data.get("message", "")))
 
 
 class BarReporter:

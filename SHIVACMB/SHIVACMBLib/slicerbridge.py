@@ -1,0 +1,459 @@
+"""What the Slicer module (SHIVACMB.py) needs that does not need Slicer.
+
+The module runs ``shivacmb segment --progress json`` in a background process and turns its
+results into MRML nodes. Everything here can be tested without Slicer: the command lines,
+the Python packages to install into Slicer, the model list shown in the model selector,
+the findings table columns, reading the command's output (progress, final summary, error
+line) and the background process itself (:class:`ChildProcess`: a reader thread feeding a
+queue, cancel by process group on POSIX and process tree on Windows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .findings import Finding
+from .errors import ModelError
+from .models import read_descriptor
+from .progress import parse_progress_line
+
+CLI_MODULE = "SHIVACMBLib.cli"
+ERROR_PREFIX = "shivacmb: error:"
+DEVICES = ("auto", "cpu", "cuda")  # as SHIVACMBLib.inference.DEVICES, which imports scipy
+
+# Import name and pip requirement of each package the command needs beyond what Slicer ships
+# (Slicer ships numpy, scipy and SimpleITK; pip must never replace them, see pip_constraints).
+RUNTIME_REQUIREMENTS: Tuple[Tuple[str, str], ...] = (
+    ("slicerio", "slicerio>=1.0"),
+    ("nrrd", "pynrrd>=1.0"),
+    ("rich", "rich>=12"),
+    ("platformdirs", "platformdirs>=3"),
+)
+SLICER_PACKAGES = ("numpy", "scipy", "SimpleITK")
+ONNXRUNTIME_MINIMUM = "1.16"
+# onnxruntime 1.20 and later have no wheels for Python 3.9 (Slicer 5.8).
+ONNXRUNTIME_PY39_LIMIT = "1.20"
+
+# Exit codes of the command (SHIVACMBLib.errors) and what they mean to a user.
+FAILURE_HEADLINES: Dict[int, str] = {
+    2: "The scan or the brain mask could not be used.",
+    3: "The model could not be used.",
+    4: "The segmentation failed.",
+}
+CANCELLED_EXIT_CODE = 130
+
+
+# --- command lines ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Options of one `shivacmb segment` run started by the module."""
+
+    model: str = ""  # installed model name or model folder; "" = the command's default model
+    device: str = "auto"
+    threshold: Optional[float] = None  # None = the model's own threshold
+    mask: Optional[str] = None  # brain mask file; None = computed from the scan
+    scan_id: str = "scan"
+    report: bool = False  # the module shows results in Slicer; the HTML report is not needed
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not '{self.device}'")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, not {self.threshold}")
+
+
+def segment_command(python: str, input_path: str, out_dir: str, settings: SegmentSettings) -> List[str]:
+    """Argument list running `shivacmb segment` on one scan with JSON progress lines."""
+    args = [python, "-m", CLI_MODULE, "segment", input_path, "--out", out_dir, "--scan-id", settings.scan_id,
+            "--device", settings.device, "--progress", "json"]
+    if settings.model:
+        args += ["--model", settings.model]
+    if settings.threshold is not None:
+        args += ["--threshold", f"{settings.threshold:g}"]
+    if settings.mask:
+        args += ["--mask", settings.mask]
+    if not settings.report:
+        args.append("--no-report")
+    return args
+
+
+def models_list_command(python: str) -> List[str]:
+    """Argument list printing the installed models as JSON."""
+    return [python, "-m", CLI_MODULE, "models", "list", "--json"]
+
+
+def scan_id_for(name: str) -> str:
+    """A result folder name made from a node name (letters, digits, '.', '_' and '-' only)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return cleaned or "scan"
+
+
+# --- Python packages -------------------------------------------------------------------------
+
+
+def onnxruntime_requirement(python_version: Tuple[int, int], platform: str, nvidia_gpu: bool) -> str:
+    """The onnxruntime build to install: the GPU build on Linux/Windows with an NVIDIA GPU."""
+    gpu = nvidia_gpu and (platform.startswith("linux") or platform == "win32")
+    requirement = f"{'onnxruntime-gpu' if gpu else 'onnxruntime'}>={ONNXRUNTIME_MINIMUM}"
+    if python_version < (3, 10):
+        requirement += f",<{ONNXRUNTIME_PY39_LIMIT}"
+    return requirement
+
+
+def missing_requirements(is_installed: Callable[[str], bool], onnxruntime: str,
+                         extra: Sequence[Tuple[str, str]] = ()) -> List[str]:
+    """pip requirements of the packages that cannot be imported.
+
+    ``onnxruntime`` is installed only when neither build is present (both import as
+    ``onnxruntime`` and must not be installed together). ``extra`` adds (import name,
+    requirement) pairs, e.g. ``("onnx", "onnx")`` for the self-test.
+    """
+    wanted = list(RUNTIME_REQUIREMENTS) + [("onnxruntime", onnxruntime)] + list(extra)
+    return [requirement for module, requirement in wanted if not is_installed(module)]
+
+
+def pip_constraints(versions: Mapping[str, Optional[str]]) -> str:
+    """A pip constraints file pinning Slicer's own packages to the versions installed (None: skipped)."""
+    return "".join(f"{name}=={version}\n" for name, version in sorted(versions.items()) if version)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model selector."""
+
+    label: str  # "name (modalities, licence)"
+    value: str  # what --model gets: an installed model's name or a model folder
+    tooltip: str
+
+
+def model_label(name: str, modalities: Sequence[str], licence: str) -> str:
+    """The selector text "name (modalities, licence)", leaving out what the model does not say."""
+    details = ", ".join(part for part in ("/".join(modalities), licence) if part)
+    return f"{name} ({details})" if details else name
+
+
+def model_choice(entry: Mapping[str, Any], value: Optional[str] = None) -> ModelChoice:
+    """A selector entry for one model (a `models list --json` row or a model.json with its path)."""
+    name = str(entry.get("name", "")) or Path(str(entry.get("path", ""))).name
+    modalities = [str(m) for m in entry.get("modalities", []) or []]
+    licence = str(entry.get("license", "") or "")
+    lines = [f"{name} {entry.get('version', '')}".strip()]
+    if entry.get("description"):
+        lines.append(str(entry["description"]))
+    if licence:
+        lines.append(f"Licence: {licence}")
+    lines.append(f"Folder: {entry.get('path', '')}")
+    return ModelChoice(model_label(name, modalities, licence), value if value is not None else name,
+                       "\n".join(lines))
+
+
+def model_choices(models_json: str) -> Tuple[List[ModelChoice], List[str]]:
+    """Selector entries from `shivacmb models list --json`, and one line per unusable model folder.
+
+    A name found in several folders is listed once: the command uses the first one found.
+    """
+    try:
+        data = json.loads(models_json)
+        rows = data["models"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"unexpected output of `shivacmb models list --json`: {err}") from None
+    choices: List[ModelChoice] = []
+    problems: List[str] = []
+    seen = set()
+    for row in rows:
+        if "error" in row:
+            where = str(row.get("path", row.get("name", "")))
+            problems.append(row["error"] if where in row["error"] else f"{where}: {row['error']}")
+        elif row.get("name") not in seen:
+            seen.add(row.get("name"))
+            choices.append(model_choice(row))
+    return choices, problems
+
+
+def model_folder_choice(folder: Union[str, Path]) -> ModelChoice:
+    """A selector entry for a model folder chosen by the user (its value is the folder path).
+
+    The descriptor is validated as the command will (ValueError with the command's message).
+    """
+    try:
+        model = read_descriptor(folder)
+    except ModelError as err:
+        raise ValueError(str(err)) from None
+    return model_choice(model.summary(), value=str(folder))
+
+
+# --- findings table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the findings table node."""
+
+    name: str  # as in findings.tsv
+    kind: str  # "int", "double" or "string" (the vtkArray type)
+    title: str  # column header
+    unit: str = ""
+
+
+TABLE_COLUMNS: Tuple[Column, ...] = (
+    Column("cmb_id", "int", "CMB"),
+    Column("r", "double", "R (mm)", "mm"),
+    Column("a", "double", "A (mm)", "mm"),
+    Column("s", "double", "S (mm)", "mm"),
+    Column("i", "int", "I"),
+    Column("j", "int", "J"),
+    Column("k", "int", "K"),
+    Column("volume_mm3", "double", "Volume (mm³)", "mm3"),
+    Column("voxels", "int", "Voxels"),
+    Column("max_prob", "double", "Max. probability"),
+    Column("mean_prob", "double", "Mean probability"),
+    Column("fold_agreement", "double", "Fold agreement"),
+    Column("region", "string", "Region"),
+    Column("mars_area", "string", "MARS area"),
+    Column("side", "string", "Side"),
+    Column("status", "string", "Status"),
+    Column("rater", "string", "Rater"),
+    Column("note", "string", "Note"),
+)
+
+Cell = Union[int, float, str]
+
+
+def finding_row(finding: Finding) -> List[Cell]:
+    """The table cells of one finding, in TABLE_COLUMNS order; unknown numbers are NaN."""
+    row: List[Cell] = []
+    for column in TABLE_COLUMNS:
+        value = getattr(finding, column.name)
+        if column.kind == "double":
+            row.append(float("nan") if value is None else float(value))
+        elif column.kind == "int":
+            row.append(int(value))
+        else:
+            row.append(str(value))
+    return row
+
+
+def column_index(name: str) -> int:
+    """Position of a findings column in the table node."""
+    for index, column in enumerate(TABLE_COLUMNS):
+        if column.name == name:
+            return index
+    raise KeyError(name)
+
+
+# --- the command's output --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The last line of a successful `segment --progress json` run."""
+
+    output: str
+    cmb_count: int
+    provider: str
+    warnings: List[str] = field(default_factory=list)
+    message: str = ""
+
+
+def parse_summary_line(line: str) -> Optional[RunSummary]:
+    """The summary of a ``{"stage": "done", ...}`` line; None for any other line."""
+    data = parse_progress_line(line)
+    if data is None or data["stage"] != "done":
+        return None
+    try:
+        return RunSummary(output=str(data["output"]), cmb_count=int(data["cmb_count"]),
+                          provider=str(data.get("provider", "")), warnings=[str(w) for w in data.get("warnings", [])],
+                          message=data["message"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def result_text(summary: RunSummary) -> str:
+    """What the module says after a successful run: count, provider that ran, review reminder, warnings."""
+    count = summary.cmb_count
+    lines = [f"{count} microbleed{'' if count == 1 else 's'} found (network run on {summary.provider}).",
+             "These are automatic findings: review each one, and look for missed ones, before any use."]
+    lines += [f"Warning: {warning}" for warning in summary.warnings]
+    return "\n".join(lines)
+
+
+def error_line(lines: Iterable[str]) -> str:
+    """What to tell the user from a failed run's output.
+
+    The text of the last ``shivacmb: error:`` line, else the last non-empty line that is not a
+    progress line (a crash that bypassed the command's error handling), else "".
+    """
+    last_error = ""
+    last_other = ""
+    for line in lines:
+        text = line.strip()
+        if text.startswith(ERROR_PREFIX):
+            last_error = text[len(ERROR_PREFIX):].strip()
+        elif text and parse_progress_line(text) is None:
+            last_other = text
+    return last_error or last_other
+
+
+def failure_message(returncode: int, lines: Iterable[str], names: Mapping[str, str]) -> str:
+    """Message box text for a failed run; ``names`` maps temporary file paths to what the user knows."""
+    if returncode < 0:
+        headline = f"The segmentation process was stopped by signal {-returncode}."
+    else:
+        headline = FAILURE_HEADLINES.get(returncode, f"The segmentation process stopped unexpectedly "
+                                                     f"(exit code {returncode}).")
+    detail = error_line(lines)
+    for path, name in names.items():
+        detail = detail.replace(path, name)
+    return f"{headline}\n\n{detail}" if detail else headline
+
+
+class RunMonitor:
+    """Follows the output lines of one `shivacmb segment --progress json` run."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self.lines: Deque[str] = deque(maxlen=keep)
+        self.summary: Optional[RunSummary] = None
+
+    def feed(self, line: str) -> Optional[Dict[str, Any]]:
+        """Record one output line; returns it as progress (stage, fraction, message) if it is one."""
+        self.lines.append(line)
+        progress = parse_progress_line(line)
+        if progress is not None and progress["stage"] == "done":
+            self.summary = parse_summary_line(line)
+        return progress
+
+    def outcome(self, returncode: int, cancel_requested: bool) -> str:
+        """How the run ended: "done", "cancelled" or "failed"."""
+        if cancel_requested or returncode == CANCELLED_EXIT_CODE:
+            return "cancelled"
+        return "done" if returncode == 0 and self.summary is not None else "failed"
+
+    def failure_message(self, returncode: int, names: Mapping[str, str]) -> str:
+        """Message box text for a run whose outcome is "failed" (see :func:`failure_message`)."""
+        if returncode == 0:
+            return "The segmentation process ended without reporting its results."
+        return failure_message(returncode, self.lines, names)
+
+
+# --- background process ----------------------------------------------------------------------
+
+_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window for the child
+
+
+def run_command(args: Sequence[str], cwd: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run a short command to completion and capture its output as UTF-8 text."""
+    return subprocess.run(list(args), cwd=cwd, env=None if env is None else dict(env), stdin=subprocess.DEVNULL,
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=timeout,
+                          creationflags=_NO_WINDOW)
+
+
+def child_environment(base: Mapping[str, str]) -> Dict[str, str]:
+    """The child's environment: unbuffered UTF-8 output, so that lines arrive as they are printed."""
+    return dict(base, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+
+
+class ChildProcess:
+    """A command running in the background, its stdout and stderr merged into one line queue.
+
+    A reader thread puts each output line into a queue, then None when the output ends and the
+    process has exited; the owner drains the queue from its own thread (Slicer: a QTimer), so
+    nothing but the queue is shared. On POSIX the child leads a new process group, so that
+    :meth:`cancel` reaches the launcher and the Python process it starts (SIGTERM, then
+    SIGKILL once ``grace_s`` has passed); on Windows the whole process tree is ended.
+    """
+
+    def __init__(self, args: Sequence[str], cwd: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                 grace_s: float = 10.0) -> None:
+        self.args = list(args)
+        self.grace_s = grace_s
+        self.cancel_requested = False
+        self.finished = False
+        self._kill_at: Optional[float] = None
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        posix = os.name == "posix"
+        self._process = subprocess.Popen(
+            self.args, cwd=cwd, env=None if env is None else dict(env), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", bufsize=1,
+            start_new_session=posix, creationflags=0 if posix else _NO_WINDOW)
+        self._reader = threading.Thread(target=self._read, name="shivacmb-output", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._process.returncode if self.finished else None
+
+    def _read(self) -> None:
+        stream = self._process.stdout
+        assert stream is not None
+        for line in stream:
+            self._queue.put(line.rstrip("\r\n"))
+        stream.close()
+        self._process.wait()
+        self._queue.put(None)
+
+    def read_lines(self, timeout: float = 0.0) -> List[str]:
+        """Output lines received since the last call, waiting up to ``timeout`` s for the first one.
+
+        Also sends SIGKILL when a cancelled process outlives its grace period.
+        """
+        lines: List[str] = []
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            while True:
+                if item is None:
+                    self.finished = True
+                    break
+                lines.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        if not self.finished and self._kill_at is not None and time.monotonic() >= self._kill_at:
+            self._kill_at = None
+            self._signal_group(signal.SIGKILL)
+        return lines
+
+    def cancel(self) -> None:
+        """Ask the process (and its children) to stop; the command then exits 130 without output."""
+        if self.finished or self.cancel_requested:
+            return
+        self.cancel_requested = True
+        if os.name == "posix":
+            self._signal_group(signal.SIGTERM)
+            self._kill_at = time.monotonic() + self.grace_s
+        else:
+            # No SIGTERM on Windows: end the launcher and everything it started.
+            run_command(["taskkill", "/F", "/T", "/PID", str(self.pid)], timeout=30.0)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:  # the whole group has already exited
+            pass
+
+    def wait(self, on_line: Callable[[str], None], poll_s: float = 0.2) -> int:
+        """Block until the process has exited, handing every output line to ``on_line``; the exit code."""
+        while not self.finished:
+            for line in self.read_lines(timeout=poll_s):
+                on_line(line)
+        return self._process.returncode
