@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
-from .errors import Cancelled, ModelError, ShivaError
+from .errors import ERROR_PREFIX, Cancelled, ModelError, ShivaError
 from .inference import DEVICES
 from .progress import PROGRESS_MODES
 
@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _error(message: str) -> None:
-    print(f"shivacmb: error: {message}", file=sys.stderr, flush=True)
+    print(f"{ERROR_PREFIX} {message}", file=sys.stderr, flush=True)
 
 
 def _install_cancel_handlers() -> Dict[int, Any]:

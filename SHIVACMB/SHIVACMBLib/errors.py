@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Union
 
 
+ERROR_PREFIX = "shivacmb: error:"  # how the command starts its one-line error message
+
+
 class ShivaError(Exception):
     """Base class: a failure the user can act on, reported as one line."""
 

@@ -104,12 +104,9 @@ def _read_any(path: Path) -> Tuple[sitk.Image, List[Path], str, List[str]]:
             image, files = _read_dicom_series(path)
             fmt = "dicom"
         else:
-            image = _read_file(path)
+            image = _read_file(path)  # refuses a bad geometry from the header, before the pixels
             files = [path] + _companion_files(path)
             fmt = _FORMATS.get(_suffix(path), (_suffix(path).lstrip(".") or "unknown", ""))[0]
-    problems = Geometry.of(image).problems()
-    if problems:
-        raise InputError(path, problems[0])
     notes = [f"reader: {line.strip()}" for line in "".join(printed).splitlines() if "WARNING" in line]
     return image, files, fmt, notes
 
@@ -279,6 +276,9 @@ def _read_dicom_series(folder: Path) -> Tuple[sitk.Image, List[Path]]:
         raise InputError(folder, f"cannot read DICOM series: {_itk_reason(err)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(folder, "DICOM series is not a scalar (grey-level) image")
+    problems = Geometry.of(image).problems()
+    if problems:
+        raise InputError(folder, problems[0])
     return image, files
 
 

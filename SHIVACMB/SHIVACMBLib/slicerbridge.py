@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .findings import Finding
-from .errors import ModelError
+from .errors import ERROR_PREFIX, Cancelled, InputError, ModelError, RuntimeFailure
 from .models import read_descriptor
 from .progress import parse_progress_line
 
 CLI_MODULE = "SHIVACMBLib.cli"
-ERROR_PREFIX = "shivacmb: error:"
 DEVICES = ("auto", "cpu", "cuda")  # as SHIVACMBLib.inference.DEVICES, which imports scipy
 
 # Import name and pip requirement of each package the command needs beyond what Slicer ships
@@ -47,11 +46,10 @@ ONNXRUNTIME_PY39_LIMIT = "1.20"
 
 # Exit codes of the command (SHIVACMBLib.errors) and what they mean to a user.
 FAILURE_HEADLINES: Dict[int, str] = {
-    2: "The scan or the brain mask could not be used.",
-    3: "The model could not be used.",
-    4: "The segmentation failed.",
+    InputError.exit_code: "The scan or the brain mask could not be used.",
+    ModelError.exit_code: "The model could not be used.",
+    RuntimeFailure.exit_code: "The segmentation failed.",
 }
-CANCELLED_EXIT_CODE = 130
 
 
 # --- command lines ---------------------------------------------------------------------------
@@ -340,7 +338,7 @@ class RunMonitor:
 
     def outcome(self, returncode: int, cancel_requested: bool) -> str:
         """How the run ended: "done", "cancelled" or "failed"."""
-        if cancel_requested or returncode == CANCELLED_EXIT_CODE:
+        if cancel_requested or returncode == Cancelled.exit_code:
             return "cancelled"
         return "done" if returncode == 0 and self.summary is not None else "failed"
 
