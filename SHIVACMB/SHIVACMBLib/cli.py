@@ -89,6 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify = actions.add_parser("verify", help="check every fold file against its sha256")
     verify.add_argument("models", nargs="*", metavar="NAME|DIR", help="models to verify (default: all installed)")
     verify.set_defaults(handler=_models_verify)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score predicted CMBs against ground truth",
+        description="Detection metrics (TP, FN, FP, sensitivity, precision, F1, FP per scan, FP per true CMB, "
+                    "Pearson R of counts) per scan and pooled, by the rules 'overlap' (SHIVA-CMB, SHiVAi: a CMB "
+                    "is found when a predicted voxel touches it) and 'centroid5mm' (VALDO: 6-connected components "
+                    "paired one to one when their centroids are at most 5 mm apart). Folders are matched by scan "
+                    "id; phantom folders also give mimic detection rates per class.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("--pred", metavar="P", required=True,
+                          help="predictions: label map or findings.tsv, a `shivacmb segment` output folder "
+                               "(P/<scan-id>/cmb_labels.* or findings.tsv), or a folder of <scan-id>.<ext> / "
+                               "<scan-id>.tsv")
+    evaluate.add_argument("--truth", metavar="T", required=True,
+                          help="ground truth: label map (each label > 0 one CMB), a `shivacmb phantom` folder, or "
+                               "a folder of <scan-id>_cmb.<ext> or <scan-id>.<ext> label maps")
+    evaluate.add_argument("--rule", choices=("overlap", "centroid5mm", "both"), default="both",
+                          help="matching rule (default: %(default)s)")
+    evaluate.add_argument("--out", metavar="JSON", help="also write every number to this JSON file")
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 
@@ -244,6 +264,30 @@ def _models_verify(args: argparse.Namespace) -> int:
             failed += 1
             print(f"FAILED  {err}")
     return ModelError.exit_code if failed else 0
+
+
+# --- evaluate -----------------------------------------------------------------------------
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .errors import RuntimeFailure
+    from .evaluate import RULES, evaluate_folders, summary_table
+    from .files import atomic_write_text
+
+    rules = RULES if args.rule == "both" else (args.rule,)
+    result = evaluate_folders(args.pred, args.truth, rules)
+    print(summary_table(result))
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            raise RuntimeFailure(f"cannot write {out}: {err.strerror or err}") from None
+        print(f"metrics -> {out}")
+    return 0
 
 
 if __name__ == "__main__":
