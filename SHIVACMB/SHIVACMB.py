@@ -4,7 +4,10 @@ The logic exports the selected scan (and brain mask) to a temporary folder, runs
 `shivacmb segment --progress json` with Slicer's Python in a background process, and loads
 cmb.seg.nrrd and findings.tsv as a segmentation node and a table node linked to the scan.
 The process output is read by a thread into a queue (SHIVACMBLib.slicerbridge.ChildProcess)
-that a QTimer drains in the main thread, so the GUI never waits for the network.
+that a QTimer drains in the main thread, so the GUI never waits for the network; pip installs
+run the same way. Corrections made in the Segment Editor and in the table's review columns
+are turned into corrected findings by SHIVACMBLib.corrections and saved with a provenance
+record. This file only moves data between MRML and SHIVACMBLib.
 """
 
 import importlib
@@ -14,8 +17,10 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+from collections import deque
 from importlib import metadata
-from typing import Annotated, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Annotated, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import qt
@@ -32,7 +37,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from SHIVACMBLib import slicerbridge
-from SHIVACMBLib.findings import Finding, read_tsv
+from SHIVACMBLib.findings import Finding
 from SHIVACMBLib.resources import TERMINOLOGY_FILE
 
 TITLE = "SHIVA-CMB"
@@ -59,7 +64,11 @@ and a model, then click <b>Segment microbleeds</b>. The result is one segment pe
 findings table (position, volume, probability); selecting a table row shows that microbleed in the
 slice views.<br><br>
 <b>The results are automatic findings, not a diagnosis: every microbleed found, and every one missed,
-must be reviewed by a qualified reader before any use.</b>
+must be reviewed by a qualified reader before any use.</b><br><br>
+To correct the result, edit its segments in the Segment Editor (paint, erase, delete a segment, add a
+segment for a missed microbleed) and click <b>Update table</b> (adding or deleting a segment updates the
+table by itself); double-click the Status, Note or Rater cell of a row to review it. <b>Save results</b>
+writes the corrected cmb.seg.nrrd, findings.tsv and a record of who changed what (corrections.json).
 """)
         self.parent.acknowledgementText = _("""
 The method is that of SHIVA-CMB: Tsuchida A. et al., "SHIVA-CMB: a deep-learning-based robust cerebral
@@ -90,8 +99,11 @@ class SHIVACMBParameterNode:
     model - installed model name or model folder; "" means the command's default model.
     device - where the network runs (auto, cpu, cuda).
     threshold - probability above which a voxel belongs to a microbleed.
-    outputSegmentation - microbleeds found by the last run shown (one segment per microbleed).
-    findingsTable - findings of the last run shown (one row per microbleed).
+    outputSegmentation - microbleeds of the findings table shown (one segment per microbleed).
+    findingsTable - findings shown (one row per microbleed).
+    show3D - show the microbleeds in the 3D views.
+    rater - who reviews, named in the saved findings and corrections.json ("" = login name).
+    saveFolder - the folder results were last saved in (results go to <saveFolder>/<scan id>).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -101,6 +113,9 @@ class SHIVACMBParameterNode:
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     outputSegmentation: Optional[vtkMRMLSegmentationNode]
     findingsTable: Optional[vtkMRMLTableNode]
+    show3D: bool = True
+    rater: str
+    saveFolder: str
 
 
 #
@@ -109,7 +124,9 @@ class SHIVACMBParameterNode:
 
 
 class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: settings, Segment/Cancel, progress, and the findings of the selected result."""
+    """The module panel: settings, Segment/Cancel, progress, the findings of the selected result, corrections."""
+
+    AUTO_UPDATE_DELAY_MS = 300  # one table update for a burst of segments added or removed
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -118,8 +135,13 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._install = None
         self._missingPackages: List[str] = []
         self._modelsListed = False
+        self._observedTable: Optional[vtkMRMLTableNode] = None
+        self._observedSegmentation: Optional[vtkMRMLSegmentationNode] = None
+        self._tableEditPending = False
+        self._autoUpdatePending = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -145,6 +167,10 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.findingsTableView.connect("selectionChanged()", self.onFindingSelected)
+        self.ui.updateTableButton.connect("clicked(bool)", self.onUpdateTable)
+        self.ui.saveResultsButton.connect("clicked(bool)", self.onSaveResults)
+        self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
+        self.ui.raterLineEdit.placeholderText = self.logic.defaultRater()
 
         self.initializeParameterNode()
 
@@ -152,6 +178,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes: stop a run still going."""
         if self._run is not None:
             self._run.cancel()
+        self._observeResult(None, None)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -160,12 +187,14 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshModels()
 
     def exit(self) -> None:
+        # The result stays observed, so that segments added or deleted in the Segment Editor update the table.
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._run is not None:
             self._run.cancel()
         self.setParameterNode(None)
+        self._observeResult(None, None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -192,6 +221,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._followSelectedResult()
         self._showSelectedModel()
         self._updateButtons()
 
@@ -223,27 +253,39 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _fillModelSelector(self, choices: List[slicerbridge.ModelChoice]) -> None:
         """Fill the model selector; a model folder chosen earlier stays listed while it exists."""
-        current = self._parameterNode.model if self._parameterNode else ""
-        if current and current not in [choice.value for choice in choices] and os.path.isdir(current):
-            try:
-                choices = choices + [slicerbridge.model_folder_choice(current)]
-            except ValueError as err:
-                logging.warning(str(err))
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for index, choice in enumerate(choices):
-            combo.addItem(choice.label, choice.value)
-            combo.setItemData(index, choice.tooltip, qt.Qt.ToolTipRole)
+        for choice in choices:
+            self._addModelChoice(choice)
         combo.blockSignals(wasBlocked)
         self._showSelectedModel()
 
-    def _showSelectedModel(self) -> None:
-        """Show the parameter node's model in the selector; take the first listed one if it is not listed."""
+    def _addModelChoice(self, choice: slicerbridge.ModelChoice) -> None:
         combo = self.ui.modelComboBox
-        if not self._parameterNode or combo.count == 0:
+        if combo.findData(choice.value) < 0:
+            combo.addItem(choice.label, choice.value)
+            combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+
+    def _showSelectedModel(self) -> None:
+        """Show the parameter node's model in the selector (a model folder is added to it).
+
+        A model that is neither listed nor an existing folder is replaced by the first one listed.
+        """
+        combo = self.ui.modelComboBox
+        if not self._parameterNode:
             return
-        index = combo.findData(self._parameterNode.model)
+        model = self._parameterNode.model
+        if model and combo.findData(model) < 0 and os.path.isdir(model):
+            wasBlocked = combo.blockSignals(True)
+            try:
+                self._addModelChoice(slicerbridge.model_folder_choice(model))
+            except ValueError as err:
+                logging.warning(str(err))
+            combo.blockSignals(wasBlocked)
+        if combo.count == 0:
+            return
+        index = combo.findData(model)
         if index < 0:
             self._parameterNode.model = combo.itemData(0)
             return
@@ -264,27 +306,46 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError as err:
             slicer.util.errorDisplay(str(err), windowTitle=TITLE)
             return
-        combo = self.ui.modelComboBox
-        if combo.findData(choice.value) < 0:
-            combo.addItem(choice.label, choice.value)
-            combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+        self._addModelChoice(choice)
         if self._parameterNode:
             self._parameterNode.model = choice.value
 
     def onInstallPackages(self) -> None:
+        """Install the missing packages with pip in the background (Slicer stays usable), after asking."""
         missing = self.logic.missingPackages()
-        if missing and slicer.util.confirmOkCancelDisplay(
+        if not missing:
+            self.refreshModels()
+            return
+        if not slicer.util.confirmOkCancelDisplay(
                 "SHIVA-CMB needs these Python packages in Slicer's Python:\n\n" + "\n".join(missing)
                 + "\n\nDownload and install them now? This may take a few minutes.", windowTitle=TITLE):
-            with slicer.util.tryWithErrorDisplay("The Python packages could not be installed.", waitCursor=True):
-                self.logic.installPackages(missing)
+            return
+        with slicer.util.tryWithErrorDisplay("The Python packages could not be installed.", waitCursor=True):
+            self._install = self.logic.startInstallPackages(missing, onFinished=self.onInstallFinished)
+        self.ui.progressBar.setRange(0, 0)  # busy: pip gives no overall progress
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = "Installing " + ", ".join(missing) + "..."
+        self._updateButtons()
+
+    def onInstallFinished(self, command: "SHIVACMBCommand") -> None:
+        self._install = None
+        self.ui.progressBar.hide()
+        self.ui.progressBar.setRange(0, 100)
+        if command.status != "done":
+            slicer.util.errorDisplay("The Python packages could not be installed.\n\n" + command.errorMessage,
+                                     windowTitle=TITLE, detailedText="\n".join(command.lines))
         self.refreshModels()
 
     # --- running ---------------------------------------------------------------------------
 
     def _updateButtons(self) -> None:
-        """Segment/Cancel and Install buttons for the current state."""
+        """Segment/Cancel, Install, Update table and Save buttons for the current state."""
         self.ui.installPackagesButton.visible = bool(self._missingPackages)
+        self.ui.installPackagesButton.enabled = self._install is None
+        table = self._observedTable
+        correctable = self._run is None and table is not None and self.logic.hasRunState(table)
+        self.ui.updateTableButton.enabled = correctable
+        self.ui.saveResultsButton.enabled = correctable
         button = self.ui.segmentButton
         if self._run is not None:
             button.text = "Cancel"
@@ -293,7 +354,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         button.text = "Segment microbleeds"
         pn = self._parameterNode
-        ready = bool(pn and pn.inputVolume and pn.model and not self._missingPackages)
+        ready = bool(pn and pn.inputVolume and pn.model and not self._missingPackages and self._install is None)
         button.enabled = ready
         button.toolTip = ("Find the microbleeds of the scan in the background." if ready else
                           "Select a scan and a model (and install the Python packages) first.")
@@ -312,7 +373,8 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("The segmentation could not be started.", waitCursor=True):
             self._run = self.logic.startSegmentation(volume, pn.brainMask, pn.model, pn.device, pn.threshold,
-                                                     onProgress=self.onRunProgress, onFinished=self.onRunFinished)
+                                                     onProgress=self.onRunProgress, onFinished=self.onRunFinished,
+                                                     show3D=pn.show3D)
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = "Starting..."
@@ -338,7 +400,129 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(run.errorMessage, windowTitle=TITLE, detailedText="\n".join(run.monitor.lines))
         self._updateButtons()
 
-    # --- findings --------------------------------------------------------------------------
+    # --- findings and corrections ----------------------------------------------------------
+
+    def _followSelectedResult(self) -> None:
+        """Show the selected findings table's segmentation, and observe both for corrections."""
+        pn = self._parameterNode
+        table = pn.findingsTable if pn else None
+        segmentation = self.logic.findingsSegmentation(table)
+        if pn and segmentation is not None and pn.outputSegmentation is not segmentation:
+            pn.outputSegmentation = segmentation
+        if pn or table is not None:
+            self._observeResult(table, segmentation)
+
+    def _observeResult(self, table: Optional[vtkMRMLTableNode],
+                       segmentation: Optional[vtkMRMLSegmentationNode]) -> None:
+        """Observe review edits in ``table`` and segments added, removed or painted in ``segmentation``."""
+        if table is not self._observedTable:
+            if self._observedTable is not None:
+                self.removeObserver(self._observedTable, vtk.vtkCommand.ModifiedEvent, self.onFindingsTableModified)
+            self._observedTable = table
+            if table is not None:
+                self.addObserver(table, vtk.vtkCommand.ModifiedEvent, self.onFindingsTableModified)
+        # The segmentation node passes on its vtkSegmentation's events (vtkMRMLSegmentationNode.cxx,
+        # SegmentationModifiedCallback), also after its vtkSegmentation object was replaced.
+        events = ((slicer.vtkSegmentation.SegmentAdded, self.onSegmentsAddedOrRemoved),
+                  (slicer.vtkSegmentation.SegmentRemoved, self.onSegmentsAddedOrRemoved),
+                  (slicer.vtkSegmentation.SourceRepresentationModified, self.onSegmentsPainted))
+        if segmentation is not self._observedSegmentation:
+            if self._observedSegmentation is not None:
+                for event, method in events:
+                    self.removeObserver(self._observedSegmentation, event, method)
+            self._observedSegmentation = segmentation
+            if segmentation is not None:
+                for event, method in events:
+                    self.addObserver(segmentation, event, method)
+
+    def onFindingsTableModified(self, caller=None, event=None) -> None:
+        # Read the edit once the table model has finished writing it.
+        if not self._tableEditPending:
+            self._tableEditPending = True
+            qt.QTimer.singleShot(0, self._applyTableEdits)
+
+    def _applyTableEdits(self) -> None:
+        self._tableEditPending = False
+        table = self._observedTable
+        if table is None or not slicer.mrmlScene.IsNodePresent(table) or not self.logic.hasRunState(table):
+            return
+        try:
+            edit = self.logic.applyTableEdits(table)
+        except Exception:
+            logging.exception("SHIVA-CMB: the table edit could not be read")
+            return
+        if edit.problems:
+            self.ui.statusLabel.text = "\n".join(edit.problems)
+
+    def onSegmentsAddedOrRemoved(self, caller=None, event=None) -> None:
+        if not self._autoUpdatePending:
+            self._autoUpdatePending = True
+            qt.QTimer.singleShot(self.AUTO_UPDATE_DELAY_MS, self._autoUpdate)
+
+    def _autoUpdate(self) -> None:
+        self._autoUpdatePending = False
+        table = self._observedTable
+        if (self._run is None and table is not None and slicer.mrmlScene.IsNodePresent(table)
+                and self.logic.hasRunState(table)):
+            self._updateTable(table, showErrors=False)
+
+    def onSegmentsPainted(self, caller=None, event=None) -> None:
+        self.ui.statusLabel.text = "The segments were edited: click 'Update table' to measure them again."
+
+    def onUpdateTable(self) -> None:
+        if self._observedTable is not None:
+            self._updateTable(self._observedTable, showErrors=True)
+
+    def _updateTable(self, table: vtkMRMLTableNode, showErrors: bool) -> None:
+        from SHIVACMBLib import corrections
+
+        if showErrors:
+            with slicer.util.tryWithErrorDisplay("The findings could not be updated.", waitCursor=True):
+                update = self.logic.updateFindings(table)
+        else:
+            try:
+                update = self.logic.updateFindings(table)
+            except Exception:
+                logging.exception("SHIVA-CMB: the findings could not be updated")
+                return
+        self.ui.statusLabel.text = corrections.summary_text(update.counts)
+
+    def onSaveResults(self) -> None:
+        table = self._observedTable
+        volume = self.logic.findingsVolume(table)
+        if volume is None:
+            return
+        start = slicerbridge.default_save_parent(self.logic.scanFile(volume), self._parameterNode.saveFolder
+                                                 if self._parameterNode else "")
+        parent = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), f"Save the results of '{volume.GetName()}' in a folder inside...", start)
+        if not parent:
+            return
+        if self._parameterNode:
+            self._parameterNode.saveFolder = parent
+        self.saveResultsTo(parent)
+
+    def saveResultsTo(self, parent: str):
+        """Save the selected findings' corrected results into ``<parent>/<scan id>``; what was saved, or None."""
+        from SHIVACMBLib import corrections
+
+        table = self._observedTable
+        volume = self.logic.findingsVolume(table)
+        folder = slicerbridge.result_folder(parent, volume.GetName())
+        existing = slicerbridge.existing_results(folder, corrections.SAVED_FILES)
+        if existing and not slicer.util.confirmOkCancelDisplay(
+                f"{folder} already holds {', '.join(existing)}. Replace them?", windowTitle=TITLE):
+            return None
+        rater = (self._parameterNode.rater.strip() if self._parameterNode else "") or self.logic.defaultRater()
+        with slicer.util.tryWithErrorDisplay("The results could not be saved.", waitCursor=True):
+            saved = self.logic.saveResults(table, str(folder), rater)
+        self.ui.statusLabel.text = (corrections.summary_text(saved.record["summary"])
+                                    + f"\nSaved in {folder} (cmb.seg.nrrd, findings.tsv, corrections.json).")
+        return saved
+
+    def onShow3DToggled(self, checked: bool) -> None:
+        if self._parameterNode:
+            self.logic.setShow3D(self._parameterNode.outputSegmentation, checked)
 
     def onFindingSelected(self) -> None:
         """Show the selected microbleed in every slice view and select its segment."""
@@ -350,12 +534,16 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         row = view.sortFilterProxyModel().mapToSource(index).row()
         segmentationNode, segmentId = self.logic.jumpToFinding(tableNode, row)
         if segmentationNode is not None and segmentId:
-            self._selectSegment(segmentationNode, segmentId, tableNode.GetNodeReference(SHIVACMBLogic.VOLUME_ROLE))
+            self._selectSegment(segmentationNode, segmentId, self.logic.findingsVolume(tableNode))
 
     @staticmethod
     def _selectSegment(segmentationNode: vtkMRMLSegmentationNode, segmentId: str,
                        volumeNode: Optional[vtkMRMLScalarVolumeNode]) -> None:
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        segmentEditorWidget = slicer.modules.segmenteditor.widgetRepresentation().self()
+        # The Segment Editor finds or makes its parameter node when entered; after a scene close it has
+        # none until then, and its editor ignores selections (Modules/Scripted/SegmentEditor/SegmentEditor.py).
+        segmentEditorWidget.selectParameterNode()
+        editor = segmentEditorWidget.editor
         editor.setSegmentationNode(segmentationNode)
         if volumeNode is not None:
             editor.setSourceVolumeNode(volumeNode)
@@ -363,52 +551,40 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 #
-# SHIVACMBRun
+# SHIVACMBCommand, SHIVACMBRun
 #
 
 
-class SHIVACMBRun:
-    """One `shivacmb segment` run on one scan, from start to loaded results.
+class SHIVACMBCommand:
+    """A command running in the background (slicerbridge.ChildProcess), followed from the Qt event loop.
 
-    ``status`` is "running", then "done", "cancelled" or "failed". The output queue is drained
-    in the main thread (single-shot QTimers, or :meth:`wait`), so the callbacks may use MRML and widgets:
-    ``onProgress(fraction, message)`` and ``onFinished(run)``. The temporary folder is removed
-    whatever the outcome.
+    ``status`` is "running", then "done", "cancelled" or "failed" (``errorMessage`` says why).
+    The output queue is drained in the main thread (single-shot QTimers, or :meth:`wait`), so
+    ``onFinished(command)`` may use MRML and widgets. ``tempDir``, if given, is removed at the
+    end whatever the outcome.
     """
 
     POLL_INTERVAL_MS = 200
 
-    def __init__(self, logic: "SHIVACMBLogic", inputVolume: vtkMRMLScalarVolumeNode, tempDir: str,
-                 process: slicerbridge.ChildProcess, fileNames: Dict[str, str],
-                 onProgress: Optional[Callable[[float, str], None]] = None,
-                 onFinished: Optional[Callable[["SHIVACMBRun"], None]] = None) -> None:
-        self.logic = logic
-        self.inputVolume = inputVolume
-        self.tempDir = tempDir
+    def __init__(self, process: slicerbridge.ChildProcess, tempDir: Optional[str] = None,
+                 onFinished: Optional[Callable[[Any], None]] = None) -> None:
         self.process = process
-        self.fileNames = fileNames  # temporary file path -> what the user calls it
-        self.onProgress = onProgress
+        self.tempDir = tempDir
         self.onFinished = onFinished
-        self.monitor = slicerbridge.RunMonitor()
+        self.lines: Deque[str] = deque(maxlen=200)
         self.status = "running"
         self.errorMessage = ""
-        self.segmentationNode: Optional[vtkMRMLSegmentationNode] = None
-        self.tableNode: Optional[vtkMRMLTableNode] = None
-
-    @property
-    def summary(self) -> Optional[slicerbridge.RunSummary]:
-        return self.monitor.summary
 
     @property
     def cancelRequested(self) -> bool:
         return self.process.cancel_requested
 
     def startPolling(self) -> None:
-        """Follow the run from the Qt event loop (the GUI stays responsive)."""
+        """Follow the command from the Qt event loop (the GUI stays responsive)."""
         qt.QTimer.singleShot(self.POLL_INTERVAL_MS, self._poll)
 
     def wait(self) -> None:
-        """Follow the run until it ends, blocking the caller."""
+        """Follow the command until it ends, blocking the caller."""
         self.process.wait(self._onLine)
         self._finish()
 
@@ -416,8 +592,8 @@ class SHIVACMBRun:
         self.process.cancel()
 
     def _poll(self) -> None:
-        # A single shot re-armed each time: no timer object outlives the run, and a failing
-        # callback cannot leave the run unfinished.
+        # A single shot re-armed each time: no timer object outlives the command, and a failing
+        # callback cannot leave the command unfinished.
         try:
             for line in self.process.read_lines():
                 self._onLine(line)
@@ -428,31 +604,89 @@ class SHIVACMBRun:
                 qt.QTimer.singleShot(self.POLL_INTERVAL_MS, self._poll)
 
     def _onLine(self, line: str) -> None:
+        self.lines.append(line)
+        logging.info(line)
+
+    def _finished(self, returncode: int) -> None:
+        """Set ``status`` and ``errorMessage`` once the process has exited (subclasses load results here)."""
+        if self.process.cancel_requested:
+            self.status = "cancelled"
+        elif returncode == 0:
+            self.status = "done"
+        else:
+            self.status = "failed"
+            self.errorMessage = slicerbridge.error_line(self.lines) or f"exit code {returncode}"
+
+    def _finish(self) -> None:
+        try:
+            self._finished(self.process.returncode)
+        finally:
+            if self.tempDir:
+                shutil.rmtree(self.tempDir, ignore_errors=True)
+        logging.info(f"SHIVA-CMB: {self.status}: {' '.join(self.process.args)}")
+        if self.onFinished is not None:
+            self.onFinished(self)
+
+
+class SHIVACMBRun(SHIVACMBCommand):
+    """One `shivacmb segment` run on one scan, from start to loaded results.
+
+    Besides ``onFinished(run)``, ``onProgress(fraction, message)`` is called in the main thread.
+    """
+
+    def __init__(self, logic: "SHIVACMBLogic", inputVolume: vtkMRMLScalarVolumeNode, tempDir: str,
+                 process: slicerbridge.ChildProcess, fileNames: Dict[str, str],
+                 onProgress: Optional[Callable[[float, str], None]] = None,
+                 onFinished: Optional[Callable[["SHIVACMBRun"], None]] = None, show3D: bool = True) -> None:
+        super().__init__(process, tempDir, onFinished)
+        self.logic = logic
+        self.inputVolume = inputVolume
+        self.fileNames = fileNames  # temporary file path -> what the user calls it
+        self.onProgress = onProgress
+        self.show3D = show3D
+        self.monitor = slicerbridge.RunMonitor()
+        self.segmentationNode: Optional[vtkMRMLSegmentationNode] = None
+        self.tableNode: Optional[vtkMRMLTableNode] = None
+
+    @property
+    def summary(self) -> Optional[slicerbridge.RunSummary]:
+        return self.monitor.summary
+
+    def _onLine(self, line: str) -> None:
         progress = self.monitor.feed(line)
         if progress is None:
             logging.info(line)
         elif self.onProgress is not None:
             self.onProgress(progress["fraction"], progress["message"] or progress["stage"])
 
-    def _finish(self) -> None:
-        returncode = self.process.returncode
+    def _finished(self, returncode: int) -> None:
         self.status = self.monitor.outcome(returncode, self.process.cancel_requested)
+        if self.status == "failed":
+            self.errorMessage = self.monitor.failure_message(returncode, self.fileNames)
+        if self.status != "done":
+            return
         try:
-            if self.status == "done":
-                # A relative output path would be relative to the child's working directory.
-                resultFolder = os.path.join(self.logic.moduleDirectory(), self.summary.output)
-                self.segmentationNode, self.tableNode = self.logic.loadResults(self.inputVolume, resultFolder)
-            elif self.status == "failed":
-                self.errorMessage = self.monitor.failure_message(returncode, self.fileNames)
+            # A relative output path would be relative to the child's working directory.
+            resultFolder = os.path.join(self.logic.moduleDirectory(), self.summary.output)
+            self.segmentationNode, self.tableNode = self.logic.loadResults(self.inputVolume, resultFolder,
+                                                                           show3D=self.show3D)
         except Exception as err:
             logging.exception("SHIVA-CMB results could not be loaded")
             self.status = "failed"
             self.errorMessage = f"The results could not be loaded: {err}"
-        finally:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
-        logging.info(f"SHIVA-CMB run {self.status}: {' '.join(self.process.args)}")
-        if self.onFinished is not None:
-            self.onFinished(self)
+
+
+class SHIVACMBUpdate:
+    """The findings of a table brought up to date with its segmentation (SHIVACMBLogic.updateFindings)."""
+
+    def __init__(self, correction, labels: np.ndarray, grid, state) -> None:
+        from SHIVACMBLib import corrections
+
+        self.correction = correction  # corrections.Correction
+        self.labels = labels  # exported label map, [k, j, i] on the scan's grid
+        self.grid = grid  # geometry.Geometry of the scan
+        self.state = state  # corrections.RunState
+        self.counts = corrections.summarize(state.findings, correction.findings)
 
 
 #
@@ -461,15 +695,20 @@ class SHIVACMBRun:
 
 
 class SHIVACMBLogic(ScriptedLoadableModuleLogic):
-    """Runs SHIVA-CMB on MRML volumes and loads its results as MRML nodes; usable without the widget.
+    """Runs SHIVA-CMB on MRML volumes, loads its results as MRML nodes and saves corrected results.
 
-    The nodes it makes carry the attribute RESULT_ATTRIBUTE and a VOLUME_ROLE reference to their
-    scan: a new run on a scan replaces those nodes, and no other node is ever changed.
+    Usable without the widget. The nodes it makes carry the attribute RESULT_ATTRIBUTE and a
+    VOLUME_ROLE reference to their scan: a new run on a scan replaces those nodes, and no other
+    node is ever changed. The findings table also keeps, as attributes, the run's own findings
+    and voxels (RUN_STATE_ATTRIBUTE) and the findings shown (FINDINGS_ATTRIBUTE), so that
+    corrections survive saving and reloading the scene.
     """
 
     RESULT_ATTRIBUTE = "SHIVACMB.result"
     SEGMENTATION_RESULT = "segmentation"
     FINDINGS_RESULT = "findings"
+    RUN_STATE_ATTRIBUTE = "SHIVACMB.runState"
+    FINDINGS_ATTRIBUTE = "SHIVACMB.findings"
     VOLUME_ROLE = "SHIVACMBSourceVolume"
     SEGMENTATION_ROLE = "SHIVACMBSegmentation"
     CANCEL_GRACE_S = 10.0
@@ -496,6 +735,12 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
     def childEnvironment() -> Dict[str, str]:
         return slicerbridge.child_environment(slicer.util.startupEnvironment())
 
+    @staticmethod
+    def temporaryFolder(kind: str) -> str:
+        """A new folder under Slicer's temporary folder; its owner removes it."""
+        # The command prints paths normalised; normalising here lets failure_message recognise them.
+        return os.path.normpath(tempfile.mkdtemp(prefix=f"SHIVACMB-{kind}-", dir=slicer.app.temporaryPath))
+
     # --- Python packages -------------------------------------------------------------------
 
     @staticmethod
@@ -506,17 +751,45 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         return slicerbridge.missing_requirements(lambda name: importlib.util.find_spec(name) is not None,
                                                  onnxruntime, extra)
 
-    @staticmethod
-    def installPackages(requirements: Sequence[str]) -> None:
-        """pip-install into Slicer's Python without replacing the numpy, scipy or SimpleITK Slicer ships."""
+    def startInstallPackages(self, requirements: Sequence[str],
+                             onFinished: Optional[Callable[["SHIVACMBCommand"], None]] = None) -> "SHIVACMBCommand":
+        """pip-install in the background, without replacing the numpy, scipy or SimpleITK Slicer ships."""
+        command = self._pipCommand(requirements, onFinished)
+        command.startPolling()
+        return command
+
+    def installPackages(self, requirements: Sequence[str]) -> None:
+        """pip-install and wait (the self-test); RuntimeError when pip fails."""
         if not requirements:
             return
-        constraintsPath = os.path.join(slicer.app.temporaryPath, "SHIVACMB-pip-constraints.txt")
-        with open(constraintsPath, "w", encoding="utf-8") as constraints:
-            constraints.write(slicerbridge.pip_constraints(
-                {name: SHIVACMBLogic._installedVersion(name) for name in slicerbridge.SLICER_PACKAGES}))
-        slicer.util.pip_install(["-c", constraintsPath, *requirements])
-        importlib.invalidate_caches()
+        command = self._pipCommand(requirements, None)
+        command.wait()
+        if command.status != "done":
+            raise RuntimeError(f"pip could not install {', '.join(requirements)}: {command.errorMessage}")
+
+    def _pipCommand(self, requirements: Sequence[str],
+                    onFinished: Optional[Callable[["SHIVACMBCommand"], None]]) -> "SHIVACMBCommand":
+        # What slicer.util.pip_install runs (PythonSlicer -m pip install, in Slicer's own environment),
+        # but read line by line from the event loop instead of blocking Slicer until pip ends.
+        tempDir = self.temporaryFolder("pip")
+        try:
+            constraints = os.path.join(tempDir, "constraints.txt")
+            with open(constraints, "w", encoding="utf-8") as stream:
+                stream.write(slicerbridge.pip_constraints(
+                    {name: self._installedVersion(name) for name in slicerbridge.SLICER_PACKAGES}))
+            args = slicerbridge.pip_install_command(self.pythonExecutable(), constraints, requirements)
+            process = slicerbridge.ChildProcess(args, env=slicerbridge.child_environment(os.environ))
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+
+        def finished(command: "SHIVACMBCommand") -> None:
+            importlib.invalidate_caches()
+            if onFinished is not None:
+                onFinished(command)
+
+        logging.info(f"SHIVA-CMB started: {' '.join(args)}")
+        return SHIVACMBCommand(process, tempDir, finished)
 
     @staticmethod
     def _installedVersion(distribution: str) -> Optional[str]:
@@ -527,14 +800,10 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
     # --- models ----------------------------------------------------------------------------
 
-    def listModels(self) -> Tuple[List[slicerbridge.ModelChoice], List[str]]:
+    @staticmethod
+    def listModels() -> Tuple[List[slicerbridge.ModelChoice], List[str]]:
         """Installed models as selector entries, and the model folders that cannot be used."""
-        completed = slicerbridge.run_command(slicerbridge.models_list_command(self.pythonExecutable()),
-                                             cwd=self.moduleDirectory(), env=self.childEnvironment())
-        if completed.returncode != 0:
-            output = completed.stdout.splitlines() + completed.stderr.splitlines()
-            raise RuntimeError(slicerbridge.error_line(output) or f"exit code {completed.returncode}")
-        return slicerbridge.model_choices(completed.stdout)
+        return slicerbridge.installed_model_choices()
 
     # --- running ---------------------------------------------------------------------------
 
@@ -542,17 +811,18 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
                           brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None, model: str = "", device: str = "auto",
                           threshold: Optional[float] = None,
                           onProgress: Optional[Callable[[float, str], None]] = None,
-                          onFinished: Optional[Callable[[SHIVACMBRun], None]] = None) -> SHIVACMBRun:
+                          onFinished: Optional[Callable[[SHIVACMBRun], None]] = None,
+                          show3D: bool = True) -> SHIVACMBRun:
         """Start segmenting ``inputVolume`` in the background; ``onFinished(run)`` is called at the end."""
-        run = self._launch(inputVolume, brainMask, model, device, threshold, onProgress, onFinished)
+        run = self._launch(inputVolume, brainMask, model, device, threshold, onProgress, onFinished, show3D)
         run.startPolling()
         return run
 
     def segment(self, inputVolume: vtkMRMLScalarVolumeNode, brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None,
-                model: str = "", device: str = "auto",
-                threshold: Optional[float] = None) -> SHIVACMBRun:
+                model: str = "", device: str = "auto", threshold: Optional[float] = None,
+                show3D: bool = True) -> SHIVACMBRun:
         """Segment ``inputVolume`` and wait for the results; raises RuntimeError when the run fails."""
-        run = self._launch(inputVolume, brainMask, model, device, threshold, None, None)
+        run = self._launch(inputVolume, brainMask, model, device, threshold, None, None, show3D)
         run.wait()
         if run.status != "done":
             raise RuntimeError(run.errorMessage or f"The segmentation was {run.status}.")
@@ -561,15 +831,14 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
     def _launch(self, inputVolume: vtkMRMLScalarVolumeNode, brainMask: Optional[vtkMRMLLabelMapVolumeNode],
                 model: str, device: str, threshold: Optional[float],
                 onProgress: Optional[Callable[[float, str], None]],
-                onFinished: Optional[Callable[[SHIVACMBRun], None]]) -> SHIVACMBRun:
+                onFinished: Optional[Callable[[SHIVACMBRun], None]], show3D: bool) -> SHIVACMBRun:
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("Select a scan with image data.")
         missing = self.missingPackages()
         if missing:
             raise RuntimeError("Install the Python packages SHIVA-CMB needs first: " + ", ".join(missing))
         python = self.pythonExecutable()
-        # The command prints paths normalised; normalising here lets failure_message recognise them.
-        tempDir = os.path.normpath(tempfile.mkdtemp(prefix="SHIVACMB-", dir=slicer.app.temporaryPath))
+        tempDir = self.temporaryFolder("run")
         try:
             inputPath = self.exportVolume(inputVolume, os.path.join(tempDir, "input.nrrd"))
             fileNames = {inputPath: f"scan '{inputVolume.GetName()}'"}
@@ -586,7 +855,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
         logging.info(f"SHIVA-CMB started: {' '.join(args)}")
-        return SHIVACMBRun(self, inputVolume, tempDir, process, fileNames, onProgress, onFinished)
+        return SHIVACMBRun(self, inputVolume, tempDir, process, fileNames, onProgress, onFinished, show3D)
 
     @staticmethod
     def exportVolume(volumeNode: vtkMRMLScalarVolumeNode, path: str) -> str:
@@ -606,18 +875,25 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
                 if node.GetAttribute(self.RESULT_ATTRIBUTE)
                 and node.GetNodeReferenceID(self.VOLUME_ROLE) == inputVolume.GetID()]
 
-    def loadResults(self, inputVolume: vtkMRMLScalarVolumeNode,
-                    resultFolder: str) -> Tuple[vtkMRMLSegmentationNode, vtkMRMLTableNode]:
+    def loadResults(self, inputVolume: vtkMRMLScalarVolumeNode, resultFolder: str,
+                    show3D: bool = True) -> Tuple[vtkMRMLSegmentationNode, vtkMRMLTableNode]:
         """Load cmb.seg.nrrd and findings.tsv for ``inputVolume``; they replace its previous results."""
-        from SHIVACMBLib.pipeline import FINDINGS_NAME, SEGMENTATION_NAME
+        from SHIVACMBLib import corrections
+        from SHIVACMBLib.pipeline import FINDINGS_NAME, RUN_NAME, SEGMENTATION_NAME
 
         if not slicer.mrmlScene.IsNodePresent(inputVolume):
             raise RuntimeError(f"the scan '{inputVolume.GetName()}' was removed from the scene during the run")
-        findings = read_tsv(os.path.join(resultFolder, FINDINGS_NAME))
         previous = self.resultNodes(inputVolume)
-        segmentationNode = self.loadSegmentation(os.path.join(resultFolder, SEGMENTATION_NAME), inputVolume)
+        segmentationNode = self.loadSegmentation(os.path.join(resultFolder, SEGMENTATION_NAME), inputVolume, show3D)
         try:
-            tableNode = self.createFindingsTable(findings, inputVolume, segmentationNode)
+            # The voxels of each CMB as Slicer holds them: later edits are found by comparing with these.
+            labels, _, segments = self.exportLabelMap(segmentationNode, inputVolume)
+            runPath = os.path.join(resultFolder, RUN_NAME)
+            state = corrections.RunState.from_files(os.path.join(resultFolder, FINDINGS_NAME),
+                                                    runPath if os.path.isfile(runPath) else None,
+                                                    corrections.fingerprints_by_cmb(labels, segments))
+            del labels
+            tableNode = self.createFindingsTable(state, inputVolume, segmentationNode)
         except Exception:
             slicer.mrmlScene.RemoveNode(segmentationNode)
             raise
@@ -625,29 +901,46 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.RemoveNode(node)
         return segmentationNode, tableNode
 
-    def loadSegmentation(self, path: str, inputVolume: vtkMRMLScalarVolumeNode) -> vtkMRMLSegmentationNode:
+    def loadSegmentation(self, path: str, inputVolume: vtkMRMLScalarVolumeNode,
+                         show3D: bool = True) -> vtkMRMLSegmentationNode:
         """The segmentation node of a cmb.seg.nrrd, aligned with and linked to ``inputVolume``."""
         name = slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} CMBs")
         segmentationNode = slicer.util.loadSegmentation(path, {"name": name})
         segmentationNode.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
-        segmentationNode.CreateClosedSurfaceRepresentation()
+        self.setShow3D(segmentationNode, show3D)
         self._markResult(segmentationNode, self.SEGMENTATION_RESULT, inputVolume)
         return segmentationNode
 
-    def createFindingsTable(self, findings: Sequence[Finding], inputVolume: vtkMRMLScalarVolumeNode,
+    @staticmethod
+    def setShow3D(segmentationNode: Optional[vtkMRMLSegmentationNode], show: bool) -> None:
+        """Show or hide a result segmentation in the 3D views (its surfaces are made when first shown)."""
+        if segmentationNode is None:
+            return
+        if show:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode is not None:
+            displayNode.SetVisibility3D(show)
+
+    def createFindingsTable(self, state, inputVolume: vtkMRMLScalarVolumeNode,
                             segmentationNode: vtkMRMLSegmentationNode) -> vtkMRMLTableNode:
-        """A table node with one typed column per findings.tsv column, linked to the scan and segmentation."""
+        """A table node of the run's findings (state: corrections.RunState), linked to the scan and segmentation."""
         name = slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} CMB findings")
         tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
-        self.fillFindingsTable(tableNode, findings)
+        tableNode.SetAttribute(self.RUN_STATE_ATTRIBUTE, state.to_json())
+        self.showFindings(tableNode, state.findings)
         tableNode.SetNodeReferenceID(self.SEGMENTATION_ROLE, segmentationNode.GetID())
         self._markResult(tableNode, self.FINDINGS_RESULT, inputVolume)
         return tableNode
 
-    def fillFindingsTable(self, tableNode: vtkMRMLTableNode, findings: Sequence[Finding]) -> None:
+    def showFindings(self, tableNode: vtkMRMLTableNode, findings: Sequence[Finding]) -> None:
+        """Keep ``findings`` as the table's findings and show them, one typed column per findings.tsv column."""
+        from SHIVACMBLib import corrections
+
         rows = [slicerbridge.finding_row(finding) for finding in findings]
         wasModified = tableNode.StartModify()
+        tableNode.SetAttribute(self.FINDINGS_ATTRIBUTE, corrections.findings_to_json(findings))
         tableNode.RemoveAllColumns()
         for index, column in enumerate(slicerbridge.TABLE_COLUMNS):
             array = self.ARRAY_CLASSES[column.kind]()
@@ -661,8 +954,8 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
                 tableNode.SetColumnUnitLabel(column.name, column.unit)
         # Without this the column names would be shown as row 0 and every row would be off by one.
         tableNode.SetUseColumnTitleAsColumnHeader(True)
-        # Edits in the table are not carried back to the findings: keep it read-only.
-        tableNode.SetLocked(True)
+        # Editable, for the review columns; edits to other cells are put back (applyTableEdits).
+        tableNode.SetLocked(False)
         tableNode.EndModify(wasModified)
 
     def _markResult(self, node: vtkMRMLNode, kind: str, inputVolume: vtkMRMLScalarVolumeNode) -> None:
@@ -673,25 +966,212 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         scanParent = shNode.GetItemParent(shNode.GetItemByDataNode(inputVolume))
         shNode.SetItemParent(shNode.GetItemByDataNode(node), scanParent)
 
+    # --- state kept with a findings table --------------------------------------------------
+
+    def findingsSegmentation(self, tableNode: Optional[vtkMRMLTableNode]) -> Optional[vtkMRMLSegmentationNode]:
+        return tableNode.GetNodeReference(self.SEGMENTATION_ROLE) if tableNode is not None else None
+
+    def findingsVolume(self, tableNode: Optional[vtkMRMLTableNode]) -> Optional[vtkMRMLScalarVolumeNode]:
+        return tableNode.GetNodeReference(self.VOLUME_ROLE) if tableNode is not None else None
+
+    def hasRunState(self, tableNode: Optional[vtkMRMLTableNode]) -> bool:
+        return tableNode is not None and bool(tableNode.GetAttribute(self.RUN_STATE_ATTRIBUTE))
+
+    def runState(self, tableNode: vtkMRMLTableNode):
+        """The run's own findings and voxels kept with a findings table (corrections.RunState)."""
+        from SHIVACMBLib import corrections
+
+        text = tableNode.GetAttribute(self.RUN_STATE_ATTRIBUTE)
+        if not text:
+            raise RuntimeError(f"'{tableNode.GetName()}' holds no SHIVA-CMB run record (it was made by an older "
+                               "version of the module): segment the scan again to correct its findings.")
+        return corrections.RunState.from_json(text)
+
+    def shownFindings(self, tableNode: vtkMRMLTableNode) -> List[Finding]:
+        """The findings the table was last filled with (review edits included once applied)."""
+        from SHIVACMBLib import corrections
+
+        text = tableNode.GetAttribute(self.FINDINGS_ATTRIBUTE)
+        return corrections.findings_from_json(text) if text else list(self.runState(tableNode).findings)
+
+    @staticmethod
+    def tableRows(tableNode: vtkMRMLTableNode) -> List[Dict[str, Any]]:
+        """The table's cells, row by row, by column name (numbers as numbers)."""
+        table = tableNode.GetTable()
+        rows: List[Dict[str, Any]] = [{} for _ in range(table.GetNumberOfRows())]
+        for column in slicerbridge.TABLE_COLUMNS:
+            array = table.GetColumnByName(column.name)
+            if array is None:
+                continue  # a missing column reads as an edit and is restored
+            for index, row in enumerate(rows):
+                row[column.name] = array.GetValue(index)
+        return rows
+
+    # --- corrections -----------------------------------------------------------------------
+
+    def applyTableEdits(self, tableNode: vtkMRMLTableNode):
+        """Take the status, rater and note cells edited in the table (corrections.apply_review_edits).
+
+        Edits that are not allowed are put back; the returned ReviewEdit says why.
+        """
+        from SHIVACMBLib import corrections
+
+        shown = self.shownFindings(tableNode)
+        edit = corrections.apply_review_edits(shown, self.tableRows(tableNode), self.runState(tableNode).ids)
+        # A paste into the table view may also have added columns (qMRMLTableView::pasteSelection).
+        if edit.restore or tableNode.GetNumberOfColumns() != len(slicerbridge.TABLE_COLUMNS):
+            self.showFindings(tableNode, edit.findings)
+        elif edit.findings != shown:
+            tableNode.SetAttribute(self.FINDINGS_ATTRIBUTE, corrections.findings_to_json(edit.findings))
+        return edit
+
+    def updateFindings(self, tableNode: vtkMRMLTableNode) -> SHIVACMBUpdate:
+        """Measure the table's segmentation again and show the corrected findings (corrections.correct).
+
+        Segments found to be new CMBs get their SHIVACMB.cmb_id tag and the name "CMB <id>";
+        every CMB segment's SHIVACMB.status tag follows its status.
+        """
+        from SHIVACMBLib import corrections
+
+        segmentationNode = self.findingsSegmentation(tableNode)
+        volumeNode = self.findingsVolume(tableNode)
+        if segmentationNode is None or volumeNode is None:
+            raise RuntimeError("The scan or the segmentation of these findings is no longer in the scene.")
+        self.applyTableEdits(tableNode)
+        state = self.runState(tableNode)
+        labels, grid, segments = self.exportLabelMap(segmentationNode, volumeNode)
+        correction = corrections.correct(state, self.shownFindings(tableNode), segments, labels, grid)
+        self._tagSegments(segmentationNode, correction)
+        self.showFindings(tableNode, correction.findings)
+        return SHIVACMBUpdate(correction, labels, grid, state)
+
+    def _tagSegments(self, segmentationNode: vtkMRMLSegmentationNode, correction) -> None:
+        from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, segment_name
+
+        statuses = {f.cmb_id: f.status for f in correction.findings}
+        segmentation = segmentationNode.GetSegmentation()
+        for segmentId, cmbId in correction.segment_cmb_ids.items():
+            segment = segmentation.GetSegment(segmentId)
+            if self._segmentTag(segment, ID_TAG) != str(cmbId):
+                segment.SetTag(ID_TAG, str(cmbId))
+            if segmentId in correction.new_tags:
+                segment.SetName(segment_name(cmbId))
+            if self._segmentTag(segment, STATUS_TAG) != statuses[cmbId]:
+                segment.SetTag(STATUS_TAG, statuses[cmbId])
+
+    def saveResults(self, tableNode: vtkMRMLTableNode, folder: str, rater: str):
+        """Update the findings, then write cmb.seg.nrrd, findings.tsv and corrections.json into ``folder``.
+
+        Returns corrections.Saved; the table then shows the findings as saved (raters named).
+        """
+        from SHIVACMBLib import corrections
+
+        update = self.updateFindings(tableNode)
+        volumeNode = self.findingsVolume(tableNode)
+        scan = {"name": volumeNode.GetName(), "file": self.scanFile(volumeNode)}
+        saved = corrections.save(folder, update.labels, update.grid, update.state, update.correction, rater,
+                                 scan=scan, host=f"3D Slicer {slicer.app.applicationVersion}")
+        self.showFindings(tableNode, saved.findings)
+        return saved
+
+    @staticmethod
+    def defaultRater() -> str:
+        from SHIVACMBLib import corrections
+
+        return corrections.who_default()
+
+    @staticmethod
+    def scanFile(volumeNode: Optional[vtkMRMLScalarVolumeNode]) -> Optional[str]:
+        """The file the scan was loaded from or last saved to, if any."""
+        storageNode = volumeNode.GetStorageNode() if volumeNode is not None else None
+        if storageNode is None or not storageNode.GetFileName():
+            return None
+        return storageNode.GetFileName()
+
+    def segmentRecords(self, segmentationNode: vtkMRMLSegmentationNode) -> list:
+        """Every segment in order (corrections.SegmentRecord); label n is the n-th segment, as exported."""
+        from SHIVACMBLib.corrections import SegmentRecord, tag_cmb_id
+        from SHIVACMBLib.segfile import ID_TAG
+
+        segmentation = segmentationNode.GetSegmentation()
+        records = []
+        for index in range(segmentation.GetNumberOfSegments()):
+            segmentId = segmentation.GetNthSegmentID(index)
+            segment = segmentation.GetSegment(segmentId)
+            records.append(SegmentRecord(segmentId, index + 1, tag_cmb_id(self._segmentTag(segment, ID_TAG)),
+                                         segment.GetName()))
+        return records
+
+    @staticmethod
+    def _segmentTag(segment, key: str) -> Optional[str]:
+        # vtkSegment::GetTag(std::string, std::string&) -> bool; a vtk.mutable receives the value
+        # (Docs/developer_guide/script_repository/segmentations.md, "toggles visibility of completed segments").
+        value = vtk.mutable("")
+        return str(value) if segment.GetTag(key, value) else None
+
+    def exportLabelMap(self, segmentationNode: vtkMRMLSegmentationNode, volumeNode: vtkMRMLScalarVolumeNode):
+        """Every segment as its own label value (n for the n-th segment) on the scan's grid.
+
+        Returns the label map ([k, j, i] numpy array), the scan's grid (geometry.Geometry, in the
+        scan's own coordinates, as findings are) and the segments (segmentRecords).
+        """
+        from vtk.util import numpy_support
+
+        from SHIVACMBLib.geometry import Geometry
+
+        records = self.segmentRecords(segmentationNode)
+        imageData = volumeNode.GetImageData()
+        extent = imageData.GetExtent()
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        ijkToLPS = np.diag([-1.0, -1.0, 1.0, 1.0]) @ slicer.util.arrayFromVTKMatrix(ijkToRAS)
+        grid = Geometry.from_matrix(imageData.GetDimensions(), ijkToLPS)
+        if extent[0] != 0 or extent[2] != 0 or extent[4] != 0:
+            raise RuntimeError(f"'{volumeNode.GetName()}' has an image extent that does not start at 0.")
+        if not records:
+            return np.zeros(grid.array_shape, np.int16), grid, records
+        segmentation = segmentationNode.GetSegmentation()
+        # What vtkSlicerSegmentationsModuleLogic::ExportSegmentsToLabelmapNode does (Slicer v5.8.1,
+        # Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentationsModuleLogic.cxx, lines 1049-1116):
+        # make sure the binary labelmap exists, then GenerateMergedLabelmapInReferenceGeometry with the
+        # reference volume (same file, lines 993-1046; declared public in the .h, lines 444-452). That
+        # resamples into the volume's geometry when the segmentation is under another transform, and
+        # with EXTENT_REFERENCE_GEOMETRY the image covers the whole volume. Label values: the n-th of the
+        # segment IDs gets n (Libs/vtkSegmentationCore/vtkSegmentation.cxx, GenerateMergedLabelmap,
+        # lines 1637-1703: "labelValue = backgroundColorIndex + 1 + segmentIndex"), voxels are VTK_SHORT,
+        # and where segments overlap the later one wins. Calling it directly, rather than
+        # ExportSegmentsToLabelmapNode or slicer.util.arrayFromSegmentBinaryLabelmap, adds no labelmap
+        # and no colour table node to the scene (ExportSegmentsToLabelmapNode adds a colour table).
+        if not segmentation.CreateRepresentation(
+                slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()):
+            raise RuntimeError(f"'{segmentationNode.GetName()}' has no binary labelmap representation.")
+        segmentIds = vtk.vtkStringArray()
+        for record in records:
+            segmentIds.InsertNextValue(record.segment_id)
+        merged = slicer.vtkOrientedImageData()
+        slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+            segmentationNode, volumeNode, segmentIds, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, merged)
+        scalars = merged.GetPointData().GetScalars() if merged.GetPointData() is not None else None
+        if scalars is None or tuple(merged.GetExtent()) != tuple(extent):
+            raise RuntimeError(f"The segments of '{segmentationNode.GetName()}' could not be exported on the grid "
+                               f"of '{volumeNode.GetName()}'.")
+        labels = numpy_support.vtk_to_numpy(scalars).reshape(grid.array_shape).copy()
+        return labels, grid, records
+
     # --- navigation ------------------------------------------------------------------------
 
     def jumpToFinding(self, tableNode: vtkMRMLTableNode,
                       row: int) -> Tuple[Optional[vtkMRMLSegmentationNode], Optional[str]]:
         """Centre every slice view on the finding of a table row; its segmentation node and segment ID."""
-        from SHIVACMBLib.segfile import segment_id
+        from SHIVACMBLib.corrections import segment_for_cmb
 
-        ras = [float(self._cellText(tableNode, row, name)) for name in ("r", "a", "s")]
-        position = self.worldPosition(tableNode.GetNodeReference(self.VOLUME_ROLE), ras)
+        cells = self.tableRows(tableNode)[row]
+        position = self.worldPosition(self.findingsVolume(tableNode), [float(cells[name]) for name in ("r", "a", "s")])
         slicer.modules.markups.logic().JumpSlicesToLocation(position[0], position[1], position[2], True)
-        segmentationNode = tableNode.GetNodeReference(self.SEGMENTATION_ROLE)
-        segmentId = segment_id(int(self._cellText(tableNode, row, "cmb_id")))
-        if segmentationNode is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
-            return segmentationNode, None
-        return segmentationNode, segmentId
-
-    @staticmethod
-    def _cellText(tableNode: vtkMRMLTableNode, row: int, columnName: str) -> str:
-        return tableNode.GetCellText(row, slicerbridge.column_index(columnName))
+        segmentationNode = self.findingsSegmentation(tableNode)
+        if segmentationNode is None:
+            return None, None
+        return segmentationNode, segment_for_cmb(self.segmentRecords(segmentationNode), int(cells["cmb_id"]))
 
     @staticmethod
     def worldPosition(volumeNode: Optional[vtkMRMLNode], ras: Sequence[float]) -> Tuple[float, float, float]:
@@ -710,55 +1190,226 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
 
 class SHIVACMBTest(ScriptedLoadableModuleTest):
-    """Segments a phantom (bright ellipsoid "brain" with three dark spheres) with a tiny fixed-weight model."""
+    """Segments a phantom from the module panel, corrects the result as a reader would, and saves it.
+
+    The phantom is a bright ellipsoid "brain" with three dark spheres; the model a tiny
+    fixed-weight dark-blob detector (SHIVACMBLib.blobmodel, which needs the onnx package).
+    """
 
     SPACING = (1.0, 1.0, 1.2)  # mm, i j k
     SHAPE_IJK = (100, 120, 75)
     BRAIN_RADII = (32.0, 38.0, 28.0)  # mm, around RAS (0, 0, 0)
-    CMB_CENTRES = ((12.0, 15.0, 9.6), (-15.0, -10.0, 6.0), (5.0, -20.0, -8.4))  # RAS mm
+    CMB_CENTRES = ((12.0, 15.0, 9.6), (-15.0, -10.0, 6.0), (5.0, -20.0, -8.4))  # RAS mm, in CMB id order
     CMB_RADIUS = 3.0
+    MISSED_CENTRE = (20.0, -25.0, 15.0)  # RAS mm: where the test adds a segment for a "missed" CMB
     MODEL_BOX = (80, 96, 80)
+    RATER = "SHIVACMB self-test"
+    TIMEOUT_S = 300.0
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_SegmentPhantom()
+        self.test_SegmentCorrectAndSave()
 
-    def test_SegmentPhantom(self) -> None:
+    def test_SegmentCorrectAndSave(self) -> None:
         logic = SHIVACMBLogic()
         missing = logic.missingPackages(extra=(("onnx", "onnx"),))
         if missing:
             self.delayDisplay("Installing " + ", ".join(missing))
             logic.installPackages(missing)
 
+        temporaries = self._temporaries()
         volume = self._phantomVolume()
-        modelParent = tempfile.mkdtemp(prefix="SHIVACMB-test-model-", dir=slicer.app.temporaryPath)
+        voxels = slicer.util.arrayFromVolume(volume).copy()
+        work = tempfile.mkdtemp(prefix="SHIVACMB-test-", dir=slicer.app.temporaryPath)
         try:
-            self._segmentPhantom(logic, volume, self._phantomModel(modelParent))
+            model = self._phantomModel(work)
+            widget = slicer.util.getModuleWidget("SHIVACMB")
+            widget.initializeParameterNode()
+            table = self._segmentFromThePanel(widget, volume, model)
+            self._selectRows(widget, table)
+            self._correct(widget, table)
+            self._save(widget, table, os.path.join(work, "saved"))
+            self._show3D(widget)
+            self._segmentAgain(logic, volume, model, table)
         finally:
-            shutil.rmtree(modelParent, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), voxels), "the scan was changed")
+        self.assertEqual(self._temporaries(), temporaries, "temporary files were left")
         self.delayDisplay("Test passed")
 
-    def _segmentPhantom(self, logic: SHIVACMBLogic, volume: vtkMRMLScalarVolumeNode, modelFolder: str) -> None:
-        self.delayDisplay("Segmenting the phantom")
-        run = logic.segment(volume, model=modelFolder, device="cpu", threshold=0.5)
+    def _segmentFromThePanel(self, widget: SHIVACMBWidget, volume: vtkMRMLScalarVolumeNode,
+                             model: str) -> vtkMRMLTableNode:
+        self.delayDisplay("Segmenting the phantom from the module panel")
+        pn = widget._parameterNode
+        pn.inputVolume = volume
+        pn.brainMask = None
+        pn.model = model
+        pn.device = "cpu"
+        pn.threshold = 0.5
+        pn.show3D = True
+        pn.rater = self.RATER
+        widget.onSegmentButton()
+        run = widget._run
+        self.assertIsNotNone(run, widget.ui.statusLabel.text)
+        self._waitFor(lambda: widget._run is None, "the run to finish")
+        self.assertEqual(run.status, "done", run.errorMessage)
+        self.assertFalse(os.path.exists(run.tempDir))
+        self.assertTrue(widget.ui.statusLabel.text.startswith(
+            "3 microbleeds found (network run on CPUExecutionProvider)."), widget.ui.statusLabel.text)
 
-        segmentation = run.segmentationNode.GetSegmentation()
+        segmentationNode = pn.outputSegmentation
+        table = pn.findingsTable
+        self.assertEqual((segmentationNode.GetID(), table.GetID()), (run.segmentationNode.GetID(), run.tableNode.GetID()))
+        self.assertEqual(widget.ui.findingsTableView.mrmlTableNode().GetID(), table.GetID())
+        segmentation = segmentationNode.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), len(self.CMB_CENTRES))
         expected = np.array(self.CMB_CENTRES)
         for index in range(segmentation.GetNumberOfSegments()):
-            centre = np.array(run.segmentationNode.GetSegmentCenterRAS(segmentation.GetNthSegmentID(index)))
+            centre = np.array(segmentationNode.GetSegmentCenterRAS(segmentation.GetNthSegmentID(index)))
             self.assertLess(np.linalg.norm(expected - centre, axis=1).min(), 1.5)
-        self.assertEqual(run.tableNode.GetNumberOfRows(), len(self.CMB_CENTRES))
-        self.assertEqual(run.summary.cmb_count, len(self.CMB_CENTRES))
-        self.assertFalse(os.path.exists(run.tempDir))
+        rows = self._rows(table)
+        self.assertEqual([row["cmb_id"] for row in rows], [1, 2, 3])
+        for row in rows:
+            centre = np.array([row["r"], row["a"], row["s"]])
+            self.assertLess(np.linalg.norm(centre - expected[row["cmb_id"] - 1]), 1.5)
+            self.assertEqual(row["status"], "unreviewed")
+            self.assertGreater(row["max_prob"], 0.5)
+        return table
 
-        self.delayDisplay("Segmenting again replaces the results")
-        again = logic.segment(volume, model=modelFolder, device="cpu", threshold=0.5)
+    def _selectRows(self, widget: SHIVACMBWidget, table: vtkMRMLTableNode) -> None:
+        self.delayDisplay("Selecting a row centres the slice views on its CMB and selects its segment")
+        view = widget.ui.findingsTableView
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        layoutManager = slicer.app.layoutManager()
+        red = layoutManager.sliceWidget("Red") if layoutManager is not None else None  # axial by default
+        for viewRow in range(table.GetNumberOfRows()):
+            view.selectRow(viewRow)
+            slicer.app.processEvents()
+            row = view.sortFilterProxyModel().mapToSource(view.selectionModel().currentIndex()).row()
+            cells = self._rows(table)[row]
+            self.assertEqual(editor.currentSegmentID(), f"CMB_{cells['cmb_id']}")
+            if red is not None:
+                self.assertAlmostEqual(red.sliceLogic().GetSliceOffset(), cells["s"], delta=0.01)
+
+    def _correct(self, widget: SHIVACMBWidget, table: vtkMRMLTableNode) -> None:
+        from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG
+
+        segmentationNode = widget._parameterNode.outputSegmentation
+        segmentation = segmentationNode.GetSegmentation()
+
+        self.delayDisplay("Deleting the segment of CMB 2 rejects it (the table follows by itself)")
+        segmentation.RemoveSegment("CMB_2")
+        self._waitFor(lambda: self._row(table, 2)["status"] == "rejected", "CMB 2 to be rejected")
+        self.assertEqual(self._row(table, 2)["note"], "segment deleted")
+
+        self.delayDisplay("Adding a segment for a missed CMB adds a row (the table follows by itself)")
+        sphere = vtk.vtkSphereSource()
+        sphere.SetCenter(*self.MISSED_CENTRE)
+        sphere.SetRadius(self.CMB_RADIUS)
+        sphere.SetPhiResolution(24)
+        sphere.SetThetaResolution(24)
+        sphere.Update()
+        segmentId = segmentationNode.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "missed",
+                                                                               [1.0, 1.0, 0.0])
+        self._waitFor(lambda: table.GetNumberOfRows() == 4, "the added CMB to be listed")
+        added = self._row(table, 4)
+        self.assertEqual(added["status"], "added")
+        centre = np.array([added["r"], added["a"], added["s"]])
+        self.assertLess(np.linalg.norm(centre - np.array(self.MISSED_CENTRE)), 1.0)
+        self.assertAlmostEqual(added["volume_mm3"], 4.0 / 3.0 * np.pi * self.CMB_RADIUS ** 3, delta=30.0)
+        self.assertTrue(np.isnan(added["max_prob"]))
+        segment = segmentation.GetSegment(segmentId)
+        self.assertEqual(SHIVACMBLogic._segmentTag(segment, ID_TAG), "4")
+        self.assertEqual(SHIVACMBLogic._segmentTag(segment, STATUS_TAG), "added")
+        self.assertEqual(segment.GetName(), "CMB 4")
+
+        self.delayDisplay("A status typed in the table is kept; a measured cell is put back")
+        row = next(index for index, cells in enumerate(self._rows(table)) if cells["cmb_id"] == 1)
+        statusColumn = table.GetColumnIndex("status")
+        table.SetCellText(row, statusColumn, "def")
+        self._waitFor(lambda: table.GetCellText(row, statusColumn) == "definite", "the status to read 'definite'")
+        volumeColumn = table.GetColumnIndex("volume_mm3")
+        volumeText = table.GetCellText(row, volumeColumn)
+        table.SetCellText(row, volumeColumn, "999")
+        self._waitFor(lambda: table.GetCellText(row, volumeColumn) == volumeText, "the volume to be put back")
+        self.assertIn("only the status, rater and note", widget.ui.statusLabel.text)
+
+        self.delayDisplay("Update table")
+        widget.onUpdateTable()
+        self.assertEqual(widget.ui.statusLabel.text, "3 microbleeds (3 found by the run, 1 added, 1 rejected).")
+        self.assertEqual([r["status"] for r in self._rows(table)], ["definite", "rejected", "unreviewed", "added"])
+
+    def _save(self, widget: SHIVACMBWidget, table: vtkMRMLTableNode, parent: str) -> None:
+        import json
+
+        from SHIVACMBLib.corrections import SAVED_FILES
+        from SHIVACMBLib.findings import read_tsv
+        from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
+
+        self.delayDisplay("Saving the corrected results")
+        self.assertIsNotNone(widget.saveResultsTo(parent))
+        folder = os.path.join(parent, slicerbridge.scan_id_for("SHIVACMB phantom"))
+        self.assertEqual(sorted(os.listdir(folder)), sorted(SAVED_FILES))
+        findings = read_tsv(os.path.join(folder, "findings.tsv"))
+        self.assertEqual([(f.cmb_id, f.status, f.rater) for f in findings],
+                         [(1, "definite", self.RATER), (2, "rejected", self.RATER), (3, "unreviewed", "n/a"),
+                          (4, "added", self.RATER)])
+        labels, _, segments = read_seg_nrrd(os.path.join(folder, "cmb.seg.nrrd"))
+        self.assertEqual([s["tags"][ID_TAG] for s in segments], ["1", "3", "4"])
+        self.assertEqual([s["tags"][STATUS_TAG] for s in segments], ["definite", "unreviewed", "added"])
+        for finding in findings:
+            self.assertEqual(int((labels == finding.cmb_id).sum()), 0 if finding.cmb_id == 2 else finding.voxels)
+        with open(os.path.join(folder, "corrections.json"), encoding="utf-8") as stream:
+            record = json.load(stream)
+        self.assertEqual(record["who"], self.RATER)
+        self.assertEqual([(c["change"], c["cmb_id"]) for c in record["changes"]],
+                         [("status", 1), ("rejected", 2), ("added", 4)])
+        self.assertEqual(record["scan"]["name"], "SHIVACMB phantom")
+        self.assertEqual(record["source_run"]["model"]["name"], "phantom-blob-detector")
+        self.assertEqual(self._row(table, 1)["rater"], self.RATER)
+
+    def _show3D(self, widget: SHIVACMBWidget) -> None:
+        self.delayDisplay("Show 3D")
+        displayNode = widget._parameterNode.outputSegmentation.GetDisplayNode()
+        widget.ui.show3DCheckBox.checked = False
+        self.assertFalse(displayNode.GetVisibility3D())
+        widget.ui.show3DCheckBox.checked = True
+        self.assertTrue(displayNode.GetVisibility3D())
+
+    def _segmentAgain(self, logic: SHIVACMBLogic, volume: vtkMRMLScalarVolumeNode, model: str,
+                      table: vtkMRMLTableNode) -> None:
+        self.delayDisplay("Segmenting again replaces the results, and only them")
+        previous = [table, logic.findingsSegmentation(table)]
+        again = logic.segment(volume, model=model, device="cpu", threshold=0.5)
         self.assertEqual({node.GetID() for node in logic.resultNodes(volume)},
                          {again.segmentationNode.GetID(), again.tableNode.GetID()})
+        self.assertFalse(any(slicer.mrmlScene.IsNodePresent(node) for node in previous))
+        self.assertTrue(slicer.mrmlScene.IsNodePresent(volume))
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _waitFor(self, condition: Callable[[], bool], what: str) -> None:
+        """Let the event loop run (timers, background reads) until ``condition()`` holds."""
+        deadline = time.monotonic() + self.TIMEOUT_S
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+    @staticmethod
+    def _rows(table: vtkMRMLTableNode) -> List[Dict[str, Any]]:
+        return SHIVACMBLogic.tableRows(table)
+
+    def _row(self, table: vtkMRMLTableNode, cmbId: int) -> Dict[str, Any]:
+        return next(row for row in self._rows(table) if row["cmb_id"] == cmbId)
+
+    @staticmethod
+    def _temporaries() -> List[str]:
+        return sorted(name for name in os.listdir(slicer.app.temporaryPath) if name.startswith("SHIVACMB-"))
 
     def _phantomVolume(self) -> vtkMRMLScalarVolumeNode:
         """The phantom scan; i, j, k run to R, A, S and the grid is centred on RAS (0, 0, 0)."""

@@ -1,11 +1,12 @@
 """What the Slicer module (SHIVACMB.py) needs that does not need Slicer.
 
 The module runs ``shivacmb segment --progress json`` in a background process and turns its
-results into MRML nodes. Everything here can be tested without Slicer: the command lines,
-the Python packages to install into Slicer, the model list shown in the model selector,
-the findings table columns, reading the command's output (progress, final summary, error
-line) and the background process itself (:class:`ChildProcess`: a reader thread feeding a
-queue, cancel by process group on POSIX and process tree on Windows).
+results into MRML nodes. Everything here can be tested without Slicer: the command lines
+(segmentation, pip), the Python packages to install into Slicer, the model list shown in the
+model selector, the findings table columns, where results are saved, reading the command's
+output (progress, final summary, error line) and the background process itself
+(:class:`ChildProcess`: a reader thread feeding a queue, cancel by process group on POSIX and
+process tree on Windows). Manual corrections are in :mod:`SHIVACMBLib.corrections`.
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def models_list_command(python: str) -> List[str]:
     return [python, "-m", CLI_MODULE, "models", "list", "--json"]
 
 
+def pip_install_command(python: str, constraints: str, requirements: Sequence[str]) -> List[str]:
+    """Argument list installing ``requirements`` with pip, as slicer.util.pip_install does, under constraints."""
+    return [python, "-m", "pip", "install", "-c", constraints, *requirements]
+
+
 def scan_id_for(name: str) -> str:
     """A result folder name made from a node name (letters, digits, '.', '_' and '-' only)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
@@ -171,6 +177,27 @@ def model_choices(models_json: str) -> Tuple[List[ModelChoice], List[str]]:
         rows = data["models"]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"unexpected output of `shivacmb models list --json`: {err}") from None
+    return _choices_from_rows(rows)
+
+
+def installed_model_choices() -> Tuple[List[ModelChoice], List[str]]:
+    """The installed models as :func:`model_choices` lists them, read in this process (no command run).
+
+    Reading the descriptors takes milliseconds, so the module lists models without a
+    background process; the entries are those of `shivacmb models list --json`.
+    """
+    from .models import installed_models
+
+    rows: List[Dict[str, Any]] = []
+    for entry in installed_models():
+        if isinstance(entry, tuple):
+            rows.append({"name": entry[0].name, "path": str(entry[0]), "error": entry[1]})
+        else:
+            rows.append(entry.summary())
+    return _choices_from_rows(rows)
+
+
+def _choices_from_rows(rows: Sequence[Mapping[str, Any]]) -> Tuple[List[ModelChoice], List[str]]:
     choices: List[ModelChoice] = []
     problems: List[str] = []
     seen = set()
@@ -209,25 +236,26 @@ class Column:
     unit: str = ""
 
 
+# The order shown: id, location, size, probability, then the review columns; the rest after.
 TABLE_COLUMNS: Tuple[Column, ...] = (
     Column("cmb_id", "int", "CMB"),
     Column("r", "double", "R (mm)", "mm"),
     Column("a", "double", "A (mm)", "mm"),
     Column("s", "double", "S (mm)", "mm"),
-    Column("i", "int", "I"),
-    Column("j", "int", "J"),
-    Column("k", "int", "K"),
     Column("volume_mm3", "double", "Volume (mm³)", "mm3"),
-    Column("voxels", "int", "Voxels"),
     Column("max_prob", "double", "Max. probability"),
-    Column("mean_prob", "double", "Mean probability"),
-    Column("fold_agreement", "double", "Fold agreement"),
+    Column("status", "string", "Status"),
+    Column("note", "string", "Note"),
+    Column("rater", "string", "Rater"),
     Column("region", "string", "Region"),
     Column("mars_area", "string", "MARS area"),
     Column("side", "string", "Side"),
-    Column("status", "string", "Status"),
-    Column("rater", "string", "Rater"),
-    Column("note", "string", "Note"),
+    Column("voxels", "int", "Voxels"),
+    Column("mean_prob", "double", "Mean probability"),
+    Column("fold_agreement", "double", "Fold agreement"),
+    Column("i", "int", "I"),
+    Column("j", "int", "J"),
+    Column("k", "int", "K"),
 )
 
 Cell = Union[int, float, str]
@@ -253,6 +281,27 @@ def column_index(name: str) -> int:
         if column.name == name:
             return index
     raise KeyError(name)
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+def default_save_parent(scan_file: Optional[str], last_used: str = "") -> str:
+    """Where "Save results" starts: the folder used last, else the scan file's folder, else "" (Qt's choice)."""
+    if last_used:
+        return last_used
+    if scan_file:
+        return str(Path(scan_file).resolve().parent)
+    return ""
+
+
+def result_folder(parent: Union[str, Path], node_name: str) -> Path:
+    """The folder a scan's results are saved in: ``<parent>/<scan id>``, as the command writes them."""
+    return Path(parent) / scan_id_for(node_name)
+
+
+def existing_results(folder: Union[str, Path], names: Sequence[str]) -> List[str]:
+    """Which of ``names`` already exist in ``folder`` (saving replaces them)."""
+    return [name for name in names if (Path(folder) / name).exists()]
 
 
 # --- the command's output --------------------------------------------------------------------

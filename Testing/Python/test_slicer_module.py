@@ -185,13 +185,39 @@ def test_models_list_of_the_real_command(tmp_path):
     choices, problems = slicerbridge.model_choices(completed.stdout)
     assert [c.value for c in choices] == ["blob"]
     assert len(problems) == 1 and "broken" in problems[0]
+    # The module reads the same list in its own process, without starting the command.
+    assert slicerbridge.installed_model_choices() == (choices, problems)
+
+
+def test_pip_install_command():
+    args = slicerbridge.pip_install_command("/s/PythonSlicer", "/t/c.txt", ["rich>=12", "onnxruntime>=1.16,<1.20"])
+    assert args == ["/s/PythonSlicer", "-m", "pip", "install", "-c", "/t/c.txt", "rich>=12", "onnxruntime>=1.16,<1.20"]
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+
+def test_save_folders(tmp_path):
+    scan = tmp_path / "data" / "sub-01_swi.nii.gz"
+    assert slicerbridge.default_save_parent(str(scan)) == str(tmp_path / "data")
+    assert slicerbridge.default_save_parent(str(scan), "/chosen/before") == "/chosen/before"
+    assert slicerbridge.default_save_parent(None) == ""
+    assert slicerbridge.result_folder(tmp_path, "sub-01 SWI (2)") == tmp_path / "sub-01_SWI_2"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "findings.tsv").write_text("x")
+    assert slicerbridge.existing_results(folder, ["cmb.seg.nrrd", "findings.tsv"]) == ["findings.tsv"]
+    assert slicerbridge.existing_results(tmp_path / "missing", ["findings.tsv"]) == []
 
 
 # --- findings table --------------------------------------------------------------------------
 
 
-def test_table_has_every_findings_column_in_order_with_its_type():
-    assert tuple(column.name for column in TABLE_COLUMNS) == findings.COLUMNS
+def test_table_has_every_findings_column_once_with_its_type():
+    names = [column.name for column in TABLE_COLUMNS]
+    assert sorted(names) == sorted(findings.COLUMNS) and len(names) == len(set(names))
+    # id, location, volume, max probability and status come first, the review columns beside the status
+    assert names[:9] == ["cmb_id", "r", "a", "s", "volume_mm3", "max_prob", "status", "note", "rater"]
     kinds = {int: "int", float: "double", str: "string"}
     for column in TABLE_COLUMNS:
         value = getattr(finding(max_prob=0.9, mean_prob=0.8, fold_agreement=1.0), column.name)
@@ -206,7 +232,7 @@ def test_finding_row_types_and_unknown_values():
     row = slicerbridge.finding_row(finding(3, note="checked", status="definite"))
     assert len(row) == len(TABLE_COLUMNS)
     assert row[:4] == [3, 1.5, -2.25, 3.0] and type(row[0]) is int and type(row[1]) is float
-    cells = dict(zip(findings.COLUMNS, row))
+    cells = dict(zip((column.name for column in TABLE_COLUMNS), row))
     assert all(math.isnan(cells[name]) for name in ("max_prob", "mean_prob", "fold_agreement"))
     assert (cells["region"], cells["status"], cells["note"]) == ("n/a", "definite", "checked")
 
@@ -447,7 +473,8 @@ def parameter_fields():
 def test_module_compiles_and_is_python_39_syntax():
     source = MODULE_PY.read_text(encoding="utf-8")
     compile(source, str(MODULE_PY), "exec")
-    for path in (MODULE_PY, MODULE_DIR / "SHIVACMBLib" / "slicerbridge.py"):
+    for path in (MODULE_PY, MODULE_DIR / "SHIVACMBLib" / "slicerbridge.py",
+                 MODULE_DIR / "SHIVACMBLib" / "corrections.py"):
         ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
 
 
@@ -463,8 +490,9 @@ def test_ui_bindings_name_parameters_with_widgets_that_can_show_them():
     fields = parameter_fields()
     bindings = ui_bindings()
     assert set(bindings) - set(fields) == set()
-    # The model selector is filled from the installed models, so it is bound in code, not by connectGui.
-    assert set(fields) - set(bindings) == {"model"}
+    # The model selector is filled from the installed models, so it is bound in code, not by connectGui;
+    # the save folder is asked for when saving.
+    assert set(fields) - set(bindings) == {"model", "saveFolder"}
     for name, widget_class in bindings.items():
         if widget_class == "QComboBox":
             assert "Choice(" in fields[name], f"{name}: a QComboBox binds only a Choice-annotated value"
@@ -472,6 +500,10 @@ def test_ui_bindings_name_parameters_with_widgets_that_can_show_them():
             assert "WithinRange(" in fields[name], f"{name}: a ctkSliderWidget needs a bounded value"
         if widget_class == "qMRMLNodeComboBox":
             assert fields[name].startswith(("vtkMRML", "Optional[vtkMRML")), name
+        if widget_class == "QCheckBox":
+            assert fields[name] == "bool", name
+        if widget_class == "QLineEdit":
+            assert fields[name] == "str", name
 
 
 def test_ui_file_is_consistent():
@@ -567,7 +599,8 @@ def uses_union_operator(annotation):
 
 def test_no_union_operator_in_annotations():
     """parameterNodeWrapper evaluates annotations, and `X | None` fails on Python 3.9 (Slicer 5.8)."""
-    for path in (MODULE_PY, MODULE_DIR / "SHIVACMBLib" / "slicerbridge.py"):
+    for path in (MODULE_PY, MODULE_DIR / "SHIVACMBLib" / "slicerbridge.py",
+                 MODULE_DIR / "SHIVACMBLib" / "corrections.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         assert not [ast.unparse(a) for a in annotations(tree) if uses_union_operator(a)], path
 

@@ -1,0 +1,501 @@
+"""SHIVACMB.py's own flow, run here against stand-ins for the few Slicer calls it makes.
+
+3D Slicer cannot run here. These stand-ins (``slicer``, ``qt``, ``vtk``) do only what the
+adapter asks of them, the way the cited Slicer sources do it (vtkMRMLTableNode.SetCellText
+converts text to the column's type; GenerateMergedLabelmapInReferenceGeometry gives the n-th
+segment the label n on the reference volume's grid, later segments winning; vtkSegment.GetTag
+fills a vtk.mutable). They check that the adapter moves data between MRML and SHIVACMBLib as
+intended (table state, review edits, corrections, saving, background commands); whether Slicer
+itself behaves so is checked by SHIVACMBTest inside Slicer.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import phantoms
+from helpers import REPO
+from SHIVACMBLib import corrections, pipeline, slicerbridge
+from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
+from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
+
+MODULE_PY = REPO / "SHIVACMB" / "SHIVACMB.py"
+
+
+# --- stand-ins ------------------------------------------------------------------------------
+
+
+class Array:
+    """vtkIntArray / vtkDoubleArray / vtkStringArray: typed values."""
+
+    kind = str
+
+    def __init__(self):
+        self.values, self.name = [], ""
+
+    def SetName(self, name):
+        self.name = name
+
+    def SetNumberOfValues(self, n):
+        self.values = [self.kind()] * n
+
+    def SetValue(self, index, value):
+        self.values[index] = self.kind(value)
+
+    def GetValue(self, index):
+        return self.values[index]
+
+    def InsertNextValue(self, value):
+        self.values.append(value)
+
+
+class IntArray(Array):
+    kind = int
+
+
+class DoubleArray(Array):
+    kind = float
+
+
+class Table:
+    def __init__(self, node):
+        self.node = node
+
+    def GetColumnByName(self, name):
+        return next((c for c in self.node.columns if c.name == name), None)
+
+    def GetNumberOfRows(self):
+        return len(self.node.columns[0].values) if self.node.columns else 0
+
+
+class Node:
+    def __init__(self, name="node"):
+        self.name, self.attributes, self.references, self.modified = name, {}, {}, 0
+
+    def GetName(self):
+        return self.name
+
+    def GetID(self):
+        return f"id-{self.name}"
+
+    def SetAttribute(self, key, value):
+        self.attributes[key] = value
+
+    def GetAttribute(self, key):
+        return self.attributes.get(key)
+
+    def SetNodeReferenceID(self, role, node):
+        self.references[role] = node
+
+    def GetNodeReference(self, role):
+        return self.references.get(role)
+
+
+class TableNode(Node):
+    def __init__(self):
+        super().__init__("findings")
+        self.columns, self.locked = [], True
+
+    def StartModify(self):
+        return 0
+
+    def EndModify(self, was):
+        self.modified += 1
+
+    def RemoveAllColumns(self):
+        self.columns = []
+
+    def AddColumn(self, array):
+        self.columns.append(array)
+
+    def SetColumnTitle(self, name, title):
+        pass
+
+    def SetColumnUnitLabel(self, name, unit):
+        pass
+
+    def SetUseColumnTitleAsColumnHeader(self, use):
+        pass
+
+    def SetLocked(self, locked):
+        self.locked = locked
+
+    def GetTable(self):
+        return Table(self)
+
+    def GetNumberOfRows(self):
+        return Table(self).GetNumberOfRows()
+
+    def GetNumberOfColumns(self):
+        return len(self.columns)
+
+    def GetColumnIndex(self, name):
+        return [c.name for c in self.columns].index(name)
+
+    def SetCellText(self, row, column, text):
+        # vtkMRMLTableNode::SetCellText -> vtkTable::SetValue(vtkVariant(text)): converted to the column's type
+        self.columns[column].SetValue(row, text)
+        self.modified += 1
+
+    def GetCellText(self, row, column):
+        return str(self.columns[column].values[row])
+
+
+class Mutable:
+    """vtk.mutable."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self):
+        return str(self.value)
+
+
+class Segment:
+    def __init__(self, name, mask, tags=None):
+        self.name, self.mask, self.tags = name, mask, dict(tags or {})
+
+    def GetName(self):
+        return self.name
+
+    def SetName(self, name):
+        self.name = name
+
+    def GetTag(self, key, value):
+        if key not in self.tags:
+            return False
+        value.value = self.tags[key]
+        return True
+
+    def SetTag(self, key, value):
+        self.tags[key] = value
+
+
+class Segmentation:
+    def __init__(self):
+        self.segments = {}
+
+    def GetNumberOfSegments(self):
+        return len(self.segments)
+
+    def GetNthSegmentID(self, index):
+        return list(self.segments)[index]
+
+    def GetSegment(self, segment_id):
+        return self.segments.get(segment_id)
+
+    def RemoveSegment(self, segment_id):
+        del self.segments[segment_id]
+
+    def CreateRepresentation(self, name):
+        return True
+
+
+class DisplayNode:
+    visible3D = None
+
+    def SetVisibility3D(self, show):
+        self.visible3D = show
+
+
+class SegmentationNode(Node):
+    def __init__(self):
+        super().__init__("CMBs")
+        self.segmentation, self.display, self.surfaces = Segmentation(), DisplayNode(), False
+
+    def GetSegmentation(self):
+        return self.segmentation
+
+    def GetDisplayNode(self):
+        return self.display
+
+    def CreateClosedSurfaceRepresentation(self):
+        self.surfaces = True
+
+
+class ImageData:
+    def __init__(self, size):
+        self.size = size
+
+    def GetDimensions(self):
+        return self.size
+
+    def GetExtent(self):
+        return (0, self.size[0] - 1, 0, self.size[1] - 1, 0, self.size[2] - 1)
+
+
+class VolumeNode(Node):
+    def __init__(self, grid):
+        super().__init__("SWI scan")
+        self.grid = grid
+
+    def GetImageData(self):
+        return ImageData(self.grid.size)
+
+    def GetIJKToRASMatrix(self, matrix):
+        matrix.value = self.grid.ijk_to_ras()
+
+    def GetStorageNode(self):
+        return None
+
+    def GetParentTransformNode(self):
+        return None
+
+
+class Matrix:
+    value = None
+
+
+class OrientedImage:
+    """slicer.vtkOrientedImageData, as filled by the merged-labelmap call below."""
+
+    labels = None
+    extent = (0, -1, 0, -1, 0, -1)
+
+    def GetPointData(self):
+        return types.SimpleNamespace(GetScalars=lambda: self.labels)
+
+    def GetExtent(self):
+        return self.extent
+
+
+def merged_labelmap(segmentation_node, volume, segment_ids, mode, merged):
+    """GenerateMergedLabelmapInReferenceGeometry: label n for the n-th ID on the volume's grid, later wins."""
+    assert mode == "EXTENT_REFERENCE_GEOMETRY"
+    labels = np.zeros(volume.grid.array_shape, np.int16)
+    for n, segment_id in enumerate(segment_ids.values, start=1):
+        labels[segmentation_node.segmentation.segments[segment_id].mask] = n
+    merged.labels, merged.extent = labels, volume.GetImageData().GetExtent()
+
+
+class Timers:
+    """qt.QTimer.singleShot: callbacks run when the test says so (the event loop)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def singleShot(self, ms, callback):
+        self.pending.append(callback)
+
+    def run(self):
+        while self.pending:
+            self.pending.pop(0)()
+
+
+@pytest.fixture()
+def module(monkeypatch):
+    """SHIVACMB.py imported against the stand-ins."""
+    timers = Timers()
+    jumps = []
+    vtk = types.ModuleType("vtk")
+    vtk.vtkIntArray, vtk.vtkDoubleArray, vtk.vtkStringArray = IntArray, DoubleArray, Array
+    vtk.vtkMatrix4x4, vtk.mutable = Matrix, Mutable
+    vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent="Modified")
+    util = types.ModuleType("vtk.util")
+    numpy_support = types.ModuleType("vtk.util.numpy_support")
+    numpy_support.vtk_to_numpy = lambda array: array
+    util.numpy_support, vtk.util = numpy_support, util
+    qt = types.ModuleType("qt")
+    qt.QTimer = timers
+
+    slicer = types.ModuleType("slicer")
+    for name in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLNode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode",
+                 "vtkMRMLTableNode"):
+        setattr(slicer, name, type(name, (), {}))
+    slicer.vtkOrientedImageData = OrientedImage
+    slicer.vtkSegmentation = types.SimpleNamespace(EXTENT_REFERENCE_GEOMETRY="EXTENT_REFERENCE_GEOMETRY",
+                                                   SegmentAdded=1, SegmentRemoved=2, SourceRepresentationModified=3)
+    slicer.vtkSegmentationConverter = types.SimpleNamespace(
+        GetSegmentationBinaryLabelmapRepresentationName=lambda: "Binary labelmap")
+    slicer.vtkSlicerSegmentationsModuleLogic = types.SimpleNamespace(
+        GenerateMergedLabelmapInReferenceGeometry=merged_labelmap)
+    slicer.app = types.SimpleNamespace(applicationVersion="5.8.1")
+    slicer.modules = types.SimpleNamespace(markups=types.SimpleNamespace(logic=lambda: types.SimpleNamespace(
+        JumpSlicesToLocation=lambda r, a, s, centred: jumps.append((r, a, s, centred)))))
+    slicer.util = types.ModuleType("slicer.util")
+    slicer.util.VTKObservationMixin = object
+    slicer.util.arrayFromVTKMatrix = lambda matrix: matrix.value
+    slicer.i18n = types.ModuleType("slicer.i18n")
+    slicer.i18n.tr, slicer.i18n.translate = (lambda text: text), (lambda context, text: text)
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.Choice = wrapper.WithinRange = lambda *args: args
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
+                 "ScriptedLoadableModuleWidget"):
+        setattr(scripted, name, type(name, (), {"__init__": lambda self, *args: None}))
+    for name, value in (("vtk", vtk), ("vtk.util", util), ("vtk.util.numpy_support", numpy_support), ("qt", qt),
+                        ("slicer", slicer), ("slicer.util", slicer.util), ("slicer.i18n", slicer.i18n),
+                        ("slicer.parameterNodeWrapper", wrapper), ("slicer.ScriptedLoadableModule", scripted)):
+        monkeypatch.setitem(sys.modules, name, value)
+    spec = importlib.util.spec_from_file_location("SHIVACMB_under_test", MODULE_PY)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    loaded.timers, loaded.jumps = timers, jumps
+    return loaded
+
+
+# --- a result as the module holds it -------------------------------------------------------------
+
+
+def loaded_result(tmp_path, module):
+    """A real run's files, loaded as loadResults does (segments with tags, table with its state)."""
+    grid = phantoms.grid_around((1.0, -2.0, 3.0), (40, 44, 30), (1.0, 1.0, 1.5))
+    labels = np.zeros(grid.array_shape, np.uint8)
+    labels[3:5, 10:13, 8:11] = 1
+    labels[8, 20, 30:33] = 2
+    labels[12:14, 30:32, 20:22] = 3
+    found = []
+    for cmb_id, m in sorted(corrections.measure_labels(labels, grid).items()):
+        found.append(Finding(cmb_id, *(round(v, 2) for v in m.ras), *m.ijk, round(m.volume_mm3, 2), m.voxels,
+                             0.9, 0.8, 1.0))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    write_tsv(found, folder / "findings.tsv")
+    (folder / "run.json").write_text(json.dumps({"model": {"name": "blob"}}) + "\n")
+
+    volume = VolumeNode(grid)
+    segmentation = SegmentationNode()
+    for cmb_id in (1, 2, 3):
+        segmentation.segmentation.segments[f"CMB_{cmb_id}"] = Segment(
+            f"CMB {cmb_id}", labels == cmb_id, {ID_TAG: str(cmb_id), STATUS_TAG: "unreviewed"})
+    logic = module.SHIVACMBLogic()
+    exported, _, segments = logic.exportLabelMap(segmentation, volume)
+    state = corrections.RunState.from_files(folder / "findings.tsv", folder / "run.json",
+                                            corrections.fingerprints_by_cmb(exported, segments))
+    table = TableNode()
+    table.SetAttribute(logic.RUN_STATE_ATTRIBUTE, state.to_json())
+    logic.showFindings(table, state.findings)
+    table.SetNodeReferenceID(logic.SEGMENTATION_ROLE, segmentation)
+    table.SetNodeReferenceID(logic.VOLUME_ROLE, volume)
+    return logic, table, segmentation, volume, grid
+
+
+def cells(table, logic):
+    return logic.tableRows(table)
+
+
+def test_table_holds_the_run_and_is_editable(tmp_path, module):
+    logic, table, _, _, _ = loaded_result(tmp_path, module)
+    rows = cells(table, logic)
+    assert [row["cmb_id"] for row in rows] == [1, 2, 3] and not table.locked
+    assert [c.name for c in table.columns] == [c.name for c in slicerbridge.TABLE_COLUMNS]
+    assert logic.hasRunState(table) and not logic.hasRunState(TableNode())
+    assert logic.shownFindings(table) == list(logic.runState(table).findings)
+    with pytest.raises(RuntimeError, match="older"):
+        logic.runState(TableNode())
+
+
+def test_review_edits_and_corrections_flow_into_the_saved_files(tmp_path, module):
+    logic, table, segmentation, volume, grid = loaded_result(tmp_path, module)
+    status = table.GetColumnIndex("status")
+    table.SetCellText(0, status, "Def")
+    table.SetCellText(1, table.GetColumnIndex("volume_mm3"), "999")
+    edit = logic.applyTableEdits(table)
+    assert edit.restore and len(edit.problems) == 1 and "only the status" in edit.problems[0]
+    assert table.GetCellText(0, status) == "definite"
+    assert cells(table, logic)[1]["volume_mm3"] == logic.runState(table).findings[1].volume_mm3
+    pasted = Array()
+    pasted.SetName("pasted")
+    table.AddColumn(pasted)
+    assert not logic.applyTableEdits(table).restore and "pasted" not in [c.name for c in table.columns]
+
+    segments = segmentation.segmentation.segments
+    del segments["CMB_2"]
+    missed = np.zeros(grid.array_shape, bool)
+    missed[15:17, 5:7, 5:7] = True
+    segments["Segment_1"] = Segment("Segment_1", missed)
+    segments["Segment_2"] = Segment("Segment_2", np.zeros(grid.array_shape, bool))  # still empty
+    update = logic.updateFindings(table)
+    assert update.counts == {"found_by_run": 3, "added": 1, "rejected": 1, "edited": 0, "status_changed": 1,
+                             "cmb_count": 3}
+    assert [(r["cmb_id"], r["status"]) for r in cells(table, logic)] == [(1, "definite"), (2, "rejected"),
+                                                                         (3, "unreviewed"), (4, "added")]
+    assert (segments["Segment_1"].name, segments["Segment_1"].tags) == ("CMB 4", {ID_TAG: "4", STATUS_TAG: "added"})
+    assert segments["CMB_1"].tags[STATUS_TAG] == "definite"
+    assert segments["Segment_2"].tags == {}
+
+    saved = logic.saveResults(table, str(tmp_path / "out" / "SWI_scan"), "reader")
+    findings = read_tsv(tmp_path / "out" / "SWI_scan" / "findings.tsv")
+    assert findings == saved.findings
+    assert [(f.cmb_id, f.status, f.rater) for f in findings] == [
+        (1, "definite", "reader"), (2, "rejected", "reader"), (3, "unreviewed", "n/a"), (4, "added", "reader")]
+    assert cells(table, logic)[0]["rater"] == "reader"
+    labels, _, records = read_seg_nrrd(tmp_path / "out" / "SWI_scan" / "cmb.seg.nrrd")
+    assert [r["tags"][ID_TAG] for r in records] == ["1", "3", "4"]
+    assert np.array_equal(labels == 4, missed)
+    assert saved.record["software"]["host"] == "3D Slicer 5.8.1"
+    assert saved.record["scan"] == {"name": "SWI scan", "file": None}
+
+
+def test_jump_and_segment_lookup(tmp_path, module):
+    logic, table, segmentation, _, _ = loaded_result(tmp_path, module)
+    node, segment_id = logic.jumpToFinding(table, 1)
+    row = cells(table, logic)[1]
+    assert node is segmentation and segment_id == "CMB_2"
+    assert module.jumps == [(row["r"], row["a"], row["s"], True)]
+    del segmentation.segmentation.segments["CMB_2"]
+    assert logic.jumpToFinding(table, 1) == (segmentation, None)
+
+
+def test_show_3d(module):
+    segmentation = SegmentationNode()
+    module.SHIVACMBLogic.setShow3D(segmentation, False)
+    assert segmentation.display.visible3D is False and not segmentation.surfaces
+    module.SHIVACMBLogic.setShow3D(segmentation, True)
+    assert segmentation.display.visible3D is True and segmentation.surfaces
+    module.SHIVACMBLogic.setShow3D(None, True)
+
+
+# --- background commands -------------------------------------------------------------------
+
+
+def test_command_reports_failure_and_removes_its_folder(tmp_path, module):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    process = slicerbridge.ChildProcess([sys.executable, "-c", "print('shivacmb: error: no luck'); raise SystemExit(4)"])
+    finished = []
+    command = module.SHIVACMBCommand(process, str(folder), finished.append)
+    command.startPolling()
+    while not finished:
+        module.timers.run()
+    assert (command.status, command.errorMessage) == ("failed", "no luck")
+    assert not folder.exists() and list(command.lines) == ["shivacmb: error: no luck"]
+
+
+def test_run_loads_the_results_of_the_real_command(tmp_path, module, iso_scan, model_dir):
+    class Logic:
+        loaded = []
+
+        @staticmethod
+        def moduleDirectory():
+            return str(REPO / "SHIVACMB")
+
+        def loadResults(self, volume, folder, show3D):
+            self.loaded.append((volume, folder, show3D, sorted(p.name for p in (tmp_path / "work" / "out" / "iso")
+                                                               .iterdir())))
+            return "segmentation", "table"
+
+    work = tmp_path / "work"
+    work.mkdir()
+    settings = slicerbridge.SegmentSettings(model=str(model_dir), device="cpu", scan_id="iso")
+    args = slicerbridge.segment_command(sys.executable, str(iso_scan), str(work / "out"), settings)
+    process = slicerbridge.ChildProcess(args, cwd=str(REPO / "SHIVACMB"),
+                                        env=slicerbridge.child_environment(os.environ))
+    progress = []
+    run = module.SHIVACMBRun(Logic(), "volume", str(work), process, {}, lambda f, m: progress.append(f), None,
+                             show3D=False)
+    run.wait()
+    assert run.status == "done", run.errorMessage
+    assert (run.segmentationNode, run.tableNode) == ("segmentation", "table")
+    volume, folder, show3D, files = Logic.loaded[0]
+    assert (volume, show3D) == ("volume", False) and folder.endswith("iso")
+    assert {pipeline.FINDINGS_NAME, pipeline.SEGMENTATION_NAME, pipeline.RUN_NAME} <= set(files)
+    assert not work.exists() and progress == sorted(progress) and math.isclose(progress[-1], 1.0)
+    assert run.summary.cmb_count == 6
