@@ -3,12 +3,12 @@
 Three steps, each resumable:
   prepare  phantoms -> model-box arrays, through the same read/mask/resample/normalise code
            that ``segment`` runs, so the network sees exactly what it will see at inference;
-  fit      patch training of the residual U-Net (48^3 patches centred on CMBs, on mimics and at
+  fit      patch training of the residual U-Net (32^3 patches, 4 per step, centred on CMBs, on mimics and at
            random in the brain), loss BCE + soft Dice, checkpoint every 100 steps, exact resume;
   export   ONNX (opset 17, dynamic spatial axes) plus a parity check against torch.
 
     python -m SHIVACMBLib.train prepare --phantoms DIR --cache DIR
-    python -m SHIVACMBLib.train fit --cache DIR --run DIR --steps 7000 --seed 7
+    python -m SHIVACMBLib.train fit --cache DIR --run DIR --steps 9000 --seed 7
     python -m SHIVACMBLib.train export --run DIR --model-dir models/shivacmb-demo-swi [--metrics M.json]
 """
 
@@ -34,17 +34,17 @@ from .geometry import resample
 from .models import Normalization
 from .preprocess import compute_brain_mask, prepare_input
 from .scan import read_scan
-from .synthetic import truth_paths
+from .synthetic import MIMIC_CLASSES, read_objects, truth_paths
 from .unet import ResidualUNet3D
 
 BOX = (160, 214, 176)
 INPUT = SimpleNamespace(shape=BOX, spacing_mm=(1.0, 1.0, 1.0), normalization=Normalization())
-PATCH = 48
+PATCH = 32
 # patch centres: on a CMB voxel, on a mimic voxel, anywhere in the brain
 MIX = (0.6, 0.25, 0.15)
-# With 2e-3 (and 45 % CMB-centred patches) the network settled on "no CMB anywhere" within a few
-# hundred steps, under BCE + Dice, weighted BCE and focal loss alike; 5e-4 learns (CMB recall 0.76
-# on training patches after 200 steps). See models/README.md.
+# With 2e-3, or with two 48^3 or 64^3 patches per step, the network settled on "no CMB anywhere"
+# within a few hundred steps (under BCE + Dice, weighted BCE and focal loss alike); four 32^3
+# patches per step at 5e-4 learn (CMB recall 0.76 on training patches after 200 steps).
 LEARNING_RATE = 5e-4
 OPSET = 17
 
@@ -53,7 +53,8 @@ OPSET = 17
 
 
 def prepare(phantoms: Path, cache: Path) -> List[Path]:
-    """Model-box arrays ([x, y, z]: volume float16, cmb/mimic/brain uint8) for every phantom."""
+    """Model-box arrays for every phantom, [x, y, z]: volume float16, cmb and brain uint8 (0/1),
+    mimic uint8 (0, or 1 + index of the mimic's class in ``MIMIC_CLASSES``)."""
     cache.mkdir(parents=True, exist_ok=True)
     done = []
     for image_path in sorted(Path(phantoms).glob("*.nii.gz")):
@@ -67,8 +68,12 @@ def prepare(phantoms: Path, cache: Path) -> List[Path]:
                                                   sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt16))
             mimic = sitk.GetArrayFromImage(resample(sitk.ReadImage(str(truth["mimics"])), model_input.grid,
                                                     sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt16))
+            codes = np.zeros(int(mimic.max()) + 1, dtype=np.uint8)
+            for row in read_objects(truth["objects"]):
+                if row["kind"] == "mimic":
+                    codes[int(row["label"])] = 1 + MIMIC_CLASSES.index(row["class"])
             arrays = {"volume": model_input.volume.astype(np.float16), "cmb": (cmb > 0).astype(np.uint8),
-                      "mimic": (mimic > 0).astype(np.uint8), "brain": model_input.mask.astype(np.uint8)}
+                      "mimic": codes[mimic], "brain": model_input.mask.astype(np.uint8)}
             with atomic_path(target) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, **{k: v.transpose(2, 1, 0) for k, v in arrays.items()})
@@ -81,29 +86,43 @@ def prepare(phantoms: Path, cache: Path) -> List[Path]:
 
 
 class PatchSampler:
-    """Random training patches: centred on CMB voxels, mimic voxels, or anywhere in the brain."""
+    """Random training patches: centred on CMB voxels, mimic voxels, or anywhere in the brain.
+
+    ``by_class``: the mimic share is split evenly between the mimic classes, so that rare classes
+    (a few calcifications per scan) are seen as often as veins, which have hundreds of times more
+    voxels; otherwise every mimic voxel is equally likely.
+    """
 
     def __init__(self, files: Sequence[Path], rng: np.random.Generator, patch: int = PATCH,
-                 mix: Optional[Tuple[float, float, float]] = None) -> None:
+                 mix: Optional[Tuple[float, float, float]] = None, by_class: bool = True) -> None:
         self.rng = rng
         self.patch = patch
-        self.mix = MIX if mix is None else mix
         self.volumes: List[np.ndarray] = []
         self.targets: List[np.ndarray] = []
-        self.sites: Dict[str, List[Tuple[int, np.ndarray]]] = {"cmb": [], "mimic": [], "brain": []}
+        self.sites: Dict[str, List[Tuple[int, np.ndarray]]] = {}
         for n, path in enumerate(files):
             data = np.load(path)
             self.volumes.append(data["volume"])
             self.targets.append(data["cmb"])
-            for key in self.sites:
-                where = np.argwhere(data[key] > 0)
+            masks = {"cmb": data["cmb"] > 0, "brain": data["brain"] > 0}
+            if by_class:
+                for code in np.unique(data["mimic"][data["mimic"] > 0]).tolist():
+                    masks[f"mimic:{MIMIC_CLASSES[code - 1]}"] = data["mimic"] == code
+            else:
+                masks["mimic:any"] = data["mimic"] > 0
+            for key, mask in masks.items():
+                where = np.argwhere(mask)
                 if len(where):
-                    self.sites[key].append((n, where[:: max(1, len(where) // 4000)]))
+                    self.sites.setdefault(key, []).append((n, where[:: max(1, len(where) // 4000)]))
+        cmb, mimic, brain = MIX if mix is None else mix
+        mimic_kinds = [k for k in self.sites if k.startswith("mimic:")]
+        self.kinds = sorted(self.sites)
+        weights = np.array([cmb if k == "cmb" else brain if k == "brain" else mimic / len(mimic_kinds)
+                            for k in self.kinds])
+        self.weights = weights / weights.sum()
 
     def _centre(self) -> Tuple[int, np.ndarray]:
-        kinds = [k for k in ("cmb", "mimic", "brain") if self.sites[k]]
-        weights = np.array([self.mix[("cmb", "mimic", "brain").index(k)] for k in kinds])
-        kind = kinds[self.rng.choice(len(kinds), p=weights / weights.sum())]
+        kind = self.kinds[self.rng.choice(len(self.kinds), p=self.weights)]
         scan, points = self.sites[kind][self.rng.integers(len(self.sites[kind]))]
         jitter = self.rng.integers(-self.patch // 3, self.patch // 3 + 1, 3) if kind != "brain" else 0
         return scan, points[self.rng.integers(len(points))] + jitter
@@ -133,9 +152,13 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - dice)
 
 
-def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 2, lr: float = LEARNING_RATE,
-        checkpoint_every: int = 100, threads: Optional[int] = None, until: Optional[int] = None) -> Path:
-    """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path."""
+def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float = LEARNING_RATE,
+        checkpoint_every: int = 100, threads: Optional[int] = None, until: Optional[int] = None,
+        init: Optional[Path] = None, mimics_by_class: bool = True) -> Path:
+    """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
+
+    ``init``: start from the weights of another run's checkpoint (a second, fine-tuning phase).
+    """
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
@@ -143,6 +166,8 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 2, lr: float
     model = ResidualUNet3D()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     checkpoint = run / "checkpoint.pt"
+    if init is not None and not checkpoint.exists():
+        model.load_state_dict(torch.load(init, weights_only=False)["model"])
     step = 0
     rng = np.random.default_rng(seed)
     if checkpoint.exists():
@@ -154,10 +179,11 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 2, lr: float
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
     files = sorted(cache.glob("*.npz"))
-    sampler = PatchSampler(files, rng)
+    sampler = PatchSampler(files, rng, by_class=mimics_by_class)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
-         "patch": PATCH, "mix": list(MIX), "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
+         "patch": PATCH, "mix": list(MIX), "init": str(init) if init else None,
+         "mimics_by_class": mimics_by_class, "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
     model.train()
     log = open(run / "train.log", "a", encoding="utf-8")
     started, running = time.time(), None
@@ -218,7 +244,8 @@ DESCRIPTION = ("DEMONSTRATION MODEL trained by the project on its own synthetic 
                "SHIVA-CMB weights (see models/README.md).")
 
 
-def write_model_folder(model: ResidualUNet3D, folder: Path, run: Path, metrics: Optional[Dict] = None) -> Path:
+def write_model_folder(model: ResidualUNet3D, folder: Path, run: Path, metrics: Optional[Dict] = None,
+                       threshold: float = 0.5) -> Path:
     """``fold0.onnx`` plus a ``model.json`` (DESIGN: model descriptor) with its sha256 and provenance."""
     from .files import atomic_write_text, checksum
 
@@ -226,22 +253,33 @@ def write_model_folder(model: ResidualUNet3D, folder: Path, run: Path, metrics: 
     onnx_path = folder / "fold0.onnx"
     export_onnx(model, onnx_path)
     difference = parity(model, onnx_path)
-    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    phases = training_phases(run)
     descriptor = {
         "name": folder.name, "version": "1.0", "target": "CMB", "modalities": ["swi", "t2s"],
         "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/train.py",
         "input": {"shape": list(BOX), "layout": "NCDHW", "spacing_mm": [1, 1, 1], "orientation": "RAS",
                   "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3}},
         "output": {"activation": "none", "channel": 0},
-        "threshold": 0.5, "fold_floor": 0.001,
+        "threshold": threshold, "fold_floor": 0.001,
         "folds": [{"file": onnx_path.name, "sha256": checksum([onnx_path])}],
         "metrics": metrics or {},
         "training": {"architecture": "ResidualUNet3D(base=8, levels=4), batch norm, sigmoid output",
-                     "parity_max_abs_difference": float(f"{difference:.2e}"),
-                     **{k: config[k] for k in ("scans", "steps", "seed", "batch", "lr", "patch", "torch")}},
+                     "parity_max_abs_difference": float(f"{difference:.2e}"), "phases": phases},
     }
     atomic_write_text(folder / "model.json", json.dumps(descriptor, indent=2) + "\n")
     return folder
+
+
+def training_phases(run: Path) -> List[Dict]:
+    """The settings of ``run`` and of every run it started from (``init``), first phase first."""
+    phases: List[Dict] = []
+    while run is not None:
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+        keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "torch")
+        phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
+        run = Path(config["init"]).parent if config.get("init") else None
+    return phases
 
 
 def load_checkpoint(path: Path) -> ResidualUNet3D:
@@ -260,23 +298,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f = steps.add_parser("fit")
     f.add_argument("--cache", type=Path, required=True)
     f.add_argument("--run", type=Path, required=True)
-    f.add_argument("--steps", type=int, default=7000)
+    f.add_argument("--steps", type=int, default=9000)
     f.add_argument("--seed", type=int, default=7)
-    f.add_argument("--batch", type=int, default=2)
+    f.add_argument("--batch", type=int, default=4)
     f.add_argument("--lr", type=float, default=LEARNING_RATE)
     f.add_argument("--threads", type=int)
+    f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
+    f.add_argument("--init", type=Path, help="start from the weights of this checkpoint (fine-tuning)")
+    f.add_argument("--mimic-sampling", choices=("class", "voxel"), default="class",
+                   help="mimic patches: each class equally often, or each mimic voxel equally often")
     e = steps.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--model-dir", type=Path, required=True, help="model folder to write (fold0.onnx, model.json)")
     e.add_argument("--metrics", type=Path, help="JSON with the measured metrics to record in model.json")
+    e.add_argument("--threshold", type=float, default=0.5, help="the model's probability threshold")
     args = parser.parse_args(argv)
     if args.step == "prepare":
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
-        fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads)
+        fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
+            until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class")
     else:
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
-        folder = write_model_folder(load_checkpoint(args.run / "checkpoint.pt"), args.model_dir, args.run, metrics)
+        folder = write_model_folder(load_checkpoint(args.run / "checkpoint.pt"), args.model_dir, args.run, metrics,
+                                    args.threshold)
         print(f"wrote {folder}")
     return 0
 

@@ -161,3 +161,27 @@ def test_read_only_output_folder_is_refused(tmp_path, iso_scan, model_dir):
     result = run_cli(["segment", iso_scan, "--model", model_dir, "--out", locked])
     locked.chmod(0o700)
     assert result.returncode == 2 and "not writable" in result.stderr
+
+
+def test_demo_runs_the_embedded_model_and_scores_it(tmp_path):
+    """`shivacmb demo`: the README's main job, offline, with the embedded default model."""
+    result = run_cli(["demo", "--out", tmp_path / "demo"])
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "demo" / "results" / "demo-swi"
+    for name in ("cmb.seg.nrrd", "findings.tsv", "report.html", "run.json", "cmb_labels.nii.gz"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["model"]["name"] == "shivacmb-demo-swi" and "DEMONSTRATION" in run["model"]["description"]
+    assert "overlap" in result.stdout and "centroid5mm" in result.stdout
+    scored = run_cli(["evaluate", "--pred", tmp_path / "demo" / "results", "--truth", tmp_path / "demo" / "phantom",
+                      "--rule", "overlap", "--out", tmp_path / "m.json"])
+    assert scored.returncode == 0, scored.stderr
+    pooled = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["rules"]["overlap"]["pooled"]
+    assert pooled["n_true"] == 8 and pooled["tp"] >= 7 and pooled["fp"] <= 1, pooled
+
+
+def test_embedded_model_is_listed_and_verifies():
+    listing = json.loads(run_cli(["models", "list", "--json"]).stdout)
+    demo = next(m for m in listing["models"] if m["name"] == "shivacmb-demo-swi")
+    assert demo["license"] == "Apache-2.0" and demo["modalities"] == ["swi", "t2s"]
+    assert run_cli(["models", "verify", "shivacmb-demo-swi"]).returncode == 0

@@ -183,7 +183,7 @@ def test_models_list_of_the_real_command(tmp_path):
                                          env=slicerbridge.child_environment(os.environ))
     assert completed.returncode == 0, completed.stderr
     choices, problems = slicerbridge.model_choices(completed.stdout)
-    assert [c.value for c in choices] == ["blob"]
+    assert [c.value for c in choices] == ["blob", "shivacmb-demo-swi"]  # user models, then the embedded one
     assert len(problems) == 1 and "broken" in problems[0]
     # The module reads the same list in its own process, without starting the command.
     assert slicerbridge.installed_model_choices() == (choices, problems)

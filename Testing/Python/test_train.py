@@ -18,7 +18,8 @@ def _tiny_cache(folder, seed: int = 0) -> None:
     cmb = np.zeros(volume.shape, np.uint8)
     cmb[20:23, 20:23, 18:21] = 1
     mimic = np.zeros_like(cmb)
-    mimic[5:30, 10, 10] = 1
+    mimic[5:30, 10, 10] = 1  # a vein: 25 voxels
+    mimic[30, 30, 30] = 2  # a calcification: 1 voxel
     brain = np.ones_like(cmb)
     np.savez(folder / "scan-a.npz", volume=volume, cmb=cmb, mimic=mimic, brain=brain)
 
@@ -54,6 +55,16 @@ def test_patch_sampler_centres_on_cmbs_and_mimics(tmp_path) -> None:
     assert 0 <= float(images.min()) and float(images.max()) <= 1
 
 
+def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
+    _tiny_cache(tmp_path)
+    files = sorted(tmp_path.glob("*.npz"))
+    balanced = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(0.0, 1.0, 0.0))
+    assert balanced.kinds == ["brain", "cmb", "mimic:calcification", "mimic:vein"]
+    assert balanced.weights.tolist() == [0.0, 0.0, 0.5, 0.5]  # one calcification voxel weighs as 25 vein voxels
+    by_voxel = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(0.0, 1.0, 0.0), by_class=False)
+    assert by_voxel.kinds == ["brain", "cmb", "mimic:any"] and len(by_voxel.sites["mimic:any"][0][1]) == 26
+
+
 def test_loss_is_small_for_a_right_answer_and_large_for_a_wrong_one() -> None:
     target = torch.zeros(1, 1, 8, 8, 8)
     target[0, 0, 3:5, 3:5, 3:5] = 1
@@ -65,7 +76,7 @@ def test_loss_is_small_for_a_right_answer_and_large_for_a_wrong_one() -> None:
 def test_fit_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
     _tiny_cache(tmp_path)
     monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None))
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True))
     run = tmp_path / "run"
     train.fit(tmp_path, run, steps=4, seed=3, checkpoint_every=1, until=2)  # as if killed after step 2
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
