@@ -154,7 +154,8 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float = LEARNING_RATE,
         checkpoint_every: int = 100, threads: Optional[int] = None, until: Optional[int] = None,
-        init: Optional[Path] = None, mimics_by_class: bool = True) -> Path:
+        init: Optional[Path] = None, mimics_by_class: bool = True,
+        mix: Tuple[float, float, float] = MIX) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint (a second, fine-tuning phase).
@@ -179,10 +180,10 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
     files = sorted(cache.glob("*.npz"))
-    sampler = PatchSampler(files, rng, by_class=mimics_by_class)
+    sampler = PatchSampler(files, rng, mix=mix, by_class=mimics_by_class)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
-         "patch": PATCH, "mix": list(MIX), "init": str(init) if init else None,
+         "patch": PATCH, "mix": list(mix), "init": str(init) if init else None,
          "mimics_by_class": mimics_by_class, "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
     model.train()
     log = open(run / "train.log", "a", encoding="utf-8")
@@ -305,6 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--threads", type=int)
     f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
     f.add_argument("--init", type=Path, help="start from the weights of this checkpoint (fine-tuning)")
+    f.add_argument("--mix", type=float, nargs=3, default=MIX, metavar=("CMB", "MIMIC", "BRAIN"),
+                   help="shares of patches centred on CMBs, mimics and anywhere in the brain")
     f.add_argument("--mimic-sampling", choices=("class", "voxel"), default="class",
                    help="mimic patches: each class equally often, or each mimic voxel equally often")
     e = steps.add_parser("export")
@@ -317,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
         fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
-            until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class")
+            until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class", mix=tuple(args.mix))
     else:
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
         folder = write_model_folder(load_checkpoint(args.run / "checkpoint.pt"), args.model_dir, args.run, metrics,
