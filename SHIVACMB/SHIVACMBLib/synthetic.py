@@ -114,17 +114,11 @@ class Template:
     codes: np.ndarray  # [x, y, z] uint8
     depth: np.ndarray  # [x, y, z] float32, mm from the cerebral surface (0 outside the cerebrum)
 
-    @staticmethod
-    def index_of(p: np.ndarray) -> np.ndarray:
-        return np.rint((np.asarray(p) - TEMPLATE_LOW) / TEMPLATE_SPACING).astype(int)
-
     def code_at(self, p: np.ndarray) -> np.ndarray:
-        idx = np.clip(self.index_of(p), 0, np.asarray(TEMPLATE_SIZE) - 1)
-        return self.codes[idx[..., 0], idx[..., 1], idx[..., 2]]
+        return _nearest(self.codes, p)
 
     def depth_at(self, p: np.ndarray) -> np.ndarray:
-        idx = np.clip(self.index_of(p), 0, np.asarray(TEMPLATE_SIZE) - 1)
-        return self.depth[idx[..., 0], idx[..., 1], idx[..., 2]]
+        return _nearest(self.depth, p)
 
     def points(self, codes: Sequence[int]) -> np.ndarray:
         """Head coordinates of every template voxel with one of ``codes``."""
@@ -136,27 +130,42 @@ class Template:
         return Geometry(TEMPLATE_SIZE, (TEMPLATE_SPACING,) * 3, tuple(origin_lps), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
 
 
+def _nearest(array: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Values of a template array at the voxels nearest head points (clamped to the grid)."""
+    idx = np.rint((np.asarray(p) - TEMPLATE_LOW) / TEMPLATE_SPACING).astype(int)
+    idx = np.clip(idx, 0, np.asarray(TEMPLATE_SIZE) - 1)
+    return array[idx[..., 0], idx[..., 1], idx[..., 2]]
+
+
+def _template_axes() -> List[np.ndarray]:
+    """Head coordinates (mm) of the template's voxel centres along x, y and z."""
+    return [TEMPLATE_LOW[a] + np.arange(TEMPLATE_SIZE[a]) * TEMPLATE_SPACING for a in range(3)]
+
+
 @lru_cache(maxsize=1)
 def template() -> Template:
-    """Build the procedural head once per process (about 2 s)."""
-    axes = [TEMPLATE_LOW[a] + np.arange(TEMPLATE_SIZE[a]) * TEMPLATE_SPACING for a in range(3)]
-    p = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)
+    """Build the procedural head once per process (about 10 s on one core)."""
+    p = np.stack(np.meshgrid(*_template_axes(), indexing="ij"), axis=-1).astype(np.float32)
     codes = np.zeros(TEMPLATE_SIZE, dtype=np.uint8)
-    codes[HEAD.rho(p) < 1] = SCALP
-    codes[(HEAD.rho(p) < 1) & (p[..., 2] < -55)] = NECK
+    head = HEAD.rho(p) < 1
+    codes[head] = SCALP
+    codes[head & (p[..., 2] < -55)] = NECK
     codes[OUTER_SKULL.rho(p) < 1] = SKULL
     codes[INNER_SKULL.rho(p) < 1] = CSF
     for sinus in SINUSES.values():
         codes[sinus.rho(p) < 1] = SINUS
 
-    infratentorial = ((CEREBELLUM.rho(p) < 1) & (p[..., 2] < -14 + 0.25 * (p[..., 1] + 55))) | (BRAINSTEM.rho(p) < 1)
+    cb_depth = CEREBELLUM.rho(p)
+    stem = BRAINSTEM.rho(p) < 1
+    infratentorial = ((cb_depth < 1) & (p[..., 2] < -14 + 0.25 * (p[..., 1] + 55))) | stem
     cerebrum = (CEREBRUM.rho(p) < 1) & ~infratentorial & (p[..., 2] > -36)
     depth = np.where(cerebrum, ndimage.distance_transform_edt(cerebrum, sampling=TEMPLATE_SPACING), 0.0)
     depth = depth.astype(np.float32)
-    sulcus = (np.abs(_sulcal_pattern(p)) < 0.22) & (depth < 9.0)
+    fold = np.abs(_sulcal_pattern(p))
+    sulcus = (fold < 0.22) & (depth < 9.0)
     cortex = depth < 3.0 + 1.2 * (1 + np.sin(0.11 * p[..., 0] + 0.13 * p[..., 1]))
     codes[cerebrum] = WM
-    codes[cerebrum & (cortex | (np.abs(_sulcal_pattern(p)) < 0.5) & (depth < 11.0))] = GM
+    codes[cerebrum & (cortex | (fold < 0.5) & (depth < 11.0))] = GM
     codes[cerebrum & sulcus] = CSF
     for nucleus in DEEP_NUCLEI:
         codes[cerebrum & (nucleus.rho(p) < 1)] = DEEP
@@ -165,15 +174,14 @@ def template() -> Template:
     for ventricle in VENTRICLES:
         codes[ventricle.rho(p) < 1] = VENTRICLE
 
-    cerebellum = infratentorial & (BRAINSTEM.rho(p) >= 1)
+    cerebellum = infratentorial & ~stem
     folia = np.abs(np.sin(0.5 * p[..., 2] + 0.15 * p[..., 1])) < 0.3
-    cb_depth = CEREBELLUM.rho(p)
     codes[cerebellum] = CB_WM
     codes[cerebellum & ((cb_depth > 0.78) | ((cb_depth > 0.45) & folia))] = CB_GM
     codes[cerebellum & (cb_depth > 0.85) & folia] = CSF
     for dentate in DENTATES:
         codes[cerebellum & (dentate.rho(p) < 1)] = DENTATE
-    codes[BRAINSTEM.rho(p) < 1] = STEM
+    codes[stem] = STEM
     return Template(codes=codes, depth=depth)
 
 
@@ -207,11 +215,9 @@ class Subject:
         phase = x @ self.warp_frequency.T + self.warp_phase  # (N, K)
         return np.sin(phase) @ self.warp_amplitude
 
-    def to_head(self, x: np.ndarray) -> np.ndarray:
-        return (x + self.warp(x) - self.position) @ self.matrix.T
-
     def to_scanner(self, h: np.ndarray) -> np.ndarray:
-        """Inverse of ``to_head`` (fixed point: the warp is small and smooth)."""
+        """Scanner RAS of head points: the inverse of the class's map (fixed point: the warp is small
+        and smooth)."""
         y = np.asarray(h, dtype=float) @ np.linalg.inv(self.matrix).T + self.position
         x = y.copy()
         for _ in range(8):
@@ -460,6 +466,15 @@ def _coverage(distance: np.ndarray, radius: float, width: np.ndarray) -> np.ndar
     return np.clip((radius - distance) / width + 0.5, 0.0, 1.0)
 
 
+def _sphere_coverage(grid: Geometry, p: np.ndarray, centre: Sequence[float], radius: float
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel coverage of a sphere at RAS points (N, 3), with their distances and unit directions from its centre."""
+    diff = p - np.asarray(centre)
+    dist = np.linalg.norm(diff, axis=1)
+    unit = diff / np.maximum(dist, 1e-6)[:, None]
+    return _coverage(dist, radius, _voxel_width(grid, unit)), dist, unit
+
+
 def render_cmb(grid: Geometry, signal: np.ndarray, labels: np.ndarray, cmb: PhantomObject, bloom: float) -> None:
     """Darken a CMB into ``signal`` (multiplier) and mark its visible voxels in ``labels``."""
     r = cmb.diameter_mm / 2
@@ -467,11 +482,7 @@ def render_cmb(grid: Geometry, signal: np.ndarray, labels: np.ndarray, cmb: Phan
     box = _local_box(grid, centre, 3.2 * r + 3.0)
     if box is None:
         return
-    p = _box_points(grid, box).reshape(-1, 3)
-    diff = p - centre
-    dist = np.linalg.norm(diff, axis=1)
-    unit = diff / np.maximum(dist, 1e-6)[:, None]
-    core = _coverage(dist, r, _voxel_width(grid, unit))
+    core, dist, unit = _sphere_coverage(grid, _box_points(grid, box).reshape(-1, 3), centre, r)
     cos2 = (unit @ B0_AXIS) ** 2
     dipole = (r / np.maximum(dist, r)) ** 3 * np.abs(3 * cos2 - 1) / 2
     halo = np.exp(-bloom * dipole)
@@ -501,10 +512,7 @@ def render_mimic(grid: Geometry, signal: np.ndarray, labels: np.ndarray, mimic: 
     if mimic.parts:
         cover = np.zeros(len(p))
         for x, y, z, radius in mimic.parts:
-            diff = p - np.array([x, y, z])
-            dist = np.linalg.norm(diff, axis=1)
-            unit = diff / np.maximum(dist, 1e-6)[:, None]
-            cover = np.maximum(cover, _coverage(dist, radius, _voxel_width(grid, unit)))
+            cover = np.maximum(cover, _sphere_coverage(grid, p, (x, y, z), radius)[0])
     else:
         dist, unit = _segment_distance(p, path)
         cover = _coverage(dist, mimic.diameter_mm / 2, _voxel_width(grid, unit))
@@ -523,7 +531,7 @@ def _template_image(modality: str, rng: np.random.Generator) -> Tuple[sitk.Image
     image = lut[tpl.codes]
     mimic = np.zeros(TEMPLATE_SIZE, dtype=np.uint8)
     names: List[str] = []
-    axes = [TEMPLATE_LOW[a] + np.arange(TEMPLATE_SIZE[a]) * TEMPLATE_SPACING for a in range(3)]
+    axes = _template_axes()
     iron = rng.uniform(*IRON_DARKNESS[modality])
     for place, structures, code in (("pallidum", PALLIDA, PALLIDUM), ("dentate", DENTATES, DENTATE)):
         for side, ellipsoid in zip(("left", "right"), structures):
