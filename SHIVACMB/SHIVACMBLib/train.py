@@ -64,10 +64,9 @@ def prepare(phantoms: Path, cache: Path) -> List[Path]:
             scan = read_scan(image_path)
             model_input = prepare_input(scan, compute_brain_mask(scan), INPUT)
             truth = truth_paths(Path(phantoms), scan_id)
-            cmb = sitk.GetArrayFromImage(resample(sitk.ReadImage(str(truth["cmb"])), model_input.grid,
-                                                  sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt16))
-            mimic = sitk.GetArrayFromImage(resample(sitk.ReadImage(str(truth["mimics"])), model_input.grid,
-                                                    sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt16))
+            cmb, mimic = (sitk.GetArrayFromImage(resample(sitk.ReadImage(str(truth[key])), model_input.grid,
+                                                          sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt16))
+                          for key in ("cmb", "mimics"))
             codes = np.zeros(int(mimic.max()) + 1, dtype=np.uint8)
             for row in read_objects(truth["objects"]):
                 if row["kind"] == "mimic":
@@ -186,30 +185,29 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
          "patch": PATCH, "mix": list(mix), "init": str(init) if init else None,
          "mimics_by_class": mimics_by_class, "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
     model.train()
-    log = open(run / "train.log", "a", encoding="utf-8")
-    started, running = time.time(), None
-    while step < min(steps, until or steps):
-        for group in optimiser.param_groups:  # cosine decay to 1 % of the initial rate
-            group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        images, targets = sampler.batch(batch)
-        loss = loss_fn(model.logits(images), targets)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 20 == 0:
-            line = f"step {step} loss {running:.4f} lr {optimiser.param_groups[0]['lr']:.2e} " \
-                   f"{(time.time() - started) / 60:.1f} min"
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-        if step % checkpoint_every == 0 or step == steps or step == until:
-            state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
-                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "seed": seed}
-            with atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
-    log.close()
+    with open(run / "train.log", "a", encoding="utf-8") as log:
+        started, running = time.time(), None
+        while step < min(steps, until or steps):
+            for group in optimiser.param_groups:  # cosine decay to 1 % of the initial rate
+                group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            images, targets = sampler.batch(batch)
+            loss = loss_fn(model.logits(images), targets)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 20 == 0:
+                line = f"step {step} loss {running:.4f} lr {optimiser.param_groups[0]['lr']:.2e} " \
+                       f"{(time.time() - started) / 60:.1f} min"
+                print(line, flush=True)
+                log.write(line + "\n")
+                log.flush()
+            if step % checkpoint_every == 0 or step == steps or step == until:
+                state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
+                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "seed": seed}
+                with atomic_path(checkpoint) as tmp:
+                    torch.save(state, tmp)
     return checkpoint
 
 
