@@ -39,7 +39,7 @@ import getpass
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -47,7 +47,7 @@ import numpy as np
 
 from . import __version__
 from .files import atomic_path, checksum
-from .findings import COLUMNS, NA, STATUSES, Finding, read_tsv, to_tsv
+from .findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
 from .geometry import Geometry
 from .slicerbridge import TABLE_COLUMNS, finding_row
 
@@ -164,15 +164,13 @@ def cmb_label_map(labels: np.ndarray, label_to_cmb: Mapping[int, int]) -> np.nda
 
 def findings_to_json(findings: Iterable[Finding]) -> str:
     """Compact JSON (no tabs, no raw newlines) of findings; unknown numbers are null."""
-    rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(f).items()}
-            for f in findings]
-    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(to_rows(findings), separators=(",", ":"), ensure_ascii=False)
 
 
 def findings_from_json(text: str) -> List[Finding]:
     """Findings from :func:`findings_to_json` (ValueError when it is not such a list)."""
     try:
-        return [Finding(**{c: row[c] for c in COLUMNS if c in row}) for row in json.loads(text)]
+        return from_rows(json.loads(text))
     except (TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"not a findings list: {err}") from None
 

@@ -122,10 +122,19 @@ def read_tsv(path: PathLike) -> List[Finding]:
     return findings
 
 
-def to_json(findings: Iterable[Finding]) -> str:
-    rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(f).items()}
+def to_rows(findings: Iterable[Finding]) -> List[Dict[str, Any]]:
+    """Findings as JSON-able dicts; unknown numbers (NaN) become None."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(f).items()}
             for f in findings]
-    return json.dumps({"columns": list(COLUMNS), "findings": rows}, indent=2) + "\n"
+
+
+def from_rows(rows: Iterable[Dict[str, Any]]) -> List[Finding]:
+    """Findings from dicts; missing optional columns take their defaults, a missing required one is a TypeError."""
+    return [Finding(**{c: row[c] for c in COLUMNS if c in row}) for row in rows]
+
+
+def to_json(findings: Iterable[Finding]) -> str:
+    return json.dumps({"columns": list(COLUMNS), "findings": to_rows(findings)}, indent=2) + "\n"
 
 
 def write_json(findings: Iterable[Finding], path: PathLike) -> None:
@@ -136,8 +145,7 @@ def read_json(path: PathLike) -> List[Finding]:
     path = Path(path)
     try:
         data: Dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        # missing optional columns take their defaults; a missing required one is a TypeError
-        return [Finding(**{c: row[c] for c in COLUMNS if c in row}) for row in data["findings"]]
+        return from_rows(data["findings"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise InputError(path, f"cannot read findings JSON: {err}") from None
 
