@@ -5,11 +5,13 @@ Three steps, each resumable:
            that ``segment`` runs, so the network sees exactly what it will see at inference;
   fit      patch training of the residual U-Net (32^3 patches, 4 per step, centred on CMBs, on mimics and at
            random in the brain), loss BCE + soft Dice, checkpoint every 100 steps, exact resume;
-  export   ONNX (opset 17, dynamic spatial axes) plus a parity check against torch.
+  export   one ONNX fold per run (opset 17, dynamic spatial axes) plus a parity check against torch;
+  calibrate metrics per threshold on validation phantoms, to choose the model's threshold.
 
     python -m SHIVACMBLib.train prepare --phantoms DIR --cache DIR
     python -m SHIVACMBLib.train fit --cache DIR --run DIR --steps 9000 --seed 7
-    python -m SHIVACMBLib.train export --run DIR --model-dir models/shivacmb-demo-swi [--metrics M.json]
+    python -m SHIVACMBLib.train export --run DIR [DIR ...] --model-dir DIR [--threshold T] [--metrics M.json]
+    python -m SHIVACMBLib.train calibrate --model-dir DIR --phantoms VALIDATION --work DIR
 """
 
 from __future__ import annotations
@@ -243,16 +245,21 @@ DESCRIPTION = ("DEMONSTRATION MODEL trained by the project on its own synthetic 
                "SHIVA-CMB weights (see models/README.md).")
 
 
-def write_model_folder(model: ResidualUNet3D, folder: Path, run: Path, metrics: Optional[Dict] = None,
+def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dict] = None,
                        threshold: float = 0.5) -> Path:
-    """``fold0.onnx`` plus a ``model.json`` (DESIGN: model descriptor) with its sha256 and provenance."""
+    """One ONNX fold per training run (``fold0.onnx``, ``fold1.onnx``...) plus a ``model.json``
+    (DESIGN: model descriptor) with their sha256 and each fold's training provenance."""
     from .files import atomic_write_text, checksum
 
     folder.mkdir(parents=True, exist_ok=True)
-    onnx_path = folder / "fold0.onnx"
-    export_onnx(model, onnx_path)
-    difference = parity(model, onnx_path)
-    phases = training_phases(run)
+    folds, training = [], []
+    for number, run in enumerate(runs):
+        model = load_checkpoint(run / "checkpoint.pt")
+        onnx_path = folder / f"fold{number}.onnx"
+        export_onnx(model, onnx_path)
+        folds.append({"file": onnx_path.name, "sha256": checksum([onnx_path])})
+        training.append({"file": onnx_path.name, "parity_max_abs_difference": float(f"{parity(model, onnx_path):.2e}"),
+                         "phases": training_phases(run)})
     descriptor = {
         "name": folder.name, "version": "1.0", "target": "CMB", "modalities": ["swi", "t2s"],
         "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/train.py",
@@ -260,10 +267,10 @@ def write_model_folder(model: ResidualUNet3D, folder: Path, run: Path, metrics: 
                   "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3}},
         "output": {"activation": "none", "channel": 0},
         "threshold": threshold, "fold_floor": 0.001,
-        "folds": [{"file": onnx_path.name, "sha256": checksum([onnx_path])}],
+        "folds": folds,
         "metrics": metrics or {},
         "training": {"architecture": "ResidualUNet3D(base=8, levels=4), batch norm, sigmoid output",
-                     "parity_max_abs_difference": float(f"{difference:.2e}"), "phases": phases},
+                     "folds": training},
     }
     atomic_write_text(folder / "model.json", json.dumps(descriptor, indent=2) + "\n")
     return folder
@@ -285,6 +292,60 @@ def load_checkpoint(path: Path) -> ResidualUNet3D:
     model = ResidualUNet3D()
     model.load_state_dict(torch.load(path, weights_only=False)["model"])
     return model.eval()
+
+
+# --- calibrate ----------------------------------------------------------------------------
+
+
+def calibrate(model_dir: Path, phantoms: Path, work: Path, thresholds: Sequence[float]) -> List[Dict]:
+    """Overlap-rule metrics and mimic detections of a model on validation phantoms, per threshold.
+
+    Every phantom is segmented once at the lowest threshold; a higher threshold keeps the CMBs whose
+    maximum probability reaches it (a component that a higher threshold would split counts once).
+    """
+    from .evaluate import evaluate_pair, pool, pool_mimics, read_mimic_classes, truth_files
+    from .inference import get_ensemble
+    from .models import load_model
+    from .pipeline import LABELS_NAME, SegmentOptions, segment
+    from .scan import read_label_image
+
+    model = load_model(str(model_dir))
+    ensemble = get_ensemble(model, "auto")
+    thresholds = sorted(thresholds)
+    scans: Dict[float, list] = {t: [] for t in thresholds}
+    mimics: Dict[float, list] = {t: [] for t in thresholds}
+    for scan_id, truth in sorted(truth_files(phantoms).items()):
+        result = segment(phantoms / f"{scan_id}.nii.gz", work, SegmentOptions(threshold=thresholds[0], report=False),
+                         model=model, ensemble=ensemble)
+        labels = read_label_image(result.output_dir / next(f for f in result.files if f.startswith(LABELS_NAME)))
+        array = sitk.GetArrayViewFromImage(labels)
+        truth_image, mimic_image = read_label_image(truth.cmb), read_label_image(truth.mimics)
+        classes = read_mimic_classes(truth.objects)
+        for t in thresholds:
+            keep = np.zeros(len(result.findings) + 1, dtype=array.dtype)
+            for finding in result.findings:
+                keep[finding.cmb_id] = finding.cmb_id if finding.max_prob >= t else 0
+            kept = sitk.GetImageFromArray(keep[array])
+            kept.CopyInformation(labels)
+            metrics = evaluate_pair(kept, truth_image, "overlap", mimic_image, classes)
+            scans[t].append(metrics)
+            mimics[t].append(metrics.mimics)
+        print(f"calibrated {scan_id}", flush=True)
+    return [{"threshold": t, **pool(scans[t]), "mimics": pool_mimics(mimics[t])} for t in thresholds]
+
+
+def calibration_table(rows: Sequence[Dict]) -> str:
+    """One line per threshold: pooled overlap-rule metrics and the detected share of each mimic class."""
+    classes = sorted({name for row in rows for name in row["mimics"]})
+    lines = [f"{'threshold':>9} {'TP':>4} {'FN':>4} {'FP':>4} {'sens':>6} {'prec':>6} {'F1':>6} {'FPavg':>6}  "
+             + " ".join(f"{c:>13}" for c in classes)]
+    for row in rows:
+        rates = " ".join(f"{row['mimics'][c]['detected']:>6}/{row['mimics'][c]['instances']:<6}" if c in row["mimics"]
+                         else f"{'-':>13}" for c in classes)
+        lines.append(f"{row['threshold']:>9.3f} {row['tp']:>4} {row['fn']:>4} {row['fp']:>4} "
+                     f"{row['sensitivity'] or 0:>6.3f} {row['precision'] or 0:>6.3f} {row['f1'] or 0:>6.3f} "
+                     f"{row['fp_avg']:>6.2f}  {rates}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -309,20 +370,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--mimic-sampling", choices=("class", "voxel"), default="class",
                    help="mimic patches: each class equally often, or each mimic voxel equally often")
     e = steps.add_parser("export")
-    e.add_argument("--run", type=Path, required=True)
-    e.add_argument("--model-dir", type=Path, required=True, help="model folder to write (fold0.onnx, model.json)")
+    e.add_argument("--run", type=Path, nargs="+", required=True, help="one training run per fold")
+    e.add_argument("--model-dir", type=Path, required=True, help="model folder to write (foldN.onnx, model.json)")
     e.add_argument("--metrics", type=Path, help="JSON with the measured metrics to record in model.json")
     e.add_argument("--threshold", type=float, default=0.5, help="the model's probability threshold")
+    c = steps.add_parser("calibrate", help="metrics per threshold on validation phantoms (to choose --threshold)")
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument("--phantoms", type=Path, required=True, help="validation phantoms (never used in training)")
+    c.add_argument("--work", type=Path, required=True, help="folder for the segmentations")
+    c.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
     args = parser.parse_args(argv)
     if args.step == "prepare":
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
         fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
             until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class", mix=tuple(args.mix))
+    elif args.step == "calibrate":
+        print(calibration_table(calibrate(args.model_dir, args.phantoms, args.work, args.thresholds)))
     else:
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
-        folder = write_model_folder(load_checkpoint(args.run / "checkpoint.pt"), args.model_dir, args.run, metrics,
-                                    args.threshold)
+        folder = write_model_folder(args.run, args.model_dir, metrics, args.threshold)
         print(f"wrote {folder}")
     return 0
 

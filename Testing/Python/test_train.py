@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,62 @@ def test_fit_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
     reference = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
     for name, value in reference.items():  # an interrupted run ends where an uninterrupted one does
         assert torch.allclose(value.float(), resumed["model"][name].float(), atol=1e-6), name
+
+
+def test_export_writes_one_verified_fold_per_run(tmp_path, monkeypatch) -> None:
+    _tiny_cache(tmp_path)
+    monkeypatch.setattr(train, "PATCH", 16)
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True))
+    runs = [tmp_path / "run-a", tmp_path / "run-b"]
+    train.fit(tmp_path, runs[0], steps=1, seed=1)
+    train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt")
+    folder = train.write_model_folder(runs, tmp_path / "demo-model", {"precision": 0.5}, threshold=0.8)
+
+    from SHIVACMBLib.models import load_model
+
+    model = load_model(str(folder))  # checks every fold's sha256
+    assert [f.file for f in model.folds] == ["fold0.onnx", "fold1.onnx"] and model.threshold == 0.8
+    training = json.loads((folder / "model.json").read_text(encoding="utf-8"))["training"]["folds"]
+    assert [len(fold["phases"]) for fold in training] == [1, 2]  # run-b started from run-a's weights
+    assert [fold["phases"][-1]["seed"] for fold in training] == [1, 2]
+    assert all(fold["parity_max_abs_difference"] < 1e-4 for fold in training)
+
+
+def test_calibrate_counts_per_threshold(tmp_path, model_dir) -> None:
+    """Six dark spheres: four are CMBs in the truth, one a calcification and one a vein."""
+    import phantoms
+    from helpers import SMALL_FOV
+    from SHIVACMBLib.findings import read_tsv
+
+    scene = phantoms.default_scene()
+    grid = phantoms.grid_around((0.0, 0.0, 0.0), SMALL_FOV, (1, 1, 1))
+    root = tmp_path / "validation"
+    phantoms.write(phantoms.render(scene, grid, seed=2), root / "val-1.nii.gz")
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in grid.size], indexing="ij"), -1).reshape(-1, 3)
+    nearest = np.linalg.norm(grid.index_to_ras(ijk)[:, None] - scene.centres[None], axis=2)
+    inside = nearest <= np.array([s.radius for s in scene.spheres])
+    for name, labels in (("cmb", [1, 2, 3, 4, 0, 0]), ("mimics", [0, 0, 0, 0, 1, 2])):
+        volume = np.zeros(len(ijk), np.uint8)
+        for sphere, label in enumerate(labels):
+            volume[inside[:, sphere] & (label > 0)] = label
+        phantoms.write(grid.with_image(volume.reshape(grid.size).transpose(2, 1, 0)),
+                       root / "truth" / f"val-1_{name}.nii.gz")
+    (root / "truth" / "val-1_objects.tsv").write_text(
+        "label\tkind\tclass\n1\tcmb\tcmb\n2\tcmb\tcmb\n3\tcmb\tcmb\n4\tcmb\tcmb\n"
+        "1\tmimic\tcalcification\n2\tmimic\tvein\n", encoding="utf-8")
+
+    low = train.calibrate(model_dir, root, tmp_path / "work", [0.5])[0]
+    assert (low["tp"], low["fn"], low["fp"]) == (4, 0, 2)
+    assert low["mimics"]["calcification"]["detected"] == 1 and low["mimics"]["vein"]["detected"] == 1
+    # a threshold just above the weakest finding drops exactly that finding: which sphere it is
+    # decides the expected counts
+    findings = read_tsv(tmp_path / "work" / "val-1" / "findings.tsv")
+    weakest, runner_up = sorted(findings, key=lambda f: f.max_prob)[:2]
+    assert runner_up.max_prob - weakest.max_prob > 2e-4  # the TSV rounds probabilities to 6 digits
+    sphere = int(np.argmin(np.linalg.norm(scene.centres - np.asarray(weakest.ras), axis=1)))
+    rows = train.calibrate(model_dir, root, tmp_path / "work2", [0.5, weakest.max_prob + 1e-4])
+    high = rows[1]
+    assert high["threshold"] > 0.5 and high["tp"] + high["fp"] == 5
+    assert (high["tp"], high["fp"]) == ((3, 2) if sphere < 4 else (4, 1))
+    table = train.calibration_table(rows).splitlines()
+    assert len(table) == 3 and table[0].split()[:4] == ["threshold", "TP", "FN", "FP"]
