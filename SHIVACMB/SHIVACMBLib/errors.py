@@ -42,3 +42,9 @@ class Cancelled(ShivaError):
     """The run was interrupted (Ctrl-C, SIGTERM, Cancel in Slicer)."""
 
     exit_code = 130
+
+
+def one_line(err: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line (what a one-line error can quote)."""
+    text = " ".join(str(err).split())
+    return text[:limit] or type(err).__name__

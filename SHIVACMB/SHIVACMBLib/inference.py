@@ -1,9 +1,15 @@
 """Run a model's folds with onnxruntime: provider choice, CPU fallback, fold ensemble.
 
-Sessions are created once per (model, device) and reused for every scan of the process
+Sessions are created once per (model, device, precision) and reused for every scan of the process
 (:func:`get_ensemble`). Provider order for ``--device auto``: CUDA, then CoreML/DirectML,
-then CPU. A GPU provider that fails to load, or fails while running (out of memory, driver
+then CPU; ``--device tensorrt`` puts TensorRT (engines cached in the user cache folder) before
+CUDA. A GPU provider that fails to load, or fails while running (out of memory, driver
 error), is dropped for CPU with a warning; the provider that really ran is reported.
+
+On CUDA/TensorRT the input is copied to the GPU once and every fold reads it there (IO binding);
+cuDNN picks its fastest convolution algorithms once per session (exhaustive search). With
+``precision="fp16"`` GPU sessions run an fp16 copy of each fold (fp32 inputs and outputs); on
+CPU fp16 is slower than fp32 and is not used. CPU sessions use every available core.
 """
 
 from __future__ import annotations
@@ -11,19 +17,23 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy.special import expit, softmax
 
-from .errors import ModelError, RuntimeFailure
+from .errors import ModelError, RuntimeFailure, one_line
 from .models import ModelDescriptor, verify_model
 from .nativelog import native_stderr_captured
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (CUDA, "CoreMLExecutionProvider", "DmlExecutionProvider")
-DEVICES = ("auto", "cpu", "cuda")
+NVIDIA_PROVIDERS = (TENSORRT, CUDA)  # where IO binding keeps the input on the GPU
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
 
 ProgressFn = Callable[[float, str], None]
 
@@ -52,16 +62,43 @@ def provider_plan(device: str, available: Sequence[str]) -> Tuple[List[str], Lis
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, not '{device}'")
     if device == "cpu":
         return [CPU], []
-    if device == "cuda":
-        if CUDA in available:
-            return [CUDA, CPU], []
-        return [CPU], ["--device cuda: this onnxruntime has no CUDA provider (install 'shivacmb[gpu]'); "
-                       "running on CPU"]
+    if device in ("cuda", "tensorrt"):
+        wanted = [TENSORRT, CUDA] if device == "tensorrt" else [CUDA]
+        plan = [p for p in wanted if p in available]
+        notes = [f"--device {device}: this onnxruntime has no {_NAMES[p]} provider (install 'shivacmb[gpu]')"
+                 for p in wanted if p not in available]
+        if not plan:
+            notes[-1] += "; running on CPU"
+        return plan + [CPU], notes
     return [p for p in GPU_PROVIDERS if p in available] + [CPU], []
 
 
-def create_session(path: str, providers: Sequence[str], threads: int) -> Any:
-    """One onnxruntime session (module-level so tests can stand in for a GPU)."""
+_NAMES = {CUDA: "CUDA", TENSORRT: "TensorRT"}
+
+
+def trt_cache_dir() -> Path:
+    """Where TensorRT keeps its built engines (building one takes minutes; reusing it, a second)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("shivacmb", appauthor=False)) / "tensorrt"
+
+
+def provider_options(provider: str, precision: str = "fp32") -> Dict[str, Any]:
+    """Tuning of each execution provider (the cuDNN search runs once per session)."""
+    if provider == CUDA:
+        return {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1",
+                "do_copy_in_default_stream": "1", "arena_extend_strategy": "kSameAsRequested"}
+    if provider == TENSORRT:
+        cache = trt_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
+                "trt_fp16_enable": str(precision == "fp16"), "trt_max_workspace_size": str(4 << 30)}
+    return {}
+
+
+def create_session(model: Union[str, bytes], providers: Sequence[str], threads: int, precision: str = "fp32") -> Any:
+    """One onnxruntime session from a file or a serialized model (module-level so tests can stand in for a GPU)."""
     ort = onnxruntime_module()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -69,16 +106,57 @@ def create_session(path: str, providers: Sequence[str], threads: int) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False  # give each fold's working memory back: folds run one after another
-    return ort.InferenceSession(path, sess_options=options, providers=list(providers))
+    tuned = [(p, provider_options(p, precision)) for p in providers]
+    return ort.InferenceSession(model, sess_options=options, providers=tuned)
+
+
+def fp16_model(path: Path) -> bytes:
+    """An fp16 copy of an fp32 ONNX fold, serialized (needs the onnx package)."""
+    try:
+        import onnx
+    except ImportError:
+        raise RuntimeFailure("--precision fp16 needs the onnx package: pip install onnx") from None
+    from .onnxfloat import to_float16
+
+    return to_float16(onnx.load(str(path))).SerializeToString()
+
+
+def model_layout(volume: np.ndarray, layout: str) -> np.ndarray:
+    """Model box [z, y, x] -> the contiguous float32 batch of one the ONNX input takes."""
+    xyz = np.asarray(volume, dtype=np.float32).transpose(2, 1, 0)
+    batch = xyz[np.newaxis, ..., np.newaxis] if layout == "NDHWC" else xyz[np.newaxis, np.newaxis]
+    return np.ascontiguousarray(batch)
+
+
+def to_probability(raw: np.ndarray, model: ModelDescriptor) -> np.ndarray:
+    """Network output -> CMB probability, [z, y, x] float32, as the descriptor's output section says."""
+    out = np.asarray(raw, dtype=np.float32)
+    if out.ndim != 5 or out.shape[0] != 1:
+        raise ModelError(f"model '{model.name}' returned shape {out.shape}, expected a 5D batch of one")
+    channels = out[0] if model.layout == "NCDHW" else np.moveaxis(out[0], -1, 0)  # C, X, Y, Z
+    if model.channel >= channels.shape[0]:
+        raise ModelError(f"model '{model.name}': output channel {model.channel} does not exist "
+                         f"(output has {channels.shape[0]})")
+    if model.activation == "softmax":
+        prob = softmax(channels, axis=0)[model.channel]
+    elif model.activation == "sigmoid":
+        prob = expit(channels[model.channel])
+    else:
+        prob = channels[model.channel]
+    return np.ascontiguousarray(prob.transpose(2, 1, 0), dtype=np.float32)
 
 
 class FoldEnsemble:
     """All folds of a model as onnxruntime sessions, with the ensemble rule of the descriptor."""
 
-    def __init__(self, model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None):
+    def __init__(self, model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None,
+                 precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
         verify_model(model)
         self.model = model
         self.device = device
+        self.precision = precision
         self.threads = threads or available_cores()
         self.warnings: List[str] = []
         ort = onnxruntime_module()
@@ -93,33 +171,52 @@ class FoldEnsemble:
         """The execution provider the sessions actually run on."""
         return self.sessions[0].get_providers()[0]
 
+    @property
+    def running_precision(self) -> str:
+        """fp16 only where it was asked for and a GPU provider runs."""
+        return self.precision if self.provider in NVIDIA_PROVIDERS else "fp32"
+
     def summary(self) -> Dict[str, Any]:
         return {"onnxruntime": self.onnxruntime_version, "device": self.device, "requested": self.requested,
-                "provider": self.provider, "threads": self.threads, "warnings": list(self.warnings)}
+                "provider": self.provider, "precision": self.running_precision, "threads": self.threads,
+                "warnings": list(self.warnings)}
 
     # --- sessions -------------------------------------------------------------------
     def _open(self, providers: List[str]) -> List[Any]:
+        note = f"--precision fp16 is for NVIDIA GPUs; {providers[0]} runs fp32"
+        if self.precision == "fp16" and providers[0] not in NVIDIA_PROVIDERS and note not in self.warnings:
+            self.warnings.append(note)
         sessions = []
         for fold in self.model.folds:
             printed: List[str] = []
             try:
+                source = self._source(fold.path, providers[0])
                 with native_stderr_captured(printed), warnings.catch_warnings(record=True) as raised:
                     warnings.simplefilter("always")
-                    session = create_session(str(fold.path), providers, self.threads)
+                    session = create_session(source, providers, self.threads, self.precision)
                 printed += [f"{w.message}\n" for w in raised]
             except Exception as err:  # noqa: BLE001 - any provider failure gets the same treatment
                 if providers == [CPU]:
-                    raise ModelError(f"{fold.path}: onnxruntime cannot load this model: {_one_line(err)}") from None
-                self._warn_fallback(f"could not start {providers[0]} ({_one_line(err)})")
+                    raise ModelError(f"{fold.path}: onnxruntime cannot load this model: {one_line(err)}") from None
+                self._warn_fallback(f"could not start {providers[0]} ({one_line(err)})")
                 return self._open([CPU])
             used = session.get_providers()[0]
             if used != providers[0]:
                 reason = _provider_failure("".join(printed)) or "provider unavailable"
+                if used in providers:  # e.g. TensorRT missing, CUDA runs: no CPU fallback needed
+                    self.warnings.append(f"{providers[0]} not usable ({reason}); running on {used}")
+                    return self._open(providers[providers.index(used):])
                 self._warn_fallback(f"{providers[0]} not usable ({reason})")
                 return self._open([CPU])
             self._check_io(session, fold.path)
             sessions.append(session)
         return sessions
+
+    def _source(self, path: Path, provider: str) -> Union[str, bytes]:
+        """The fold file, or its fp16 copy for CUDA (TensorRT makes its own fp16 engine from fp32)."""
+        if self.precision == "fp16" and provider == CUDA:
+            return fp16_model(path)
+        return str(path)
 
     def _warn_fallback(self, reason: str) -> None:
         self.warnings.append(f"{reason}; running on CPU")
@@ -146,28 +243,30 @@ class FoldEnsemble:
         ``volume`` is the normalised model box indexed [z, y, x]; results have the same indexing.
         Per fold, values below the fold floor become 0 before averaging.
         """
-        feed = self._to_model_layout(volume)
+        feed = model_layout(volume, self.model.layout)
         try:
             return self._run_all(feed, progress)
         except ModelError:
             raise
         except Exception as err:  # noqa: BLE001 - a GPU failure mid-run falls back to CPU
             if self.provider == CPU:
-                raise RuntimeFailure(f"inference failed on CPU: {_one_line(err)}") from None
-            self._warn_fallback(f"{self.provider} failed during inference ({_one_line(err)})")
+                raise RuntimeFailure(f"inference failed on CPU: {one_line(err)}") from None
+            self._warn_fallback(f"{self.provider} failed during inference ({one_line(err)})")
             self.sessions = self._open([CPU])
             return self._run_all(feed, progress)
+
+    def raw_outputs(self, feed: np.ndarray) -> List[np.ndarray]:
+        """Every fold's raw output for one batch in the model layout (no fallback: for parity checks)."""
+        return [self._run_one(session, bound) for session, bound in zip(self.sessions, self._bind_input(feed))]
 
     def _run_all(self, feed: np.ndarray, progress: Optional[ProgressFn]) -> Tuple[np.ndarray, List[np.ndarray]]:
         total: Optional[np.ndarray] = None
         folds: List[np.ndarray] = []
         n = len(self.sessions)
-        for index, session in enumerate(self.sessions):
+        for index, (session, bound) in enumerate(zip(self.sessions, self._bind_input(feed))):
             if progress:
                 progress(index / n, f"fold {index + 1} of {n} on {self.provider}")
-            name = session.get_inputs()[0].name
-            raw = session.run(None, {name: feed})[0]
-            prob = self._to_probability(raw)
+            prob = to_probability(self._run_one(session, bound), self.model)
             prob[prob < self.model.fold_floor] = 0.0
             if n > 1:
                 folds.append(prob)
@@ -181,48 +280,45 @@ class FoldEnsemble:
         total /= np.float32(n)
         return total, folds
 
-    def _to_model_layout(self, volume: np.ndarray) -> np.ndarray:
-        xyz = np.asarray(volume, dtype=np.float32).transpose(2, 1, 0)
-        batch = xyz[np.newaxis, ..., np.newaxis] if self.model.layout == "NDHWC" else xyz[np.newaxis, np.newaxis]
-        return np.ascontiguousarray(batch)
+    def _bind_input(self, feed: np.ndarray) -> List[Any]:
+        """Per session, the feed: on NVIDIA GPUs one device copy of the input shared by every fold."""
+        device = io_binding_device(self.provider)
+        if device is None:
+            return [feed] * len(self.sessions)
+        on_device = onnxruntime_module().OrtValue.ortvalue_from_numpy(feed, device, 0)
+        return [on_device] * len(self.sessions)
 
-    def _to_probability(self, raw: np.ndarray) -> np.ndarray:
-        """Network output -> CMB probability, [z, y, x] float32."""
-        out = np.asarray(raw, dtype=np.float32)
-        if out.ndim != 5 or out.shape[0] != 1:
-            raise ModelError(f"model '{self.model.name}' returned shape {out.shape}, expected a 5D batch of one")
-        channels = out[0] if self.model.layout == "NCDHW" else np.moveaxis(out[0], -1, 0)  # C, X, Y, Z
-        if self.model.channel >= channels.shape[0]:
-            raise ModelError(f"model '{self.model.name}': output channel {self.model.channel} does not exist "
-                             f"(output has {channels.shape[0]})")
-        if self.model.activation == "softmax":
-            prob = softmax(channels, axis=0)[self.model.channel]
-        elif self.model.activation == "sigmoid":
-            prob = expit(channels[self.model.channel])
-        else:
-            prob = channels[self.model.channel]
-        return np.ascontiguousarray(prob.transpose(2, 1, 0), dtype=np.float32)
+    def _run_one(self, session: Any, feed: Any) -> np.ndarray:
+        name = session.get_inputs()[0].name
+        if isinstance(feed, np.ndarray):
+            return session.run(None, {name: feed})[0]
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(name, feed)
+        binding.bind_output(session.get_outputs()[0].name, feed.device_name())
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def io_binding_device(provider: str) -> Optional[str]:
+    """onnxruntime device name for IO binding under ``provider``, None for a plain run (module-level for tests)."""
+    return "cuda" if provider in NVIDIA_PROVIDERS else None
 
 
 _ENSEMBLES: Dict[Tuple[Any, ...], FoldEnsemble] = {}
 
 
-def get_ensemble(model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None) -> FoldEnsemble:
-    """The process-wide ensemble for this model and device, created on first use."""
-    key = (str(model.path), tuple(f.sha256 for f in model.folds), device, threads)
+def get_ensemble(model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None,
+                 precision: str = "fp32") -> FoldEnsemble:
+    """The process-wide ensemble for this model, device and precision, created on first use."""
+    key = (str(model.path), tuple(f.sha256 for f in model.folds), device, threads, precision)
     if key not in _ENSEMBLES:
-        _ENSEMBLES[key] = FoldEnsemble(model, device, threads)
+        _ENSEMBLES[key] = FoldEnsemble(model, device, threads, precision)
     return _ENSEMBLES[key]
 
 
 def clear_ensembles() -> None:
     """Release every cached session (frees GPU memory)."""
     _ENSEMBLES.clear()
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:240] or type(err).__name__
 
 
 def _provider_failure(text: str) -> str:

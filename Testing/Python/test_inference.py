@@ -11,7 +11,7 @@ from SHIVACMBLib import blobmodel
 from SHIVACMBLib import inference
 from SHIVACMBLib.errors import ModelError, RuntimeFailure
 from SHIVACMBLib.files import checksum
-from SHIVACMBLib.inference import CPU, CUDA, FoldEnsemble, get_ensemble, provider_plan
+from SHIVACMBLib.inference import CPU, CUDA, TENSORRT, FoldEnsemble, get_ensemble, provider_plan
 from SHIVACMBLib.models import read_descriptor
 
 SHAPE = (24, 28, 20)
@@ -68,6 +68,9 @@ def test_provider_plan():
         ([CUDA, "CoreMLExecutionProvider", CPU], [])
     plan, notes = provider_plan("cuda", [CPU])
     assert plan == [CPU] and "no CUDA provider" in notes[0]
+    assert provider_plan("tensorrt", [TENSORRT, CUDA, CPU]) == ([TENSORRT, CUDA, CPU], [])
+    plan, notes = provider_plan("tensorrt", [CUDA, CPU])
+    assert plan == [CUDA, CPU] and "no TensorRT provider" in notes[0]
     with pytest.raises(ValueError):
         provider_plan("tpu", [CPU])
 
@@ -91,7 +94,7 @@ def test_gpu_session_that_fails_to_start_falls_back(tmp_path, volume, monkeypatc
     pretend_gpu(monkeypatch)
     real = inference.create_session
 
-    def create(path, providers, threads):
+    def create(path, providers, threads, precision="fp32"):
         if providers[0] == CUDA:
             raise RuntimeError("CUDA driver version is insufficient")
         return real(path, providers, threads)
@@ -122,11 +125,12 @@ def test_gpu_running_out_of_memory_reruns_on_cpu(tmp_path, volume, monkeypatch):
     pretend_gpu(monkeypatch)
     real = inference.create_session
 
-    def create(path, providers, threads):
+    def create(path, providers, threads, precision="fp32"):
         session = real(path, [CPU], threads)
         return FailingGpuSession(session) if providers[0] == CUDA else session
 
     monkeypatch.setattr(inference, "create_session", create)
+    monkeypatch.setattr(inference, "io_binding_device", lambda provider: None)  # the stand-in has no IO binding
     runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE, folds=2)), "auto")
     assert runner.provider == CUDA
     prob, folds = runner.predict(volume)
@@ -136,10 +140,36 @@ def test_gpu_running_out_of_memory_reruns_on_cpu(tmp_path, volume, monkeypatch):
     assert np.allclose(prob, expected)
 
 
+def test_io_binding_gives_what_a_plain_run_gives(tmp_path, volume, monkeypatch):
+    """The GPU path (input bound once, shared by every fold) exercised on the CPU device."""
+    model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE, folds=2))
+    plain, plain_folds = FoldEnsemble(model, "cpu").predict(volume)
+    monkeypatch.setattr(inference, "io_binding_device", lambda provider: "cpu")
+    bound, bound_folds = FoldEnsemble(model, "cpu").predict(volume)
+    assert np.array_equal(plain, bound) and all(np.array_equal(a, b) for a, b in zip(plain_folds, bound_folds))
+
+
+def test_fp16_on_cpu_runs_fp32_and_says_so(tmp_path, volume):
+    runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE)), "cpu", precision="fp16")
+    assert runner.running_precision == "fp32" and runner.summary()["precision"] == "fp32"
+    assert any("fp16 is for NVIDIA GPUs" in w for w in runner.warnings)
+
+
+def test_fp16_copy_of_a_fold_computes_what_fp32_computes(tmp_path, volume):
+    """The CUDA fp16 copy, run here on CPU: same probabilities within fp16 rounding."""
+    model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE))
+    session = inference.create_session(inference.fp16_model(model.folds[0].path), [CPU], 1)
+    feed = inference.model_layout(volume, model.layout)
+    half = inference.to_probability(session.run(None, {session.get_inputs()[0].name: feed})[0], model)
+    full, _ = FoldEnsemble(model, "cpu").predict(volume)
+    assert session.get_inputs()[0].type == "tensor(float)"
+    assert np.abs(half - full).max() < 2e-2
+
+
 def test_cpu_failure_is_a_runtime_failure(tmp_path, volume, monkeypatch):
     real = inference.create_session
 
-    def create(path, providers, threads):
+    def create(path, providers, threads, precision="fp32"):
         session = real(path, providers, threads)
         session.run = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad allocation"))
         return session
