@@ -7,7 +7,9 @@ The process output is read by a thread into a queue (SHIVACMBLib.slicerbridge.Ch
 that a QTimer drains in the main thread, so the GUI never waits for the network; pip installs
 run the same way. Corrections made in the Segment Editor and in the table's review columns
 are turned into corrected findings by SHIVACMBLib.corrections and saved with a provenance
-record. This file only moves data between MRML and SHIVACMBLib.
+record. The "Rating session" section runs a SHIVACMBLib.review rating session (SHIVACMBRating):
+each rating is saved by the core the moment it is made. This file only moves data between MRML
+and SHIVACMBLib.
 """
 
 import importlib
@@ -142,6 +144,9 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedSegmentation: Optional[vtkMRMLSegmentationNode] = None
         self._tableEditPending = False
         self._autoUpdatePending = False
+        self._rating: Optional["SHIVACMBRating"] = None
+        self._ratingShortcuts: List[Any] = []
+        self._placeNode = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -171,6 +176,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveResultsButton.connect("clicked(bool)", self.onSaveResults)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.raterLineEdit.placeholderText = self.logic.defaultRater()
+        self._setupRating()
 
         self.initializeParameterNode()
 
@@ -180,6 +186,10 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
         self._observeResult(None, None)
         self.removeObservers()
+        for shortcut in self._ratingShortcuts:
+            shortcut.setParent(None)
+        self._ratingShortcuts = []
+        self._closeRating()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -195,6 +205,9 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
         self.setParameterNode(None)
         self._observeResult(None, None)
+        self._stopPlacing()
+        if self._rating is not None:
+            self._rating.forgetNodes()  # the scene removes them; the ratings are saved already
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -549,6 +562,171 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             editor.setSourceVolumeNode(volumeNode)
         editor.setCurrentSegmentID(segmentId)
 
+    # --- rating session --------------------------------------------------------------------
+
+    def _setupRating(self) -> None:
+        from SHIVACMBLib import ratingview, review
+
+        self.ui.ratingModeComboBox.addItems(list(review.MODES))
+        self.ui.notRatableComboBox.addItems(list(review.REASONS))
+        self.ui.newSessionButton.connect("clicked(bool)", self.onNewSession)
+        self.ui.openSessionButton.connect("clicked(bool)", self.onOpenSession)
+        self.ui.ratingScanList.connect("itemDoubleClicked(QListWidgetItem*)", self.onScanChosen)
+        self.ui.ratingFindingsList.connect("currentRowChanged(int)", self.onRatingFindingSelected)
+        self.ui.submitScanButton.connect("clicked(bool)", self.onSubmitScan)
+        self.ui.notRatableButton.connect("clicked(bool)", self.onNotRatable)
+        actions = {"definite": lambda: self.onRateFinding("definite"),
+                   "possible": lambda: self.onRateFinding("possible"),
+                   "rejected": lambda: self.onRateFinding("rejected"), "add": self.onAddCmb,
+                   "next": lambda: self.onStepScan(1), "previous": lambda: self.onStepScan(-1)}
+        buttons = {"definite": self.ui.definiteButton, "possible": self.ui.possibleButton,
+                   "rejected": self.ui.rejectButton, "add": self.ui.addCmbButton, "next": self.ui.nextScanButton,
+                   "previous": self.ui.previousScanButton}
+        for name, action in actions.items():
+            buttons[name].connect("clicked(bool)", lambda checked, action=action: action())
+            # Shortcuts of the main window, so that they work while the mouse is over a slice view.
+            shortcut = qt.QShortcut(slicer.util.mainWindow())
+            shortcut.setKey(qt.QKeySequence(ratingview.SHORTCUTS[name]))
+            shortcut.connect("activated()", action)
+            self._ratingShortcuts.append(shortcut)
+        self._showRating()
+
+    def onNewSession(self) -> None:
+        from SHIVACMBLib import review
+
+        window = slicer.util.mainWindow()
+        scans = qt.QFileDialog.getExistingDirectory(window, "Choose the folder of the scans to rate")
+        if not scans:
+            return
+        ai = qt.QFileDialog.getExistingDirectory(window, "Choose the folder of AI results (Cancel: none)")
+        folder = qt.QFileDialog.getExistingDirectory(window, "Choose an empty folder for the rating session")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("The rating session could not be made.", waitCursor=True):
+            found = review.scans_from(scans)
+            results = review.ai_results(ai, [scanId for scanId, _ in found]) if ai else {}
+            review.create_session(folder, found, self.ui.ratingModeComboBox.currentText, results)
+        self.openRatingSession(folder)
+
+    def onOpenSession(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Choose a rating session folder")
+        if folder:
+            self.openRatingSession(folder)
+
+    def openRatingSession(self, folder: str) -> None:
+        """Open a session as the rater named in the panel, at its first unfinished scan."""
+        from SHIVACMBLib import review
+
+        self._closeRating()
+        rater = (self._parameterNode.rater.strip() if self._parameterNode else "") or self.logic.defaultRater()
+        try:
+            self._rating = SHIVACMBRating(self.logic, review.RatingSession(folder, rater))
+            self._rating.show(self._rating.session.current_index())
+        except Exception as err:
+            self._closeRating()
+            slicer.util.errorDisplay(f"The rating session could not be opened.\n\n{err}", windowTitle=TITLE)
+        self._showRating()
+
+    def _closeRating(self) -> None:
+        self._stopPlacing()
+        if self._rating is not None:
+            self._rating.close()
+            self._rating = None
+
+    def _showRating(self) -> None:
+        """Scan list, progress line, findings list and buttons for the session's state."""
+        from SHIVACMBLib import ratingview
+
+        rating = self._rating
+        scanList, findingsList = self.ui.ratingScanList, self.ui.ratingFindingsList
+        wasBlocked = findingsList.blockSignals(True)
+        scanList.clear()
+        findingsList.clear()
+        if rating is not None:
+            scanList.addItems(ratingview.scan_lines(rating.session))
+            scanList.setCurrentRow(rating.index)
+            findingsList.addItems([ratingview.finding_line(f) for _, f in rating.shown])
+        findingsList.blockSignals(wasBlocked)
+        open_ = rating is not None and rating.scanId is not None
+        changeable = open_ and rating.changeable
+        for shortcut in self._ratingShortcuts:  # the keys are the slice views' own while no session is open
+            shortcut.setEnabled(open_)
+        for button in (self.ui.definiteButton, self.ui.possibleButton, self.ui.rejectButton, self.ui.addCmbButton,
+                       self.ui.submitScanButton, self.ui.notRatableButton):
+            button.enabled = changeable
+        self.ui.previousScanButton.enabled = open_ and rating.index > 0
+        self.ui.nextScanButton.enabled = open_ and rating.index < len(rating.session.scan_ids) - 1
+        if rating is None:
+            self.ui.ratingProgressLabel.text = "No rating session open."
+        else:
+            self.ui.ratingProgressLabel.text = (
+                f"{ratingview.progress_text(rating.session, rating.index)}: {rating.scanId or 'all scans done'}; "
+                f"{rating.session.mode} session, rater {rating.session.rater}")
+
+    def _ratingAction(self, what: str, action: Callable[[], Any]) -> None:
+        """Run a rating change; a refused one (the core says why) is shown and changes nothing."""
+        if self._rating is None or self._rating.scanId is None:
+            return
+        try:
+            action()
+        except Exception as err:
+            slicer.util.errorDisplay(f"{what}\n\n{err}", windowTitle=TITLE)
+        self._showRating()
+
+    def onScanChosen(self, item) -> None:
+        self._ratingAction("The scan could not be loaded.", lambda: self._rating.show(self.ui.ratingScanList.row(item)))
+
+    def onStepScan(self, step: int) -> None:
+        if self._rating is not None:
+            index = min(max(self._rating.index + step, 0), len(self._rating.session.scan_ids) - 1)
+            self._ratingAction("The scan could not be loaded.", lambda: self._rating.show(index))
+
+    def onRatingFindingSelected(self, row: int) -> None:
+        if self._rating is not None and 0 <= row < len(self._rating.shown):
+            self._rating.jumpTo(row)
+
+    def onRateFinding(self, status: str) -> None:
+        row = self.ui.ratingFindingsList.currentRow
+        if self._rating is None or not 0 <= row < len(self._rating.shown):
+            return
+        self._ratingAction("The rating could not be saved.", lambda: self._rating.setStatus(row, status))
+        self.ui.ratingFindingsList.setCurrentRow(row)
+
+    def onSubmitScan(self) -> None:
+        self._ratingAction("The scan could not be submitted.", lambda: self._rating.submit())
+
+    def onNotRatable(self) -> None:
+        reason = self.ui.notRatableComboBox.currentText
+        self._ratingAction("The scan could not be saved.", lambda: self._rating.notRatable(reason))
+
+    def onAddCmb(self) -> None:
+        """Place one markup point in a slice view; it becomes a CMB of the scan (onCmbPlaced)."""
+        if self._rating is None or not self._rating.changeable:
+            return
+        if self._placeNode is None:
+            self._placeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SHIVACMB new CMB")
+            self.addObserver(self._placeNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onCmbPlaced)
+        markups = slicer.modules.markups.logic()
+        markups.SetActiveList(self._placeNode)
+        markups.StartPlaceMode(False)  # one point, then back to view mode
+
+    def onCmbPlaced(self, caller, event) -> None:
+        count = caller.GetNumberOfControlPoints()
+        if count == 0:
+            return
+        position = [0.0, 0.0, 0.0]
+        caller.GetNthControlPointPositionWorld(count - 1, position)
+        self._ratingAction("The CMB could not be saved.", lambda: self._rating.add(position))
+        # The point is now a sphere segment; remove it once the markups widget has finished placing it.
+        qt.QTimer.singleShot(0, caller.RemoveAllControlPoints)
+
+    def _stopPlacing(self) -> None:
+        if self._placeNode is not None:
+            self.removeObserver(self._placeNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onCmbPlaced)
+            if slicer.mrmlScene.IsNodePresent(self._placeNode):
+                slicer.mrmlScene.RemoveNode(self._placeNode)
+            self._placeNode = None
+
 
 #
 # SHIVACMBCommand, SHIVACMBRun
@@ -687,6 +865,106 @@ class SHIVACMBUpdate:
         self.grid = grid  # geometry.Geometry of the scan
         self.state = state  # corrections.RunState
         self.counts = corrections.summarize(state.findings, correction.findings)
+
+
+#
+# SHIVACMBRating
+#
+
+
+class SHIVACMBRating:
+    """A rating session (SHIVACMBLib.review.RatingSession) shown in Slicer, one scan at a time.
+
+    The scan is loaded from its file, its findings drawn as sphere segments (SHIVACMBLib.ratingview:
+    colour = status). Every change goes to the session, which saves it before returning, so closing
+    Slicer at any point loses nothing. In a blind session the AI findings are drawn only once the
+    scan is submitted.
+    """
+
+    def __init__(self, logic: "SHIVACMBLogic", session) -> None:
+        self.logic = logic
+        self.session = session
+        self.index = 0
+        self.scanId: Optional[str] = None
+        self.shown: List[Tuple[str, Finding]] = []  # (segment name, finding), in list order
+        self.volumeNode: Optional[vtkMRMLScalarVolumeNode] = None
+        self.segmentationNode: Optional[vtkMRMLSegmentationNode] = None
+
+    @property
+    def changeable(self) -> bool:
+        from SHIVACMBLib.review import DONE
+
+        return self.scanId is not None and self.session.rating(self.scanId).state not in DONE
+
+    def show(self, index: int) -> None:
+        """Load scan ``index`` (all done: the last one) and start rating it."""
+        scanIds = self.session.scan_ids
+        self.index = min(index, len(scanIds) - 1)
+        self.scanId = scanIds[self.index]
+        self._removeNodes()
+        self.volumeNode = slicer.util.loadVolume(self.session.session.entry(self.scanId).path)
+        self.segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                                   f"{self.scanId} rating")
+        self.segmentationNode.CreateDefaultDisplayNodes()
+        self.segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.volumeNode)
+        if self.changeable:
+            self.session.open_scan(self.scanId)  # rating time runs from here
+        self._draw()
+
+    def setStatus(self, row: int, status: str) -> None:
+        name, finding = self.shown[row]
+        if name.startswith("CMB"):
+            self.session.set_status(self.scanId, finding.cmb_id, status)
+            self._draw()
+
+    def add(self, ras: Sequence[float]) -> int:
+        """Mark a CMB at a point (world RAS: the scan is loaded without a transform)."""
+        cmbId = self.session.add(self.scanId, ras)
+        self._draw()
+        return cmbId
+
+    def submit(self) -> None:
+        self.session.submit(self.scanId)
+        self._next()
+
+    def notRatable(self, reason: str) -> None:
+        self.session.not_ratable(self.scanId, reason)
+        self._next()
+
+    def _next(self) -> None:
+        self._draw()  # a blind scan shows its AI findings now
+        current = self.session.current_index()
+        if current < len(self.session.scan_ids) and current != self.index:
+            self.show(current)
+
+    def jumpTo(self, row: int) -> None:
+        ras = self.shown[row][1].ras
+        slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+
+    def _draw(self) -> None:
+        """One sphere segment per finding shown."""
+        from SHIVACMBLib import ratingview
+
+        self.shown = ratingview.shown_findings(self.session, self.scanId)
+        segmentation = self.segmentationNode.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        for name, finding in self.shown:
+            self.logic.addSphereSegment(self.segmentationNode, name, finding.ras, ratingview.sphere_radius(finding),
+                                        ratingview.colour(name, finding))
+
+    def forgetNodes(self) -> None:
+        """The scene was closed: its nodes are gone."""
+        self.volumeNode = self.segmentationNode = None
+
+    def _removeNodes(self) -> None:
+        for node in (self.segmentationNode, self.volumeNode):
+            if node is not None and slicer.mrmlScene.IsNodePresent(node):
+                slicer.mrmlScene.RemoveNode(node)
+        self.forgetNodes()
+
+    def close(self) -> None:
+        self._removeNodes()
+        self.session.close()
 
 
 #
@@ -1159,6 +1437,18 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         return labels, grid, records
 
     # --- navigation ------------------------------------------------------------------------
+
+    @staticmethod
+    def addSphereSegment(segmentationNode: vtkMRMLSegmentationNode, name: str, ras: Sequence[float], radius: float,
+                         colour: Sequence[float]) -> str:
+        """A sphere segment (a point marked as a CMB, or a finding); its segment ID."""
+        sphere = vtk.vtkSphereSource()
+        sphere.SetCenter(*ras)
+        sphere.SetRadius(radius)
+        sphere.SetPhiResolution(16)
+        sphere.SetThetaResolution(16)
+        sphere.Update()
+        return segmentationNode.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), name, list(colour))
 
     def jumpToFinding(self, tableNode: vtkMRMLTableNode,
                       row: int) -> Tuple[Optional[vtkMRMLSegmentationNode], Optional[str]]:

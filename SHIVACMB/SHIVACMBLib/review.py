@@ -652,16 +652,6 @@ def status_rows(session: Session) -> List[Dict[str, Any]]:
     return rows
 
 
-def progress_text(index: int, total: int) -> str:
-    """The progress line of the Slicer module: "scan 37 of 120"."""
-    return f"scan {min(index + 1, total)} of {total}"
-
-
-def scan_marker(rating: ScanRating) -> str:
-    """The done marker of a scan in a scan list."""
-    return {UNRATED: " ", IN_PROGRESS: "…", SUBMITTED: "✓", NOT_RATABLE: "✗"}[rating.state]
-
-
 SCAN_COLUMNS = ("session", "rater", "mode", "scan_id", "state", "reason", "definite", "possible", "total",
                 *(f"{c}_{a}" for c in ("definite", "possible") for a in MARS_AREAS + ("unknown",)),
                 "rating_s", "first_change", "finished", "note")

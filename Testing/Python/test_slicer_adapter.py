@@ -21,7 +21,8 @@ import pytest
 
 import phantoms
 from helpers import REPO
-from SHIVACMBLib import corrections, pipeline, slicerbridge
+from SHIVACMBLib import corrections, pipeline, ratingview, review, slicerbridge
+from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
 from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
 
@@ -193,6 +194,9 @@ class Segmentation:
     def RemoveSegment(self, segment_id):
         del self.segments[segment_id]
 
+    def RemoveAllSegments(self):
+        self.segments.clear()
+
     def CreateRepresentation(self, name):
         return True
 
@@ -217,6 +221,63 @@ class SegmentationNode(Node):
 
     def CreateClosedSurfaceRepresentation(self):
         self.surfaces = True
+
+    def CreateDefaultDisplayNodes(self):
+        pass
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, volume):
+        self.reference = volume
+
+    def AddSegmentFromClosedSurfaceRepresentation(self, surface, name, colour):
+        # a sphere's surface is kept as (centre, radius); the ID is the name, as Slicer makes it unique
+        self.segmentation.segments[name] = Segment(name, surface, {"colour": tuple(colour)})
+        return name
+
+
+class SphereSource:
+    """vtk.vtkSphereSource: its output stands for the sphere as (centre, radius)."""
+
+    def SetCenter(self, *centre):
+        self.centre = centre
+
+    def SetRadius(self, radius):
+        self.radius = radius
+
+    def SetPhiResolution(self, n):
+        pass
+
+    SetThetaResolution = SetPhiResolution
+
+    def Update(self):
+        pass
+
+    def GetOutput(self):
+        return self.centre, self.radius
+
+
+class Scene:
+    """slicer.mrmlScene: the nodes added and not yet removed."""
+
+    def __init__(self):
+        self.nodes = []
+
+    def AddNewNodeByClass(self, class_name, name):
+        assert class_name == "vtkMRMLSegmentationNode"
+        node = SegmentationNode()
+        node.name = name
+        self.nodes.append(node)
+        return node
+
+    def IsNodePresent(self, node):
+        return node in self.nodes
+
+    def RemoveNode(self, node):
+        self.nodes.remove(node)
+
+    def load_volume(self, path):
+        node = Node(path)
+        self.nodes.append(node)
+        return node
 
 
 class ImageData:
@@ -295,7 +356,7 @@ def module(monkeypatch):
     jumps = []
     vtk = types.ModuleType("vtk")
     vtk.vtkIntArray, vtk.vtkDoubleArray, vtk.vtkStringArray = IntArray, DoubleArray, Array
-    vtk.vtkMatrix4x4, vtk.mutable = Matrix, Mutable
+    vtk.vtkMatrix4x4, vtk.mutable, vtk.vtkSphereSource = Matrix, Mutable, SphereSource
     vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent="Modified")
     util = types.ModuleType("vtk.util")
     numpy_support = types.ModuleType("vtk.util.numpy_support")
@@ -321,6 +382,8 @@ def module(monkeypatch):
     slicer.util = types.ModuleType("slicer.util")
     slicer.util.VTKObservationMixin = object
     slicer.util.arrayFromVTKMatrix = lambda matrix: matrix.value
+    slicer.mrmlScene = Scene()
+    slicer.util.loadVolume = slicer.mrmlScene.load_volume
     slicer.i18n = types.ModuleType("slicer.i18n")
     slicer.i18n.tr, slicer.i18n.translate = (lambda text: text), (lambda context, text: text)
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
@@ -337,7 +400,7 @@ def module(monkeypatch):
     spec = importlib.util.spec_from_file_location("SHIVACMB_under_test", MODULE_PY)
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
-    loaded.timers, loaded.jumps = timers, jumps
+    loaded.timers, loaded.jumps, loaded.scene = timers, jumps, slicer.mrmlScene
     return loaded
 
 
@@ -499,3 +562,67 @@ def test_run_loads_the_results_of_the_real_command(tmp_path, module, iso_scan, m
     assert {pipeline.FINDINGS_NAME, pipeline.SEGMENTATION_NAME, pipeline.RUN_NAME} <= set(files)
     assert not work.exists() and progress == sorted(progress) and math.isclose(progress[-1], 1.0)
     assert run.summary.cmb_count == 6
+
+
+# --- rating sessions -----------------------------------------------------------------------------
+
+
+def rating_session(tmp_path, mode):
+    ai = tmp_path / "ai.tsv"
+    write_tsv([Finding(1, 10.0, 20.0, 30.0, 1, 1, 1, 4 / 3 * math.pi * 27, 113, 0.9, 0.8, 1.0),
+               Finding(2, -10.0, 0.0, 5.0, 1, 1, 1, 1.0, 1, 0.9, 0.8, 1.0)], ai)
+    scans = [("s1", tmp_path / "s1.nii.gz"), ("s2", tmp_path / "s2.nii.gz")]
+    return review.create_session(tmp_path / mode, scans, mode, {"s1": ai}).folder
+
+
+def spheres(rating):
+    """name -> (centre, radius, colour) of the segments drawn."""
+    segments = rating.segmentationNode.GetSegmentation().segments
+    return {name: (*segment.mask, segment.tags["colour"]) for name, segment in segments.items()}
+
+
+def test_blind_rating_in_slicer_survives_closing_mid_scan(tmp_path, module):
+    folder = rating_session(tmp_path, "blind")
+    logic = module.SHIVACMBLogic()
+    rating = module.SHIVACMBRating(logic, review.RatingSession(folder, "ann"))
+    rating.show(0)
+    assert rating.volumeNode.name == str(tmp_path / "s1.nii.gz") and spheres(rating) == {}  # the AI stays hidden
+    assert rating.segmentationNode.reference is rating.volumeNode
+    assert rating.add((1.0, 2.0, 3.0)) == 1
+    rating.setStatus(0, "definite")
+    assert spheres(rating) == {"CMB 1": ((1.0, 2.0, 3.0), ratingview.MARK_RADIUS_MM,
+                                         ratingview.STATUS_COLOURS["definite"])}
+    rating.close()  # Slicer closed mid-scan: nothing to save, it is saved
+    assert module.scene.nodes == []
+
+    again = module.SHIVACMBRating(logic, review.RatingSession(folder, "ann"))
+    again.show(again.session.current_index())
+    assert (again.index, [(n, f.status) for n, f in again.shown]) == (0, [("CMB 1", "definite")])
+    again.submit()
+    assert (again.scanId, spheres(again)) == ("s2", {})  # on to the next scan
+    again.show(0)
+    assert not again.changeable and sorted(spheres(again)) == ["AI 1", "AI 2", "CMB 1"]  # revealed after submit
+    assert spheres(again)["AI 1"] == ((10.0, 20.0, 30.0), pytest.approx(3.0, abs=1e-3), ratingview.STATUS_COLOURS["AI"])
+    again.setStatus(1, "definite")  # an AI finding of a blind scan is not the rater's to rate
+    assert again.session.rating("s1").marks[1].status == "definite" and len(module.scene.nodes) == 2
+    again.jumpTo(0)
+    assert module.jumps[-1] == (1.0, 2.0, 3.0, True)
+    again.close()
+
+
+def test_assisted_rating_in_slicer(tmp_path, module):
+    rating = module.SHIVACMBRating(module.SHIVACMBLogic(), review.RatingSession(rating_session(tmp_path, "assisted"),
+                                                                                  "bob"))
+    rating.show(0)
+    drawn = spheres(rating)
+    assert drawn["CMB 1"][1] == pytest.approx(3.0, abs=1e-3) and drawn["CMB 2"][1] == ratingview.MIN_RADIUS_MM
+    assert drawn["CMB 1"][2] == ratingview.STATUS_COLOURS["unreviewed"]
+    rating.setStatus(1, "rejected")
+    rating.setStatus(0, "possible")
+    with pytest.raises(InputError):
+        rating.notRatable("bored")
+    rating.submit()
+    assert rating.scanId == "s2" and rating.session.rating("s1").counts()["possible"] == 1
+    rating.notRatable("motion")
+    assert rating.scanId == "s2" and not rating.changeable and rating.session.done() == 2
+    rating.close()

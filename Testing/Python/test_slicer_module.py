@@ -630,3 +630,16 @@ def test_icon_is_a_128_pixel_rgba_png():
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height, depth, colour_type = struct.unpack(">IIBB", data[16:26])
     assert (width, height, depth, colour_type) == (128, 128, 8, 6)
+
+
+def test_rating_shortcuts_are_distinct_and_leave_the_slice_view_keys_alone():
+    from SHIVACMBLib import ratingview
+
+    keys = [key.lower() for key in ratingview.SHORTCUTS.values()]
+    assert len(set(keys)) == len(keys)
+    slice_view_keys = set("bfvrgt[]{}") | {"left", "right", "up", "down"}  # SLICER_NOTES.md, section 9
+    assert not set(keys) & slice_view_keys
+    setup = next(node for node in ast.walk(module_tree())
+                 if isinstance(node, ast.FunctionDef) and node.name == "_setupRating")
+    dicts = [node for node in ast.walk(setup) if isinstance(node, ast.Dict)]
+    assert all({ast.literal_eval(k) for k in d.keys} == set(ratingview.SHORTCUTS) for d in dicts) and len(dicts) == 2
