@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import ERROR_PREFIX, Cancelled, ModelError, ShivaError
-from .inference import DEVICES
+from .inference import DEVICES, PRECISIONS
 from .progress import PROGRESS_MODES
 
 EPILOG = """exit codes: 0 done, 2 bad input or usage, 3 model problem, 4 runtime failure, 130 cancelled"""
@@ -82,13 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder; results go to DIR/<scan-id>/ (default: %(default)s)")
     seg.add_argument("--scan-id", metavar="ID", help="name of the result folder (default: input file name)")
     seg.add_argument("--device", choices=DEVICES, default="auto",
-                     help="where the network runs; a GPU that fails falls back to CPU (default: %(default)s)")
+                     help="where the network runs; a GPU that fails falls back to CPU; tensorrt builds engines "
+                          "once (minutes) and caches them (default: %(default)s)")
+    seg.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                     help="fp16: run the folds in half precision on NVIDIA GPUs (check it first with `shivacmb "
+                          "models verify --precision fp16`); CPUs always run fp32 (default: %(default)s)")
     seg.add_argument("--threshold", type=_probability, metavar="T",
                      help="probability threshold, 0-1 (default: the model's own, usually 0.5)")
     seg.add_argument("--min-volume", type=_volume, default=0.0, metavar="MM3",
                      help="drop CMBs smaller than this, in mm^3 on the model grid (default: keep all)")
     seg.add_argument("--max-volume", type=_volume, metavar="MM3",
                      help="drop CMBs larger than this, in mm^3 on the model grid (default: keep all)")
+    seg.add_argument("--parcellation", metavar="P",
+                     help="FreeSurfer (aseg, aparc+aseg, wmparc) or SynthSeg label map on any grid, for the MARS "
+                          "location of each CMB (default: the shipped MNI atlas, registered to the scan)")
+    seg.add_argument("--no-location", action="store_true",
+                     help="skip the anatomical location (region, mars_area and side stay n/a)")
     seg.add_argument("--save-probability", action="store_true",
                      help="also write cmb_probability (ensemble probability on the scan's grid)")
     seg.add_argument("--no-report", action="store_true", help="do not write report.html")
@@ -133,9 +142,42 @@ def build_parser() -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="installed models with modality, licence and location")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_models_list)
-    verify = actions.add_parser("verify", help="check every fold file against its sha256")
+    verify = actions.add_parser("verify", help="check every fold file against its sha256 (and, with --parity, "
+                                               "against the TensorFlow original)")
     verify.add_argument("models", nargs="*", metavar="NAME|DIR", help="models to verify (default: all installed)")
+    verify.add_argument("--parity", action="store_true",
+                        help="also run each converted fold and its TF original on a phantom scan and compare "
+                             "(needs the `convert` extra)")
+    verify.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp16: also compare fp16 inference on --device with fp32 (default: %(default)s)")
+    verify.add_argument("--device", choices=DEVICES, default="auto", help="device of the fp16 check (default: %(default)s)")
+    verify.add_argument("--scan", metavar="FILE", type=Path, help="scan for the checks (default: a phantom SWI scan)")
     verify.set_defaults(handler=_models_verify)
+    install = actions.add_parser(
+        "install", help="install SHIVA-CMB TensorFlow/Keras weights (zip or folder) as an ONNX model",
+        description="Install the official SHIVA-CMB weights as downloaded (zip or unpacked folder: a descriptor JSON "
+                    "with an md5 per fold, Keras .h5 folds (v1) or SavedModel folders (v2)): check the zip's sha256 "
+                    "(--sha256) and every md5, convert each fold to ONNX, check that each conversion computes what "
+                    "its original computes on a phantom scan, and install into the user model folder. Needs the "
+                    "`convert` extra: pip install 'shivacmb[convert]'.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    install.add_argument("source", metavar="ZIP|DIR", type=Path, help="the downloaded zip, or its unpacked folder")
+    install.add_argument("--name", metavar="N", help="installed model name (default: shiva-cmb-<modalities>-<version>)")
+    install.add_argument("--sha256", metavar="HEX", help="published sha256 of the zip, checked before anything else")
+    install.add_argument("--force", action="store_true", help="replace an installed model of the same name")
+    install.add_argument("--scan", metavar="FILE", type=Path, help="scan for the parity check (default: a phantom)")
+    install.set_defaults(handler=_models_install)
+    convert = actions.add_parser(
+        "convert", help="convert one Keras (.h5/.keras) or SavedModel fold into an ONNX model folder",
+        description="Convert one fold into OUT (model.json, fold0.onnx, the original in source/), checking parity "
+                    "with the original on a phantom scan. Run it with `shivacmb segment --model OUT`.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_argument("source", metavar="FILE|DIR", type=Path, help=".h5 or .keras file, or SavedModel folder")
+    convert.add_argument("--out", metavar="DIR", type=Path, required=True, help="model folder to write")
+    convert.add_argument("--name", metavar="N", help="model name (default: the file name)")
+    convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    convert.add_argument("--scan", metavar="FILE", type=Path, help="scan for the parity check (default: a phantom)")
+    convert.set_defaults(handler=_models_convert)
 
     evaluate = commands.add_parser(
         "evaluate", help="score predicted CMBs against ground truth",
@@ -275,9 +317,11 @@ def _segment(args: argparse.Namespace) -> int:
     from .pipeline import SegmentOptions, segment
     from .progress import BarReporter, json_reporter
 
-    options = SegmentOptions(model=args.model, mask=args.mask, device=args.device, threshold=args.threshold,
+    options = SegmentOptions(model=args.model, mask=args.mask, device=args.device, precision=args.precision,
+                             threshold=args.threshold,
                              save_probability=args.save_probability, min_volume_mm3=args.min_volume,
-                             max_volume_mm3=args.max_volume, scan_id=args.scan_id, report=not args.no_report)
+                             max_volume_mm3=args.max_volume, scan_id=args.scan_id, report=not args.no_report,
+                             parcellation=args.parcellation, location=not args.no_location)
     if args.progress == "json":
         report = json_reporter()
         result = segment(args.input, args.out, options, progress=report)
@@ -373,10 +417,45 @@ def _models_verify(args: argparse.Namespace) -> int:
         try:
             model = load_model(name)
             print(f"ok      {model.name} {model.version} ({len(model.folds)} fold(s), {model.path})")
+            failed += _models_verify_numbers(args, model)
         except ModelError as err:
             failed += 1
             print(f"FAILED  {err}")
     return ModelError.exit_code if failed else 0
+
+
+def _models_verify_numbers(args: argparse.Namespace, model: Any) -> int:
+    """The --parity and --precision fp16 checks of one model; the number of failed checks."""
+    from .official import precision_parity, verify_parity
+
+    say = lambda line: print(f"        {line}")  # noqa: E731
+    results = verify_parity(model, args.scan, say) if args.parity else []
+    if args.precision == "fp16":
+        results.append(precision_parity(model, args.device, args.scan, say))
+    return sum(not r.passed for r in results)
+
+
+def _models_install(args: argparse.Namespace) -> int:
+    from .official import install
+
+    result = install(args.source, args.name, args.sha256, args.force, args.scan)
+    _converted(result, result.model.name)
+    return 0
+
+
+def _models_convert(args: argparse.Namespace) -> int:
+    from .official import convert
+
+    result = convert(args.source, args.out, args.name, args.force, args.scan)
+    _converted(result, str(result.folder))
+    return 0
+
+
+def _converted(result: Any, model_option: str) -> None:
+    worst = max(p.max_abs_diff for p in result.parity)
+    print(f"installed {result.model.name} ({len(result.model.folds)} fold(s), converted in {result.seconds:.1f} s, "
+          f"parity max abs diff {worst:.1e}) -> {result.folder}{os.sep}; run it with "
+          f"`shivacmb segment SCAN --model {model_option}`")
 
 
 # --- evaluate -----------------------------------------------------------------------------

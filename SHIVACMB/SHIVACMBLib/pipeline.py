@@ -49,6 +49,7 @@ class SegmentOptions:
     model: Optional[str] = None  # installed model name or model folder; None = default model
     mask: Optional[PathLike] = None
     device: str = "auto"
+    precision: str = "fp32"  # "fp16": half precision on NVIDIA GPUs
     threshold: Optional[float] = None  # None = the model's own
     save_probability: bool = False
     min_volume_mm3: float = 0.0
@@ -120,7 +121,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         model_input = prepare_input(scan, mask, model)
     with clock.stage("inference"):
         if ensemble is None:
-            ensemble = get_ensemble(model, options.device)
+            ensemble = get_ensemble(model, options.device, precision=options.precision)
         mean, folds = ensemble.predict(model_input.volume, stage_reporter(progress, "inference"))
     with clock.stage("postprocess"):
         stage_reporter(progress, "postprocess")(0.0, "finding CMBs")
@@ -141,7 +142,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
                   "files": len(scan.files), "geometry": native.to_dict()},
         "mask": mask.summary(),
         "model": model.summary(),
-        "settings": {"threshold": threshold, "device": options.device, "fold_floor": model.fold_floor,
+        "settings": {"threshold": threshold, "device": options.device, "precision": options.precision,
+                     "fold_floor": model.fold_floor,
                      "outside_ratio": OUTSIDE_RATIO, "min_volume_mm3": options.min_volume_mm3,
                      "max_volume_mm3": options.max_volume_mm3, "save_probability": options.save_probability},
         "inference": ensemble.summary(),

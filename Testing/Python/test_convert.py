@@ -1,0 +1,223 @@
+"""Bring-your-own SHIVA-CMB weights: install, convert and parity, with stand-in weights built here.
+
+Needs the `convert` extra (tensorflow-cpu, tf2onnx, tf_keras); marked `convert` (CI installs the
+extra and runs them). Each model is a tiny SHIVA-kind residual U-Net (shivaweights.py) on a
+48x56x40 box, packaged as the official zips are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="needs the convert extra: pip install 'shivacmb[convert]'")
+pytest.importorskip("tf2onnx", reason="needs the convert extra: pip install 'shivacmb[convert]'")
+
+import shivaweights  # noqa: E402
+from SHIVACMBLib import blobmodel, cli, official  # noqa: E402
+from SHIVACMBLib.errors import ModelError  # noqa: E402
+from SHIVACMBLib.inference import FoldEnsemble, model_layout, to_probability  # noqa: E402
+from SHIVACMBLib.models import read_descriptor  # noqa: E402
+from SHIVACMBLib.parity import compare, parity_input  # noqa: E402
+from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
+from SHIVACMBLib.synthetic import make_phantom, write_phantom  # noqa: E402
+from SHIVACMBLib.tfconvert import load_fold, tf_predict  # noqa: E402
+
+pytestmark = pytest.mark.convert
+BOX = (48, 56, 40)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    """The phantom's normalised box, on which the stand-ins are calibrated to detect something."""
+    model = read_descriptor(blobmodel.write_model(tmp_path_factory.mktemp("blob"), shape=BOX))
+    return model_layout(parity_input(model), "NDHWC")
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory, calibration):
+    """Fold 0: mixed_float16 .h5 (v1 kind); folds 1, 2: SavedModel folders (v2 kind)."""
+    folder = tmp_path_factory.mktemp("weights")
+    shivaweights.shiva_unet(BOX, mixed=True, seed=1, calibrate=calibration).save(folder / "fold_0.h5")
+    for seed in (2, 3):
+        shivaweights.save_savedmodel(shivaweights.shiva_unet(BOX, seed=seed, calibrate=calibration),
+                                     folder / f"fold_{seed - 1}")
+    return [folder / "fold_0.h5", folder / "fold_1", folder / "fold_2"]
+
+
+@pytest.fixture
+def models_home(tmp_path, monkeypatch):
+    home = tmp_path / "models"
+    monkeypatch.setenv("SHIVACMB_MODELS", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, folds):
+    """The three folds zipped as downloaded and installed by the command."""
+    home = tmp_path_factory.mktemp("home")
+    archive = shivaweights.official_zip(home / "SWI-CMB.zip", folds)
+    sha = official.checksum([archive])
+    old = os.environ.get("SHIVACMB_MODELS")
+    os.environ["SHIVACMB_MODELS"] = str(home / "models")
+    try:
+        assert cli.main(["models", "install", str(archive), "--name", "shiva-test", "--sha256", sha]) == 0
+    finally:
+        os.environ.pop("SHIVACMB_MODELS") if old is None else os.environ.__setitem__("SHIVACMB_MODELS", old)
+    return read_descriptor(home / "models" / "shiva-test")
+
+
+def test_official_zip_installs_with_parity_recorded(installed, folds):
+    data = json.loads((installed.path / "model.json").read_text())
+    assert installed.target == "CMB" and installed.layout == "NDHWC" and installed.shape == BOX
+    assert installed.activation == "none" and installed.license == "CC-BY-NC-SA-4.0"
+    assert [f.file for f in installed.folds] == ["fold0.onnx", "fold1.onnx", "fold2.onnx"]
+    records = data["conversion"]["folds"]
+    assert [r["kind"] for r in records] == ["h5", "savedmodel", "savedmodel"]
+    assert records[0]["mixed_precision"] and not records[1]["mixed_precision"]
+    assert (installed.path / data["conversion"]["source_descriptor"]).is_file()
+    parity = data["conversion"]["parity"]["folds"]
+    assert all(p["passed"] for p in parity)
+    assert parity[1]["max_abs_diff"] < 1e-5 and parity[0]["max_abs_diff"] < 5e-3
+    assert all(p["above_threshold"] > 0 for p in parity)  # the stand-ins do detect something
+    assert not [p for p in installed.path.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_converted_folds_compute_what_tensorflow_computes(installed, calibration):
+    outputs = FoldEnsemble(installed, "cpu").raw_outputs(calibration)
+    for record, raw in zip(json.loads((installed.path / "model.json").read_text())["conversion"]["folds"], outputs):
+        fold = load_fold(installed.path / record["source"])
+        reference = to_probability(tf_predict(fold, calibration), installed)
+        result = compare(reference, to_probability(raw, installed), 0.5, 5e-3 if fold.mixed_precision else 1e-3)
+        assert result.passed, result.text()
+
+
+def test_verify_parity_command(installed, capsys):
+    assert cli.main(["models", "verify", str(installed.path), "--parity"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok  max abs diff") == 3
+
+
+class TensorFlowEnsemble(FoldEnsemble):
+    """The same ensemble rule, with the TF originals computing each fold."""
+
+    def __init__(self, model):
+        super().__init__(model, "cpu")
+        records = json.loads((model.path / "model.json").read_text())["conversion"]["folds"]
+        self.tf_folds = [load_fold(model.path / r["source"]) for r in records]
+
+    def raw_outputs(self, feed):
+        return [tf_predict(fold, feed) for fold in self.tf_folds]
+
+    def _run_all(self, feed, progress):
+        total, folds = None, []
+        for raw in self.raw_outputs(feed):
+            prob = to_probability(raw, self.model)
+            prob[prob < self.model.fold_floor] = 0.0
+            folds.append(prob)
+            total = prob.copy() if total is None else total + prob
+        return total / np.float32(len(folds)), folds
+
+
+def test_segment_with_the_converted_model_equals_tensorflow(installed, tmp_path):
+    scan = write_phantom(make_phantom(424242, "swi", (1.0, 1.0, 1.0), n_cmb=8), tmp_path / "phantom", "p")["image"]
+    options = SegmentOptions(report=False, threshold=0.3)  # random folds disagree: their mean rarely reaches 0.5
+    onnx_run = segment(scan, tmp_path / "onnx", options, model=installed)
+    tf_run = segment(scan, tmp_path / "tf", options, model=installed,
+                     ensemble=TensorFlowEnsemble(installed))
+    assert len(onnx_run.findings) > 0
+    assert len(onnx_run.findings) == len(tf_run.findings)
+    for a, b in zip(onnx_run.findings, tf_run.findings):
+        assert np.allclose([a.r, a.a, a.s], [b.r, b.a, b.s], atol=0.05) and a.voxels == b.voxels
+
+
+def test_segment_command_runs_the_installed_model(installed, tmp_path):
+    scan = write_phantom(make_phantom(7, "swi", (1.0, 1.0, 1.0), n_cmb=3), tmp_path / "phantom", "p")["image"]
+    env = {**os.environ, "SHIVACMB_MODELS": str(installed.path.parent)}
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "SHIVACMBLib.cli", "segment", str(scan), "--model", "shiva-test",
+                           "--out", str(tmp_path / "out"), "--no-report", "--progress", "none"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "out" / "p" / "run.json").read_text())
+    assert run["model"]["name"] == "shiva-test" and len(run["model"]["folds"]) == 3
+
+
+def test_convert_single_savedmodel(folds, tmp_path, capsys):
+    assert cli.main(["models", "convert", str(folds[1]), "--out", str(tmp_path / "one")]) == 0
+    model = read_descriptor(tmp_path / "one")
+    assert len(model.folds) == 1 and "--model" in capsys.readouterr().out
+
+
+def test_keras2_h5_loads_with_tf_keras(tmp_path, calibration):
+    tf_keras = pytest.importorskip("tf_keras")
+    path = tmp_path / "keras2.h5"
+    shivaweights.shiva_unet(BOX, seed=4, keras=tf_keras, calibrate=calibration).save(path)
+    fold = load_fold(path)
+    assert fold.kind == "h5" and fold.loader in ("keras", "tf_keras")
+    result = official.convert(path, tmp_path / "m", say=lambda line: None)
+    assert result.parity[0].passed
+
+
+# --- refusals: one clear line, exit 3, nothing installed ---------------------------------------
+
+
+def refused(archive, home, capsys, *extra):
+    assert cli.main(["models", "install", str(archive), *extra]) == ModelError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("shivacmb: error:")
+    assert not home.exists() or not any(home.iterdir())
+    return err
+
+
+def test_corrupt_md5_is_refused(folds, tmp_path, models_home, capsys):
+    archive = shivaweights.official_zip(tmp_path / "w.zip", folds[1:2], md5_override={0: "0" * 32})
+    assert "md5 mismatch for SWI-CMB/fold_1" in refused(archive, models_home, capsys)
+
+
+def test_wrong_zip_sha256_is_refused(folds, tmp_path, models_home, capsys):
+    archive = shivaweights.official_zip(tmp_path / "w.zip", folds[1:2])
+    assert "sha256 mismatch" in refused(archive, models_home, capsys, "--sha256", "1" * 64)
+
+
+def test_missing_fold_is_refused(folds, tmp_path, models_home, capsys):
+    files = [{"name": "SWI-CMB/fold_1", "md5": shivaweights.md5_of(folds[1])}, {"name": "SWI-CMB/fold_9", "md5": "0" * 32}]
+    archive = shivaweights.official_zip(tmp_path / "w.zip", folds[1:2], extra={"files": files})
+    assert "fold(s) missing: SWI-CMB/fold_9" in refused(archive, models_home, capsys)
+
+
+def test_non_cmb_target_is_refused(folds, tmp_path, models_home, capsys):
+    archive = shivaweights.official_zip(tmp_path / "w.zip", folds[1:2], target="PVS")
+    assert "target is 'PVS'" in refused(archive, models_home, capsys)
+
+
+def test_wrong_layout_is_refused(tmp_path, models_home, capsys):
+    import keras
+
+    inputs = keras.Input((1, 16, 16, 16))  # channels first
+    model = keras.Model(inputs, keras.layers.Conv3D(1, 1, activation="sigmoid", data_format="channels_first")(inputs))
+    model.save(tmp_path / "fold_0.h5")
+    archive = shivaweights.official_zip(tmp_path / "w.zip", [tmp_path / "fold_0.h5"])
+    assert "is not channels-last 3D with one channel" in refused(archive, models_home, capsys)
+
+
+def test_missing_converter_is_explained(monkeypatch, tmp_path, models_home, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tf2onnx(name, *args, **kwargs):
+        if name == "tf2onnx":
+            raise ImportError("No module named 'tf2onnx'", name="tf2onnx")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tf2onnx)
+    assert cli.main(["models", "install", str(tmp_path / "x.zip")]) == 4
+    assert "pip install 'shivacmb[convert]'" in capsys.readouterr().err
