@@ -30,7 +30,7 @@ from .models import read_descriptor
 from .progress import parse_progress_line
 
 CLI_MODULE = "SHIVACMBLib.cli"
-DEVICES = ("auto", "cpu", "cuda")  # as SHIVACMBLib.inference.DEVICES, which imports scipy
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")  # as SHIVACMBLib.inference.DEVICES, which imports scipy
 
 # Import name and pip requirement of each package the command needs beyond what Slicer ships
 # (Slicer ships numpy, scipy and SimpleITK; pip must never replace them, see pip_constraints).
