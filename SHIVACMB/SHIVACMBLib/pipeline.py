@@ -25,6 +25,7 @@ from .files import atomic_write_text, staged_directory
 from .findings import Finding, write_tsv
 from .geometry import Geometry, resample
 from .inference import FoldEnsemble, get_ensemble
+from .location import Located, locate
 from .models import ModelDescriptor, load_model
 from .postprocess import OUTSIDE_RATIO, Components, find_components, map_to_native, measure
 from .preprocess import compute_brain_mask, load_brain_mask, prepare_input
@@ -56,6 +57,8 @@ class SegmentOptions:
     max_volume_mm3: Optional[float] = None
     scan_id: Optional[str] = None
     report: bool = True
+    parcellation: Optional[PathLike] = None  # FreeSurfer/SynthSeg labels; None = the registered MNI atlas
+    location: bool = True  # MARS region and side of every CMB
 
 
 @dataclass
@@ -133,6 +136,12 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         findings = measure(components, folds, native_labels, model_input.grid, native, threshold)
         labels = native_labels.labels
         del folds
+    located = Located(findings, {"source": "not computed"})
+    if options.location:
+        with clock.stage("location"):
+            stage_reporter(progress, "location")(0.0, "anatomical location (MARS)")
+            located = locate(scan.image, mask.image, labels, findings, options.parcellation)
+            findings = located.findings
 
     scan_id = options.scan_id or scan_id_from_path(scan.path)
     run = {
@@ -151,7 +160,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
                       "origin_ras": np.round(model_input.grid.index_to_ras(np.zeros(3)), 3).tolist()},
         "results": {"cmb_count": len(findings), "dropped": components.dropped,
                     "kept_by_single_voxel_rule": native_labels.rescued},
-        "warnings": scan.warnings + model_input.warnings + ensemble.warnings,
+        "location": located.summary,
+        "warnings": scan.warnings + model_input.warnings + ensemble.warnings + located.warnings,
         "started": started.isoformat(timespec="seconds"),
     }
 

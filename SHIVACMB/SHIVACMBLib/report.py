@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from .findings import Finding
 from .geometry import LPS_RAS, Geometry, resample
+from .location import AREAS, SIDES, UNKNOWN, count_locations
 
 THUMB_MM = 40.0
 THUMB_PIXEL_MM = 0.5
@@ -121,22 +122,46 @@ def _page(run: Dict[str, Any], findings: Sequence[Finding], cards: List[str]) ->
     description = model.get("description", "")
     note = f"<div class='note'>{html.escape(description)}</div>" if description else ""
     header = "".join(f"<th>{h}</th>" for h in ("CMB", "R", "A", "S", "volume mm&sup3;", "voxels", "max prob",
-                                                 "fold agreement", "status"))
+                                                 "fold agreement", "region", "MARS area", "side", "status"))
     body = "".join(
         f"<tr><td><a href='#cmb-{f.cmb_id}'>{f.cmb_id}</a></td><td class=num>{f.r:.1f}</td>"
         f"<td class=num>{f.a:.1f}</td><td class=num>{f.s:.1f}</td><td class=num>{f.volume_mm3:.1f}</td>"
         f"<td class=num>{f.voxels}</td><td class=num>{_opt(f.max_prob)}</td>"
-        f"<td class=num>{_opt(f.fold_agreement)}</td><td>{html.escape(f.status)}</td></tr>"
+        f"<td class=num>{_opt(f.fold_agreement)}</td><td>{html.escape(f.region.replace('_', ' '))}</td>"
+        f"<td>{html.escape(f.mars_area)}</td><td>{html.escape(f.side)}</td><td>{html.escape(f.status)}</td></tr>"
         for f in findings)
     more = "" if len(findings) <= MAX_THUMBNAILS else f"<p>Thumbnails of the first {MAX_THUMBNAILS} CMBs only.</p>"
     title = html.escape(f"SHIVA-CMB report: {run.get('scan_id', '')}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
             f"</head><body><h1>{title}</h1>{note}{warn_html}<table>{summary}</table>"
+            f"{_location_section(run.get('location', {}), findings)}"
             f"<h2>Findings</h2><table><tr>{header}</tr>{body}</table>"
             f"<h2>Thumbnails</h2><p>Axial, coronal, sagittal; patient's right on the image's left; "
             f"{THUMB_MM:g} mm across.</p>{more}{''.join(cards) or '<p>No CMB detected.</p>'}"
             f"<p><small>shivacmb {html.escape(str(run.get('software', {}).get('version', '')))}</small></p>"
             f"</body></html>\n")
+
+
+def _location_section(location: Dict[str, Any], findings: Sequence[Finding]) -> str:
+    """CMB counts by MARS area and side (definite/possible apart when rated) and the Boston distribution."""
+    if location.get("source") in (None, "not computed") or not findings:
+        return ""
+    counts = count_locations(findings)
+    tables = [("All CMBs (not rejected)", counts["by_area_side"])]
+    tables += [(f"{status.capitalize()} CMBs", table) for status, table in counts.get("by_rating", {}).items()]
+    header = "<tr><th></th>" + "".join(f"<th>{side}</th>" for side in SIDES) + "<th>total</th></tr>"
+    parts = []
+    for caption, table in tables:
+        rows = "".join(f"<tr><th>{area}</th>" + "".join(f"<td class=num>{table[area][side]}</td>" for side in SIDES)
+                       + f"<td class=num>{sum(table[area].values())}</td></tr>" for area in AREAS)
+        rows += f"<tr><th>{UNKNOWN}</th><td colspan=3></td><td class=num>{table[UNKNOWN]['count']}</td></tr>"
+        parts.append(f"<p><b>{caption}</b></p><table>{header}{rows}</table>")
+    source = location.get("source", "")
+    detail = (f"parcellation {location.get('parcellation', '')}" if source == "parcellation"
+              else f"MNI atlas registered to the scan (brain overlap Dice {location.get('dice', 0):.2f})")
+    boston = str(counts["boston"]).replace("_", " ")
+    return (f"<h2>Location (MARS)</h2><p>Source: {html.escape(detail)}. Distribution for the Boston criteria: "
+            f"<b>{html.escape(boston)}</b>.</p>{''.join(parts)}")
 
 
 def _opt(value: Any) -> str:
