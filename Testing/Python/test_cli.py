@@ -38,7 +38,7 @@ def test_progress_json_lines_for_front_ends(tmp_path, iso_scan, model_dir):
     stages = [r["stage"] for r in records]
     assert stages[0] == "read" and stages[-1] == "done"
     assert [s for s in dict.fromkeys(stages)] == ["read", "mask", "preprocess", "inference", "postprocess",
-                                                  "write", "done"]
+                                                  "location", "write", "done"]
     fractions = [r["fraction"] for r in records]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert records[-1]["cmb_count"] == 6 and records[-1]["output"] == str(tmp_path / "iso")
