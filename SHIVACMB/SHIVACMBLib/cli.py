@@ -199,7 +199,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="JSON", help="also write every number to this JSON file")
     evaluate.set_defaults(handler=_evaluate)
     _add_review_parser(commands)
+    _add_compare_parser(commands)
     return parser
+
+
+def _add_compare_parser(commands: Any) -> None:
+    compare = commands.add_parser(
+        "compare", help="follow-up against baseline: new, persistent and not-seen CMBs, ARIA-H grade",
+        description="Register FOLLOWUP to BASELINE (rigid, Mattes mutual information, brain-masked; any resolution, "
+                    "orientation, SWI or T2*-GRE), find the CMBs of each scan (or read the given findings), match "
+                    "them one to one in the baseline's space and write into DIR: comparison.tsv (one row per CMB: "
+                    "status new / persistent / not seen at follow-up, positions in each scan's RAS space, volumes, "
+                    "distance), comparison.json (counts, ARIA-H microhemorrhage grade from the new CMBs, "
+                    "registration quality), comparison.seg.nrrd (the follow-up's CMBs, new ones named 'new CMB k' "
+                    "in orange) and report.html; without given findings, DIR/baseline/ and DIR/followup/ hold the "
+                    "`segment` results. A registration below the quality threshold is refused (exit 4). "
+                    "See docs/longitudinal.md.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("baseline", metavar="BASELINE", help="the earlier scan (any format `segment` reads)")
+    compare.add_argument("followup", metavar="FOLLOWUP", help="the later scan")
+    compare.add_argument("--out", metavar="DIR", required=True,
+                         help="output folder (new, or an earlier comparison's folder, which is replaced)")
+    for when in ("baseline", "followup"):
+        compare.add_argument(f"--{when}-findings", metavar="F",
+                             help=f"CMBs of the {when} scan: findings.tsv/.json or a `shivacmb segment` result folder "
+                                  "(rejected CMBs are left out; default: detect them)")
+        compare.add_argument(f"--{when}-mask", metavar="M", help=f"brain mask of the {when} scan on any grid "
+                                                                 "(default: computed)")
+    compare.add_argument("--affine", action="store_true", help="add an affine stage after the rigid registration")
+    compare.add_argument("--tolerance", type=_volume, default=4.0, metavar="MM",
+                         help="matching distance after registration; at least twice the coarsest voxel edge "
+                              "(default: %(default)s)")
+    compare.add_argument("--model", metavar="NAME|DIR",
+                         help="model for detection (default: the embedded default model)")
+    compare.add_argument("--device", choices=DEVICES, default="auto",
+                         help="where the network runs (default: %(default)s)")
+    compare.add_argument("--threshold", type=_probability, metavar="T", help="probability threshold of detection")
+    compare.add_argument("--no-report", action="store_true", help="do not write report.html")
+    compare.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
+                         help="bar, json (one JSON object per line on stdout) or none (default: %(default)s)")
+    compare.set_defaults(handler=_compare)
 
 
 def _add_review_parser(commands: Any) -> None:
@@ -485,6 +523,42 @@ def _write_json(result: Dict[str, Any], path: str) -> None:
     except OSError as err:
         raise RuntimeFailure(f"cannot write {out}: {err.strerror or err}") from None
     print(f"metrics -> {out}")
+
+
+# --- compare ------------------------------------------------------------------------------
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .longitudinal import CompareOptions, compare
+    from .pipeline import SegmentOptions
+    from .progress import BarReporter, json_reporter
+
+    detection = SegmentOptions(model=args.model, device=args.device, threshold=args.threshold,
+                               report=not args.no_report)
+    options = CompareOptions(baseline_findings=args.baseline_findings, followup_findings=args.followup_findings,
+                             baseline_mask=args.baseline_mask, followup_mask=args.followup_mask, affine=args.affine,
+                             tolerance_mm=args.tolerance, detection=detection, report=not args.no_report)
+    if args.progress == "json":
+        result = compare(args.baseline, args.followup, args.out, options, progress=json_reporter())
+        print(json.dumps({"stage": "done", "fraction": 1.0, "message": _compare_summary(result),
+                          "output": str(result.output_dir), "counts": result.summary["counts"],
+                          "grade": result.summary["aria_h"]["grade"]}), flush=True)
+        return 0
+    if args.progress == "bar" and sys.stderr.isatty():
+        with BarReporter(Path(args.followup).name) as bar:
+            result = compare(args.baseline, args.followup, args.out, options, progress=bar)
+    else:
+        result = compare(args.baseline, args.followup, args.out, options)
+    print(_compare_summary(result))
+    return 0
+
+
+def _compare_summary(result: Any) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in result.summary["counts"].items() if n)
+    registration = result.summary["registration"]
+    return (f"{counts or 'no CMB'}; ARIA-H microhemorrhage: {result.summary['aria_h']['grade']} "
+            f"({registration['kind']} registration, brain-mask Dice {registration['mask_dice']:.2f}, "
+            f"{registration['seconds']:.1f} s) -> {result.output_dir}{os.sep} ({', '.join(result.files)})")
 
 
 # --- review -------------------------------------------------------------------------------

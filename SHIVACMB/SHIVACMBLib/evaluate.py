@@ -227,15 +227,22 @@ def _component_centroids(image: sitk.Image) -> np.ndarray:
     return Geometry.of(image).index_to_ras(_centroids(components, n))
 
 
-def match_centroids(pred_ras: np.ndarray, true_ras: np.ndarray, limit_mm: float = MATCH_DISTANCE_MM) -> int:
-    """Number of one-to-one pairs at most ``limit_mm`` apart: as many pairs as possible, then shortest."""
-    if len(pred_ras) == 0 or len(true_ras) == 0:
-        return 0
-    distance = np.linalg.norm(pred_ras[:, None, :] - true_ras[None, :, :], axis=2)
+def centroid_pairs(a_ras: np.ndarray, b_ras: np.ndarray, limit_mm: float = MATCH_DISTANCE_MM
+                   ) -> List[Tuple[int, int]]:
+    """One-to-one pairs (index in a, index in b) at most ``limit_mm`` apart: as many pairs as possible,
+    then the shortest (Hungarian assignment)."""
+    if len(a_ras) == 0 or len(b_ras) == 0:
+        return []
+    distance = np.linalg.norm(np.asarray(a_ras)[:, None, :] - np.asarray(b_ras)[None, :, :], axis=2)
     # a forbidden pair costs more than any full set of allowed pairs, so pairs are maximised first
     forbidden = limit_mm * (min(distance.shape) + 1)
     rows, cols = linear_sum_assignment(np.where(distance <= limit_mm, distance, forbidden))
-    return int(np.count_nonzero(distance[rows, cols] <= limit_mm))
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if distance[r, c] <= limit_mm]
+
+
+def match_centroids(pred_ras: np.ndarray, true_ras: np.ndarray, limit_mm: float = MATCH_DISTANCE_MM) -> int:
+    """Number of one-to-one pairs at most ``limit_mm`` apart: as many pairs as possible, then shortest."""
+    return len(centroid_pairs(pred_ras, true_ras, limit_mm))
 
 
 def _centroid(instances: Instances, truth: sitk.Image) -> ScanMetrics:

@@ -9,7 +9,7 @@ indexed ``[k, j, i]``. RAS coordinates are LPS with the first two signs flipped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -170,12 +170,14 @@ def resample(
     interpolator: int = sitk.sitkLinear,
     default: float = 0.0,
     pixel_type: int = sitk.sitkFloat32,
+    transform: Optional[sitk.Transform] = None,
 ) -> sitk.Image:
-    """Resample ``image`` onto ``grid`` (identity transform: both live in the same space)."""
+    """Resample ``image`` onto ``grid``; ``transform`` maps grid points to image points (default: identity,
+    both live in the same space)."""
     return sitk.Resample(
         image,
         list(grid.size),
-        sitk.Transform(),
+        transform or sitk.Transform(),
         interpolator,
         list(grid.origin),
         list(grid.spacing),

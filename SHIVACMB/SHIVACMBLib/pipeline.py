@@ -111,7 +111,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     threshold = model.threshold if options.threshold is None else float(options.threshold)
     if not 0.0 < threshold < 1.0:
         raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
-    _check_writable(Path(out_dir))
+    check_writable(Path(out_dir))
 
     with clock.stage("read"):
         stage_reporter(progress, "read")(0.0, f"reading {options.scan_id or Path(input_path).name}")
@@ -176,7 +176,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     return SegmentResult(scan_id=scan_id, output_dir=out, findings=findings, run=run, files=files)
 
 
-def _check_writable(out_dir: Path) -> None:
+def check_writable(out_dir: Path) -> None:
     """Refuse an output folder that cannot be created or written, before any computation."""
     existing = next(p for p in [out_dir, *out_dir.parents] if p.exists())
     if not existing.is_dir():

@@ -11,7 +11,7 @@ import base64
 import html
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,13 +51,84 @@ def write_report(path: Path, scan_image: sitk.Image, labels: np.ndarray, finding
     cards = []
     with tempfile.TemporaryDirectory() as scratch:
         for f in list(findings)[:MAX_THUMBNAILS]:
-            images = "".join(
-                f'<img alt="CMB {f.cmb_id} {view}" title="{view}" src="data:image/png;base64,'
-                f'{_thumbnail(scan_image, label_image, f, axes, window, Path(scratch))}">'
-                for view, axes in VIEWS.items())
+            images = _strip(f"CMB {f.cmb_id}", scan_image, label_image, f.cmb_id, f.ras, window, Path(scratch))
             cards.append(f'<div class="cmb" id="cmb-{f.cmb_id}">{images}<div class="cap">CMB {f.cmb_id}: '
                          f'R {f.r:.1f} A {f.a:.1f} S {f.s:.1f} mm, {f.volume_mm3:.1f} mm&sup3;</div></div>')
     Path(path).write_text(_page(run, findings, cards), encoding="utf-8")
+
+
+def write_comparison_report(path: Path, baseline: sitk.Image, followup: sitk.Image, followup_labels: np.ndarray,
+                            rows: Sequence[Any], transform: sitk.Transform, summary: Dict[str, Any]) -> None:
+    """The QC page of a follow-up comparison (``longitudinal.compare``): summary, every CMB's status, and each
+    new CMB side by side at baseline and follow-up, both sampled on the same baseline-space planes
+    (``transform`` maps baseline to follow-up points), the new CMB outlined on the follow-up.
+
+    ``rows`` are ``longitudinal.Match`` records.
+    """
+    labels = Geometry.of(followup).with_image(followup_labels)
+    windows = _display_window(baseline), _display_window(followup)
+    new = [m for m in rows if m.status == "new"]
+    cards = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for m in new[:MAX_THUMBNAILS]:
+            strips = []
+            for when, image, label_image, window, moved in (("baseline", baseline, None, windows[0], None),
+                                                             ("follow-up", followup, labels, windows[1], transform)):
+                strips.append(_strip(f"new CMB {m.followup.cmb_id} at {when}", image, label_image,
+                                     m.followup.cmb_id, m.baseline_ras, window, Path(scratch), moved) + f" {when}")
+            r, a, s_ = m.followup_ras
+            cards.append(f'<div class="cmb" id="new-{m.followup.cmb_id}">{"<br>".join(strips)}<div class="cap">'
+                         f'new CMB {m.followup.cmb_id}: follow-up R {r:.1f} A {a:.1f} S {s_:.1f} mm, '
+                         f'{m.followup.volume_mm3:.1f} mm&sup3;</div></div>')
+    Path(path).write_text(_comparison_page(summary, rows, cards, len(new)), encoding="utf-8")
+
+
+def _comparison_page(summary: Dict[str, Any], rows: Sequence[Any], cards: List[str], n_new: int) -> str:
+    registration, counts, grade = summary["registration"], summary["counts"], summary["aria_h"]
+    table = _rows([
+        ["Baseline", f"{summary['baseline']['path']} ({summary['baseline']['cmb_count']} CMBs)"],
+        ["Follow-up", f"{summary['followup']['path']} ({summary['followup']['cmb_count']} CMBs)"],
+        ["Registration", f"{registration['kind']}, brain-mask Dice {registration['mask_dice']:.3f} "
+                         f"(minimum {registration['min_mask_dice']}), mutual information "
+                         f"{registration['mutual_information']:.3f}, {registration['seconds']:.1f} s"],
+        ["Matching tolerance", f"{summary['matching']['tolerance_mm']:g} mm"],
+        ["CMBs", ", ".join(f"{n} {status}" for status, n in counts.items())],
+        ["ARIA-H microhemorrhage", f"{grade['grade']} ({grade['new_microhemorrhages']} new)"],
+    ])
+    header = "".join(f"<th>{h}</th>" for h in ("status", "baseline CMB", "follow-up CMB", "baseline R A S",
+                                                 "follow-up R A S", "volume mm&sup3; (baseline, follow-up)",
+                                                 "distance mm"))
+
+    def cell(value: Any, digits: int = 1) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    body = "".join(
+        f"<tr><td>{html.escape(m.status)}</td><td>{cell(m.baseline and m.baseline.cmb_id)}</td>"
+        f"<td>{cell(m.followup and m.followup.cmb_id)}</td>"
+        f"<td class=num>{' '.join(cell(v) for v in m.baseline_ras)}</td>"
+        f"<td class=num>{' '.join(cell(v) for v in m.followup_ras)}</td>"
+        f"<td class=num>{cell(m.baseline and m.baseline.volume_mm3)}, {cell(m.followup and m.followup.volume_mm3)}</td>"
+        f"<td class=num>{cell(m.distance_mm)}</td></tr>" for m in rows)
+    more = "" if n_new <= MAX_THUMBNAILS else f"<p>Thumbnails of the first {MAX_THUMBNAILS} new CMBs only.</p>"
+    title = "SHIVA-CMB follow-up comparison"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
+            f"</head><body><h1>{title}</h1><div class='note'>The grade counts new CMBs as the lecanemab and "
+            f"donanemab labels grade ARIA-H microhemorrhages (mild 1-4, moderate 5-9, severe 10 or more). It assists "
+            f"the reading: a radiologist confirms every new CMB and decides.</div><table>{table}</table>"
+            f"<h2>CMBs</h2><table><tr>{header}</tr>{body}</table>"
+            f"<h2>New CMBs at baseline and follow-up</h2><p>Top row baseline, bottom row follow-up, on the same "
+            f"planes of the baseline (follow-up registered to it); axial, coronal, sagittal; patient's right on the "
+            f"image's left; {THUMB_MM:g} mm across; the new CMB outlined on the follow-up.</p>{more}"
+            f"{''.join(cards) or '<p>No new CMB.</p>'}"
+            f"<p><small>shivacmb {html.escape(str(summary['software']['version']))}</small></p></body></html>\n")
+
+
+def _strip(alt: str, image: sitk.Image, labels: Optional[sitk.Image], label: int, centre_ras: Sequence[float],
+           window: Tuple[float, float], scratch: Path, transform: Optional[sitk.Transform] = None) -> str:
+    """Axial, coronal and sagittal thumbnails (``_thumbnail``) as inline <img> tags."""
+    return "".join(f'<img alt="{html.escape(alt)} {view}" title="{view}" src="data:image/png;base64,'
+                   f'{_thumbnail(image, labels, label, centre_ras, axes, window, scratch, transform)}">'
+                   for view, axes in VIEWS.items())
 
 
 def _display_window(image: sitk.Image) -> Tuple[float, float]:
@@ -71,19 +142,23 @@ def _display_window(image: sitk.Image) -> Tuple[float, float]:
     return float(min(lo, 0.0)), float(max(hi, lo + 1e-6))
 
 
-def _thumbnail(image: sitk.Image, labels: sitk.Image, finding: Finding, axes: Sequence[Sequence[float]],
-               window: Tuple[float, float], scratch: Path) -> str:
-    """Base64 PNG of one plane through the CMB centroid, outline in red."""
+def _thumbnail(image: sitk.Image, labels: Optional[sitk.Image], label: int, centre_ras: Sequence[float],
+               axes: Sequence[Sequence[float]], window: Tuple[float, float], scratch: Path,
+               transform: Optional[sitk.Transform] = None) -> str:
+    """Base64 PNG of one plane through ``centre_ras``, voxels of ``label`` outlined in red.
+
+    With ``transform`` (plane points -> image points), the plane lies in another scan's space.
+    """
     n = int(round(THUMB_MM / THUMB_PIXEL_MM))
     right, down = (LPS_RAS @ np.asarray(a) for a in axes)  # RAS -> LPS directions
     normal = np.cross(right, down)
-    centre = LPS_RAS @ np.asarray(finding.ras)
+    centre = LPS_RAS @ np.asarray(centre_ras, dtype=float)
     origin = centre - (n / 2 - 0.5) * THUMB_PIXEL_MM * (right + down)
     plane = Geometry((n, n, 1), (THUMB_PIXEL_MM,) * 3, tuple(origin),
                      tuple(np.column_stack([right, down, normal]).ravel()))
-    grey = sitk.GetArrayFromImage(resample(image, plane, sitk.sitkLinear))[0]
-    mask = sitk.GetArrayFromImage(resample(labels, plane, sitk.sitkNearestNeighbor,
-                                           pixel_type=sitk.sitkUInt16))[0] == finding.cmb_id
+    grey = sitk.GetArrayFromImage(resample(image, plane, sitk.sitkLinear, transform=transform))[0]
+    mask = np.zeros_like(grey, dtype=bool) if labels is None else sitk.GetArrayFromImage(
+        resample(labels, plane, sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt16, transform=transform))[0] == label
     lo, hi = window
     scaled = np.clip((np.nan_to_num(grey) - lo) / (hi - lo), 0, 1) * 255
     rgb = np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)

@@ -8,7 +8,7 @@ All CMBs share one layer (they never overlap): label value k is segment "CMB k",
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -32,8 +32,12 @@ def segment_id(cmb_id: int) -> str:
 
 
 def write_seg_nrrd(path: PathLike, labels: np.ndarray, grid: Geometry, findings: Sequence[Finding],
-                   compression_level: int = 1) -> None:
-    """Write the native label map (``[k, j, i]``, label = cmb_id) as a Slicer segmentation."""
+                   compression_level: int = 1, styles: Optional[Dict[int, Tuple[str, Sequence[float]]]] = None
+                   ) -> None:
+    """Write the native label map (``[k, j, i]``, label = cmb_id) as a Slicer segmentation.
+
+    ``styles`` gives some CMBs (by cmb_id) another name and colour (r, g, b in 0-1), e.g. new CMBs.
+    """
     import slicerio
 
     terminology, colour = cmb_terminology()
@@ -43,10 +47,11 @@ def write_seg_nrrd(path: PathLike, labels: np.ndarray, grid: Geometry, findings:
         box = boxes[f.cmb_id - 1] if f.cmb_id <= len(boxes) else None
         extent = [0, -1, 0, -1, 0, -1] if box is None else \
             [v for s in reversed(box) for v in (s.start, s.stop - 1)]  # i, j, k ranges
+        name, color = (styles or {}).get(f.cmb_id, (segment_name(f.cmb_id), colour))
         segments.append({
             "id": segment_id(f.cmb_id),
-            "name": segment_name(f.cmb_id),
-            "color": list(colour),
+            "name": name,
+            "color": list(color),
             "labelValue": int(f.cmb_id),
             "layer": 0,
             "extent": extent,
