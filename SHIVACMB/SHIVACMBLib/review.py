@@ -384,15 +384,21 @@ def _read_log(path: Path, repair: bool) -> List[Dict[str, Any]]:
 
 
 def read_ratings(session: Session, folder: Path, repair: bool = False) -> Ratings:
-    """A rater's ratings: the state file brought up to date with the log (rebuilt from it when missing)."""
-    events = _read_log(folder / LOG_NAME, repair)
+    """A rater's ratings: the state file brought up to date with the log (rebuilt from it when missing).
+
+    The state is read before the log: a session writing meanwhile appends to the log first, so the
+    log read is never behind the state read.
+    """
     state_path = folder / STATE_NAME
     ratings = None
-    if state_path.is_file():
-        try:
-            ratings = Ratings.from_json(state_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise InputError(state_path, f"not a rating state file: {err}") from None
+    try:
+        ratings = Ratings.from_json(state_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(state_path, f"not a rating state file: {err}") from None
+    events = _read_log(folder / LOG_NAME, repair)
+    if ratings is not None:
         if ratings.session_id != session.session_id:
             raise InputError(state_path, "belongs to another session")
         if ratings.n > len(events):
@@ -516,8 +522,8 @@ class RatingSession:
     # --- changing --------------------------------------------------------------------------
 
     def open_scan(self, scan_id: str) -> None:
-        """Start (or resume) rating a scan: its rating time runs from here."""
-        self.rating(scan_id)
+        """Start (or resume) rating an unfinished scan: its rating time runs from here."""
+        self._changeable(scan_id)
         self._save({"event": "open", "scan": scan_id})
 
     def set_status(self, scan_id: str, cmb_id: int, status: Optional[str] = None, mars_area: Optional[str] = None,

@@ -107,6 +107,8 @@ def test_assisted_rating_counts_time_and_rules(scans):
         rating.not_ratable("sub-02_swi", "motion", note="severe")
         with pytest.raises(InputError, match="reopen it first"):
             rating.set_status("sub-01_swi", 1, "rejected")
+        with pytest.raises(InputError, match="reopen it first"):
+            rating.open_scan("sub-02_swi")
         assert rating.current_index() == 2
         shown = rating.findings("sub-01_swi")
         assert [(f.cmb_id, f.status, f.side, f.note, f.rater) for f in shown] == [
