@@ -8,8 +8,10 @@ that a QTimer drains in the main thread, so the GUI never waits for the network;
 run the same way. Corrections made in the Segment Editor and in the table's review columns
 are turned into corrected findings by SHIVACMBLib.corrections and saved with a provenance
 record. The "Rating session" section runs a SHIVACMBLib.review rating session (SHIVACMBRating):
-each rating is saved by the core the moment it is made. This file only moves data between MRML
-and SHIVACMBLib.
+each rating is saved by the core the moment it is made. The "Compare with baseline" section runs
+`shivacmb compare` the same way (SHIVACMBComparison) and shows the result with
+SHIVACMBLib.compareview: baseline and registered follow-up side by side, the new CMBs in a table.
+This file only moves data between MRML and SHIVACMBLib.
 """
 
 import importlib
@@ -147,6 +149,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rating: Optional["SHIVACMBRating"] = None
         self._ratingShortcuts: List[Any] = []
         self._placeNode = None
+        self._comparison: Optional["SHIVACMBComparison"] = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -177,13 +180,15 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.raterLineEdit.placeholderText = self.logic.defaultRater()
         self._setupRating()
+        self._setupComparison()
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes: stop a run still going."""
-        if self._run is not None:
-            self._run.cancel()
+        for command in (self._run, self._comparison):
+            if command is not None:
+                command.cancel()
         self._observeResult(None, None)
         self.removeObservers()
         for shortcut in self._ratingShortcuts:
@@ -201,8 +206,9 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        for command in (self._run, self._comparison):
+            if command is not None:
+                command.cancel()
         self.setParameterNode(None)
         self._observeResult(None, None)
         self._stopPlacing()
@@ -537,14 +543,20 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self.logic.setShow3D(self._parameterNode.outputSegmentation, checked)
 
-    def onFindingSelected(self) -> None:
-        """Show the selected microbleed in every slice view and select its segment."""
-        view = self.ui.findingsTableView
+    @staticmethod
+    def _selectedRow(view) -> Tuple[Optional[vtkMRMLTableNode], int]:
+        """A table view's node and the table row of its current index (-1: none)."""
         tableNode = view.mrmlTableNode()
         index = view.selectionModel().currentIndex()
         if tableNode is None or not index.isValid():
+            return None, -1
+        return tableNode, view.sortFilterProxyModel().mapToSource(index).row()
+
+    def onFindingSelected(self) -> None:
+        """Show the selected microbleed in every slice view and select its segment."""
+        tableNode, row = self._selectedRow(self.ui.findingsTableView)
+        if tableNode is None:
             return
-        row = view.sortFilterProxyModel().mapToSource(index).row()
         segmentationNode, segmentId = self.logic.jumpToFinding(tableNode, row)
         if segmentationNode is not None and segmentId:
             self._selectSegment(segmentationNode, segmentId, self.logic.findingsVolume(tableNode))
@@ -733,6 +745,69 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
+    # --- compare with baseline -------------------------------------------------------------
+
+    def _setupComparison(self) -> None:
+        for selector in (self.ui.baselineFindingsSelector, self.ui.followupFindingsSelector):
+            selector.addAttribute("vtkMRMLTableNode", SHIVACMBLogic.RESULT_ATTRIBUTE, SHIVACMBLogic.FINDINGS_RESULT)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.ui.newOnlyCheckBox.connect("toggled(bool)", self.onNewOnlyToggled)
+        self.ui.comparisonTableView.connect("selectionChanged()", self.onComparisonRowSelected)
+
+    def onCompareButton(self) -> None:
+        """Start comparing the follow-up with the baseline, or cancel the comparison running."""
+        if self._comparison is not None:
+            self._comparison.cancel()
+            self.ui.compareStatusLabel.text = "Cancelling..."
+            return
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("The comparison could not be started.", waitCursor=True):
+            self._comparison = self.logic.startComparison(
+                self.ui.baselineVolumeSelector.currentNode(), self.ui.followupVolumeSelector.currentNode(),
+                self.ui.baselineFindingsSelector.currentNode(), self.ui.followupFindingsSelector.currentNode(),
+                model=pn.model if pn else "", device=pn.device if pn else "auto",
+                threshold=pn.threshold if pn else None, onProgress=self.onComparisonProgress,
+                onFinished=self.onComparisonFinished)
+        self.ui.compareStatusLabel.text = "Starting..."
+        self.ui.compareButton.text = "Cancel comparison"
+
+    def onComparisonProgress(self, fraction: float, message: str) -> None:
+        self.ui.compareStatusLabel.text = f"{int(round(100 * fraction))} %: {message}"
+
+    def onComparisonFinished(self, comparison: "SHIVACMBComparison") -> None:
+        from SHIVACMBLib import compareview
+
+        self._comparison = None
+        self.ui.compareButton.text = "Compare with baseline"
+        if comparison.status == "done":
+            self.ui.comparisonTableView.setMRMLTableNode(comparison.tableNode)
+            self.logic.showComparison(comparison.tableNode, self.ui.newOnlyCheckBox.checked)
+            self.logic.showSideBySide(comparison.tableNode)
+            self.ui.compareStatusLabel.text = compareview.result_text(comparison.summary)
+        elif comparison.status == "cancelled":
+            self.ui.compareStatusLabel.text = "Cancelled: nothing was changed."
+        else:
+            self.ui.compareStatusLabel.text = comparison.errorMessage
+            slicer.util.errorDisplay(comparison.errorMessage, windowTitle=TITLE,
+                                     detailedText="\n".join(comparison.monitor.lines))
+
+    def onNewOnlyToggled(self, checked: bool) -> None:
+        tableNode = self.ui.comparisonTableView.mrmlTableNode()
+        if tableNode is not None:
+            self.logic.showComparison(tableNode, checked)
+
+    def onComparisonRowSelected(self) -> None:
+        """Show the selected CMB in both views: baseline on the left, follow-up on the right."""
+        tableNode, row = self._selectedRow(self.ui.comparisonTableView)
+        if tableNode is not None:
+            self.logic.jumpToComparisonRow(tableNode, row)
+
+
+#
+# SHIVACMBCommand, SHIVACMBRun, SHIVACMBComparison
+#
+
+
 class SHIVACMBCommand:
     """A command running in the background (slicerbridge.ChildProcess), followed from the Qt event loop.
 
@@ -845,13 +920,34 @@ class SHIVACMBRun(SHIVACMBCommand):
             return
         try:
             # A relative output path would be relative to the child's working directory.
-            resultFolder = os.path.join(self.logic.moduleDirectory(), self.summary.output)
-            self.segmentationNode, self.tableNode = self.logic.loadResults(self.inputVolume, resultFolder,
-                                                                           show3D=self.show3D)
+            self._load(os.path.join(self.logic.moduleDirectory(), self.summary.output))
         except Exception as err:
             logging.exception("SHIVA-CMB results could not be loaded")
             self.status = "failed"
             self.errorMessage = f"The results could not be loaded: {err}"
+
+    def _load(self, resultFolder: str) -> None:
+        self.segmentationNode, self.tableNode = self.logic.loadResults(self.inputVolume, resultFolder,
+                                                                       show3D=self.show3D)
+
+
+class SHIVACMBComparison(SHIVACMBRun):
+    """One `shivacmb compare` run: follow-up (``inputVolume``) against ``baselineVolume``, up to the loaded
+    comparison table and follow-up segmentation (``summary``: compareview.ComparisonSummary)."""
+
+    def __init__(self, logic: "SHIVACMBLogic", baselineVolume: vtkMRMLScalarVolumeNode,
+                 followupVolume: vtkMRMLScalarVolumeNode, tempDir: str, process: slicerbridge.ChildProcess,
+                 fileNames: Dict[str, str], onProgress: Optional[Callable[[float, str], None]] = None,
+                 onFinished: Optional[Callable[["SHIVACMBComparison"], None]] = None) -> None:
+        from SHIVACMBLib import compareview
+
+        super().__init__(logic, followupVolume, tempDir, process, fileNames, onProgress, onFinished, show3D=False)
+        self.baselineVolume = baselineVolume
+        self.monitor = slicerbridge.RunMonitor(parse=compareview.parse_summary_line)
+
+    def _load(self, resultFolder: str) -> None:
+        self.tableNode, self.segmentationNode = self.logic.loadComparison(self.baselineVolume, self.inputVolume,
+                                                                          resultFolder)
 
 
 class SHIVACMBUpdate:
@@ -989,6 +1085,12 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
     FINDINGS_ATTRIBUTE = "SHIVACMB.findings"
     VOLUME_ROLE = "SHIVACMBSourceVolume"
     SEGMENTATION_ROLE = "SHIVACMBSegmentation"
+    COMPARISON_RESULT = "comparison"  # comparison table and segmentation; VOLUME_ROLE: the follow-up
+    REGISTRATION_RESULT = "registration"  # transform putting a follow-up on its baseline
+    BASELINE_ROLE = "SHIVACMBBaselineVolume"
+    COMPARISON_ROWS_ATTRIBUTE = "SHIVACMB.comparisonRows"  # every comparison.tsv row, as JSON
+    COMPARISON_SHOWN_ATTRIBUTE = "SHIVACMB.comparisonShown"  # the rows shown, in table order
+    SIDE_BY_SIDE_VIEWS = ("Red", "Yellow")  # baseline, follow-up
     CANCEL_GRACE_S = 10.0
     ARRAY_CLASSES = {"int": vtk.vtkIntArray, "double": vtk.vtkDoubleArray, "string": vtk.vtkStringArray}
 
@@ -1112,11 +1214,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
                 onFinished: Optional[Callable[[SHIVACMBRun], None]], show3D: bool) -> SHIVACMBRun:
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("Select a scan with image data.")
-        missing = self.missingPackages()
-        if missing:
-            raise RuntimeError("Install the Python packages SHIVA-CMB needs first: " + ", ".join(missing))
-        python = self.pythonExecutable()
-        tempDir = self.temporaryFolder("run")
+        python, tempDir = self._childSetup("run")
         try:
             inputPath = self.exportVolume(inputVolume, os.path.join(tempDir, "input.nrrd"))
             fileNames = {inputPath: f"scan '{inputVolume.GetName()}'"}
@@ -1134,6 +1232,13 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
             raise
         logging.info(f"SHIVA-CMB started: {' '.join(args)}")
         return SHIVACMBRun(self, inputVolume, tempDir, process, fileNames, onProgress, onFinished, show3D)
+
+    def _childSetup(self, kind: str) -> Tuple[str, str]:
+        """Slicer's Python and a new temporary folder for a command; refused while packages are missing."""
+        missing = self.missingPackages()
+        if missing:
+            raise RuntimeError("Install the Python packages SHIVA-CMB needs first: " + ", ".join(missing))
+        return self.pythonExecutable(), self.temporaryFolder(kind)
 
     @staticmethod
     def exportVolume(volumeNode: vtkMRMLScalarVolumeNode, path: str) -> str:
@@ -1216,11 +1321,17 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         """Keep ``findings`` as the table's findings and show them, one typed column per findings.tsv column."""
         from SHIVACMBLib import corrections
 
-        rows = [slicerbridge.finding_row(finding) for finding in findings]
         wasModified = tableNode.StartModify()
         tableNode.SetAttribute(self.FINDINGS_ATTRIBUTE, corrections.findings_to_json(findings))
+        self._fillTable(tableNode, slicerbridge.TABLE_COLUMNS, [slicerbridge.finding_row(f) for f in findings])
+        # Editable, for the review columns; edits to other cells are put back (applyTableEdits).
+        tableNode.SetLocked(False)
+        tableNode.EndModify(wasModified)
+
+    def _fillTable(self, tableNode: vtkMRMLTableNode, columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:
+        """Replace a table's columns by typed ``columns`` (slicerbridge.Column) holding ``rows``."""
         tableNode.RemoveAllColumns()
-        for index, column in enumerate(slicerbridge.TABLE_COLUMNS):
+        for index, column in enumerate(columns):
             array = self.ARRAY_CLASSES[column.kind]()
             array.SetName(column.name)
             array.SetNumberOfValues(len(rows))
@@ -1232,9 +1343,6 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
                 tableNode.SetColumnUnitLabel(column.name, column.unit)
         # Without this the column names would be shown as row 0 and every row would be off by one.
         tableNode.SetUseColumnTitleAsColumnHeader(True)
-        # Editable, for the review columns; edits to other cells are put back (applyTableEdits).
-        tableNode.SetLocked(False)
-        tableNode.EndModify(wasModified)
 
     def _markResult(self, node: vtkMRMLNode, kind: str, inputVolume: vtkMRMLScalarVolumeNode) -> None:
         """Tag a node as this module's result for ``inputVolume`` and file it beside the scan."""
@@ -1462,6 +1570,144 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         if segmentationNode is None:
             return None, None
         return segmentationNode, segment_for_cmb(self.segmentRecords(segmentationNode), int(cells["cmb_id"]))
+
+    # --- compare with baseline -------------------------------------------------------------
+
+    def startComparison(self, baselineVolume: vtkMRMLScalarVolumeNode, followupVolume: vtkMRMLScalarVolumeNode,
+                        baselineTable: Optional[vtkMRMLTableNode] = None,
+                        followupTable: Optional[vtkMRMLTableNode] = None, model: str = "", device: str = "auto",
+                        threshold: Optional[float] = None, onProgress: Optional[Callable[[float, str], None]] = None,
+                        onFinished: Optional[Callable[["SHIVACMBComparison"], None]] = None) -> "SHIVACMBComparison":
+        """Start `shivacmb compare` in the background; a scan without a findings table is segmented."""
+        from SHIVACMBLib import compareview
+        from SHIVACMBLib.findings import write_tsv
+
+        scans = {"baseline": (baselineVolume, baselineTable), "followup": (followupVolume, followupTable)}
+        for name, (volume, table) in scans.items():
+            if volume is None or volume.GetImageData() is None:
+                raise ValueError(f"Select a {name} scan with image data.")
+            if table is not None and self.findingsVolume(table) is not volume:
+                raise ValueError(f"The table '{table.GetName()}' holds the CMBs of another scan than "
+                                 f"'{volume.GetName()}'.")
+        if baselineVolume is followupVolume:
+            raise ValueError("Select two different scans.")
+        python, tempDir = self._childSetup("compare")
+        paths, fileNames = {}, {}
+        try:
+            for name, (volume, table) in scans.items():
+                paths[name] = self.exportVolume(volume, os.path.join(tempDir, f"{name}.nrrd"))
+                fileNames[paths[name]] = f"scan '{volume.GetName()}'"
+                if table is not None:
+                    paths[f"{name} findings"] = os.path.join(tempDir, f"{name}_findings.tsv")
+                    write_tsv(self.shownFindings(table), paths[f"{name} findings"])
+                    fileNames[paths[f"{name} findings"]] = f"findings table '{table.GetName()}'"
+            settings = slicerbridge.SegmentSettings(model=model, device=device, threshold=threshold)
+            args = compareview.compare_command(python, paths["baseline"], paths["followup"],
+                                               os.path.join(tempDir, "comparison"), settings,
+                                               paths.get("baseline findings"), paths.get("followup findings"))
+            process = slicerbridge.ChildProcess(args, cwd=self.moduleDirectory(), env=self.childEnvironment(),
+                                                grace_s=self.CANCEL_GRACE_S)
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        logging.info(f"SHIVA-CMB comparison started: {' '.join(args)}")
+        comparison = SHIVACMBComparison(self, baselineVolume, followupVolume, tempDir, process, fileNames,
+                                        onProgress, onFinished)
+        comparison.startPolling()
+        return comparison
+
+    def loadComparison(self, baselineVolume: vtkMRMLScalarVolumeNode, followupVolume: vtkMRMLScalarVolumeNode,
+                       folder: str) -> Tuple[vtkMRMLTableNode, vtkMRMLSegmentationNode]:
+        """Load comparison.tsv as a table (new CMBs shown) and comparison.seg.nrrd on the follow-up, and put the
+        follow-up on the baseline with the registration (see alignFollowup)."""
+        import json
+
+        from SHIVACMBLib import compareview, longitudinal
+
+        for volume in (baselineVolume, followupVolume):
+            if not slicer.mrmlScene.IsNodePresent(volume):
+                raise RuntimeError(f"the scan '{volume.GetName()}' was removed from the scene during the run")
+        rows = longitudinal.read_tsv(os.path.join(folder, longitudinal.TSV_NAME))
+        with open(os.path.join(folder, longitudinal.JSON_NAME), encoding="utf-8") as stream:
+            toBaseline = compareview.followup_to_baseline_ras(json.load(stream))
+        segmentationNode = self.loadSegmentation(os.path.join(folder, longitudinal.SEGMENTATION_NAME),
+                                                 followupVolume, show3D=False)
+        segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{followupVolume.GetName()} CMBs, new vs "
+                                                                     f"{baselineVolume.GetName()}"))
+        segmentationNode.SetAttribute(self.RESULT_ATTRIBUTE, self.COMPARISON_RESULT)
+        name = slicer.mrmlScene.GenerateUniqueName(f"{followupVolume.GetName()} vs {baselineVolume.GetName()}")
+        tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        tableNode.SetAttribute(self.COMPARISON_ROWS_ATTRIBUTE, json.dumps(rows))
+        tableNode.SetNodeReferenceID(self.BASELINE_ROLE, baselineVolume.GetID())
+        tableNode.SetNodeReferenceID(self.SEGMENTATION_ROLE, segmentationNode.GetID())
+        self._markResult(tableNode, self.COMPARISON_RESULT, followupVolume)
+        self.showComparison(tableNode, newOnly=True)
+        self.alignFollowup(followupVolume, baselineVolume, toBaseline)
+        return tableNode, segmentationNode
+
+    def showComparison(self, tableNode: vtkMRMLTableNode, newOnly: bool) -> None:
+        """Show a comparison's new CMBs only, or all its CMBs (read-only)."""
+        import json
+
+        from SHIVACMBLib import compareview
+
+        shown = compareview.table_rows(json.loads(tableNode.GetAttribute(self.COMPARISON_ROWS_ATTRIBUTE)), newOnly)
+        wasModified = tableNode.StartModify()
+        tableNode.SetAttribute(self.COMPARISON_SHOWN_ATTRIBUTE, json.dumps(shown))
+        self._fillTable(tableNode, compareview.TABLE_COLUMNS, [compareview.table_cells(row) for row in shown])
+        tableNode.SetLocked(True)
+        tableNode.EndModify(wasModified)
+
+    def alignFollowup(self, followupVolume: vtkMRMLScalarVolumeNode, baselineVolume: vtkMRMLScalarVolumeNode,
+                      toBaseline: np.ndarray) -> bool:
+        """Put the follow-up and the segmentations on it under a transform node holding the registration
+        (follow-up RAS -> baseline RAS), so that both views show the same place; whether it was done.
+
+        A follow-up under a transform of the user's is left alone (the views then jump apart)."""
+        parent = followupVolume.GetParentTransformNode()
+        if parent is not None and parent.GetAttribute(self.RESULT_ATTRIBUTE) != self.REGISTRATION_RESULT:
+            return False
+        if parent is None:
+            name = slicer.mrmlScene.GenerateUniqueName(f"{followupVolume.GetName()} to {baselineVolume.GetName()}")
+            parent = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+            parent.SetAttribute(self.RESULT_ATTRIBUTE, self.REGISTRATION_RESULT)
+        parent.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(toBaseline))
+        parent.SetAndObserveTransformNodeID(baselineVolume.GetTransformNodeID())
+        for node in [followupVolume, *self.resultNodes(followupVolume)]:
+            if node.IsA("vtkMRMLTransformableNode"):
+                node.SetAndObserveTransformNodeID(parent.GetID())
+        return True
+
+    def comparisonVolumes(self, tableNode: vtkMRMLTableNode) -> Tuple[Optional[vtkMRMLScalarVolumeNode], ...]:
+        """The baseline and follow-up scans of a comparison table."""
+        return tableNode.GetNodeReference(self.BASELINE_ROLE), tableNode.GetNodeReference(self.VOLUME_ROLE)
+
+    def showSideBySide(self, tableNode: vtkMRMLTableNode) -> None:
+        """Baseline on the left, follow-up on the right; linked when the follow-up lies on the baseline."""
+        baselineVolume, followupVolume = self.comparisonVolumes(tableNode)
+        parent = followupVolume.GetParentTransformNode()
+        linked = parent is not None and parent.GetAttribute(self.RESULT_ATTRIBUTE) == self.REGISTRATION_RESULT
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        for view, volume in zip(self.SIDE_BY_SIDE_VIEWS, (baselineVolume, followupVolume)):
+            sliceWidget = layoutManager.sliceWidget(view)
+            composite = sliceWidget.mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(volume.GetID())
+            composite.SetLinkedControl(linked)
+            sliceWidget.sliceLogic().FitSliceToAll()
+
+    def jumpToComparisonRow(self, tableNode: vtkMRMLTableNode, row: int) -> None:
+        """Centre the baseline view on the row's CMB in the baseline, and the follow-up view in the follow-up."""
+        import json
+
+        from SHIVACMBLib import compareview
+
+        shown = json.loads(tableNode.GetAttribute(self.COMPARISON_SHOWN_ATTRIBUTE))
+        layoutManager = slicer.app.layoutManager()
+        for view, volume, ras in zip(self.SIDE_BY_SIDE_VIEWS, self.comparisonVolumes(tableNode),
+                                     compareview.positions(shown[row])):
+            position = self.worldPosition(volume, ras)
+            layoutManager.sliceWidget(view).mrmlSliceNode().JumpSliceByCentering(*position)
 
     @staticmethod
     def worldPosition(volumeNode: Optional[vtkMRMLNode], ras: Sequence[float]) -> Tuple[float, float, float]:

@@ -371,18 +371,20 @@ def failure_message(returncode: int, lines: Iterable[str], names: Mapping[str, s
 
 
 class RunMonitor:
-    """Follows the output lines of one `shivacmb segment --progress json` run."""
+    """Follows the output lines of one `shivacmb segment --progress json` run (or, with another ``parse``
+    of the final line, of another command's, such as `compare`)."""
 
-    def __init__(self, keep: int = 200) -> None:
+    def __init__(self, keep: int = 200, parse: Callable[[str], Any] = parse_summary_line) -> None:
         self.lines: Deque[str] = deque(maxlen=keep)
-        self.summary: Optional[RunSummary] = None
+        self.summary: Optional[Any] = None
+        self._parse = parse
 
     def feed(self, line: str) -> Optional[Dict[str, Any]]:
         """Record one output line; returns it as progress (stage, fraction, message) if it is one."""
         self.lines.append(line)
         progress = parse_progress_line(line)
         if progress is not None and progress["stage"] == "done":
-            self.summary = parse_summary_line(line)
+            self.summary = self._parse(line)
         return progress
 
     def outcome(self, returncode: int, cancel_requested: bool) -> str:

@@ -626,3 +626,62 @@ def test_assisted_rating_in_slicer(tmp_path, module):
     rating.notRatable("motion")
     assert rating.scanId == "s2" and not rating.changeable and rating.session.done() == 2
     rating.close()
+
+
+# --- compare with baseline ------------------------------------------------------------------------
+
+
+class SliceWidget:
+    def __init__(self, jumps, view):
+        self.jumps, self.view = jumps, view
+
+    def mrmlSliceNode(self):
+        return types.SimpleNamespace(JumpSliceByCentering=lambda r, a, s: self.jumps.append((self.view, (r, a, s))))
+
+
+def comparison_table(tmp_path, module):
+    """A comparison table as loadComparison leaves it: rows of a real comparison.tsv, both scans referenced."""
+    from SHIVACMBLib import longitudinal
+
+    grid = phantoms.grid_around((0, 0, 0), (60, 60, 60), (1.0, 1.0, 1.0))
+    registration = longitudinal.Registration(phantoms_transform(), "rigid", -0.5, 0.97, 0.4)
+    baseline = [Finding(1, 5.0, 5.0, 5.0, 0, 0, 0, 20.0, 20), Finding(2, -10.0, 0.0, 3.0, 0, 0, 0, 14.0, 14)]
+    followup = [Finding(1, 7.0, 5.0, 5.0, 0, 0, 0, 22.0, 22), Finding(2, 12.0, -10.0, -6.0, 0, 0, 0, 9.0, 9)]
+    rows = longitudinal.match_findings(baseline, followup, registration, grid, grid, 4.0)
+    (tmp_path / "comparison.tsv").write_text(longitudinal.to_tsv(rows))
+    logic = module.SHIVACMBLogic()
+    table = TableNode()
+    table.SetAttribute(logic.COMPARISON_ROWS_ATTRIBUTE, json.dumps(longitudinal.read_tsv(tmp_path / "comparison.tsv")))
+    baseline_volume, followup_volume = VolumeNode(grid), VolumeNode(grid)
+    table.SetNodeReferenceID(logic.BASELINE_ROLE, baseline_volume)
+    table.SetNodeReferenceID(logic.VOLUME_ROLE, followup_volume)
+    return logic, table, registration
+
+
+def phantoms_transform():
+    import SimpleITK as sitk
+
+    transform = sitk.Euler3DTransform()
+    transform.SetTranslation((-2.0, 0.0, 0.0))  # baseline LPS -> follow-up LPS: 2 mm to the Right
+    return transform
+
+
+def test_comparison_table_shows_new_cmbs_or_all_and_rows_jump_both_views(tmp_path, module):
+    logic, table, registration = comparison_table(tmp_path, module)
+    jumps = []
+    module.slicer.app.layoutManager = lambda: types.SimpleNamespace(sliceWidget=lambda view: SliceWidget(jumps, view))
+    logic.showComparison(table, newOnly=True)
+    statuses = table.columns[0]
+    assert statuses.values == ["new"] and table.locked
+    assert [c.name for c in table.columns][:3] == ["status", "followup_id", "baseline_id"]
+    logic.jumpToComparisonRow(table, 0)
+    # baseline view: where the new CMB would be in the baseline; follow-up view: the CMB itself
+    assert jumps == [("Red", pytest.approx((10.0, -10.0, -6.0))), ("Yellow", pytest.approx((12.0, -10.0, -6.0)))]
+    logic.showComparison(table, newOnly=False)
+    assert statuses is not table.columns[0]
+    assert table.columns[0].values == ["new", "persistent", "not seen at follow-up"]
+    distance = table.columns[[c.name for c in table.columns].index("distance_mm")].values
+    assert distance[1] == pytest.approx(0.0, abs=0.01) and math.isnan(distance[0]) and math.isnan(distance[2])
+    jumps.clear()
+    logic.jumpToComparisonRow(table, 2)  # not seen at follow-up: baseline CMB 2, where the follow-up would show it
+    assert jumps == [("Red", pytest.approx((-10.0, 0.0, 3.0))), ("Yellow", pytest.approx((-8.0, 0.0, 3.0)))]

@@ -643,3 +643,50 @@ def test_rating_shortcuts_are_distinct_and_leave_the_slice_view_keys_alone():
                  if isinstance(node, ast.FunctionDef) and node.name == "_setupRating")
     dicts = [node for node in ast.walk(setup) if isinstance(node, ast.Dict)]
     assert all({ast.literal_eval(k) for k in d.keys} == set(ratingview.SHORTCUTS) for d in dicts) and len(dicts) == 2
+
+
+# --- compare with baseline ---------------------------------------------------------------------
+
+
+def test_compare_command_is_what_the_cli_parses():
+    from SHIVACMBLib import compareview
+
+    settings = SegmentSettings(model="shiva-cmb-swi", device="cpu", threshold=0.4)
+    args = compareview.compare_command("/slicer/PythonSlicer", "/t/b.nrrd", "/t/f.nrrd", "/t/out", settings,
+                                       baseline_findings="/t/b.tsv")
+    assert args[:3] == ["/slicer/PythonSlicer", "-m", "SHIVACMBLib.cli"]
+    parsed = cli.build_parser().parse_args(args[3:])
+    assert (parsed.command, parsed.baseline, parsed.followup, parsed.out) == ("compare", "/t/b.nrrd", "/t/f.nrrd",
+                                                                              "/t/out")
+    assert (parsed.baseline_findings, parsed.followup_findings) == ("/t/b.tsv", None)
+    assert (parsed.model, parsed.device, parsed.threshold, parsed.progress) == ("shiva-cmb-swi", "cpu", 0.4, "json")
+    assert parsed.no_report
+
+
+def test_compare_summary_line_and_result_text():
+    from SHIVACMBLib import compareview
+
+    line = json.dumps({"stage": "done", "fraction": 1.0, "message": "m", "output": "/t/out", "grade": "moderate",
+                       "counts": {"new": 5, "persistent": 2, "not seen at follow-up": 0}})
+    summary = compareview.parse_summary_line(line)
+    assert summary.counts["new"] == 5 and summary.grade == "moderate"
+    text = compareview.result_text(summary)
+    assert text.startswith("5 new, 2 persistent. ARIA-H microhemorrhage grade from the new CMBs: moderate.")
+    assert "radiologist" in text
+    assert compareview.parse_summary_line('{"stage": "done", "fraction": 1.0, "output": "x"}') is None
+    monitor = slicerbridge.RunMonitor(parse=compareview.parse_summary_line)
+    monitor.feed(line)
+    assert monitor.outcome(0, False) == "done" and monitor.summary == summary
+
+
+def test_followup_is_put_on_the_baseline_by_the_registration_matrix():
+    import SimpleITK as sitk
+
+    from SHIVACMBLib import compareview, longitudinal
+
+    transform = sitk.Euler3DTransform((10.0, -5.0, 2.0), 0.1, -0.2, 0.15, (3.0, -8.0, 12.0))
+    registration = longitudinal.Registration(transform, "rigid", -0.6, 0.98, 1.0)
+    matrix = compareview.followup_to_baseline_ras({"registration": registration.summary()})
+    followup_ras = np.array([[12.0, -30.0, 7.5], [-40.0, 22.0, -3.0]])
+    expected = registration.to_baseline_ras(followup_ras)
+    assert np.allclose(followup_ras @ matrix[:3, :3].T + matrix[:3, 3], expected, atol=1e-4)
