@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial import cKDTree
 
-from .errors import InputError
+from .errors import InputError, RuntimeFailure
 from .findings import Finding
 from .geometry import LPS_RAS, Geometry, resample
 from .resources import bundled_models_dir
@@ -80,7 +80,8 @@ class Located:
 def atlas_dir() -> Path:
     base = bundled_models_dir()
     if base is None or not (base / ATLAS_FOLDER / ATLAS_LABELS).is_file():
-        raise FileNotFoundError("the MARS location atlas (models/atlas) is missing from this installation")
+        raise RuntimeFailure("the MARS location atlas (models/atlas) is missing from this installation; "
+                             "reinstall, or run with --no-location")
     return base / ATLAS_FOLDER
 
 
