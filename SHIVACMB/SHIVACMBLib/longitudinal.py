@@ -56,7 +56,7 @@ REGISTRATION_MM = 2.0
 SHRINK_FACTORS = (4, 2, 1)  # levels of 8, 4 and 2 mm
 SMOOTHING_MM = (4.0, 2.0, 0.0)
 HISTOGRAM_BINS = 32
-SAMPLING = 0.3  # share of the masked baseline voxels the metric samples at each level
+SAMPLING = 0.3  # share of the baseline voxels drawn at each level (those in the brain mask are used)
 MIN_MASK_DICE = 0.85
 
 NEW, PERSISTENT, NOT_SEEN, OUTSIDE = "new", "persistent", "not seen at follow-up", "outside the other scan"
