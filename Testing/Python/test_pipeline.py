@@ -118,7 +118,7 @@ def test_run_json_records_provenance(rich_run):
     assert run["model"]["name"] == "test-dark-blob" and len(run["model"]["folds"][0]["sha256"]) == 64
     assert run["inference"]["provider"] == "CPUExecutionProvider" and run["inference"]["onnxruntime"]
     assert run["results"]["cmb_count"] == len(result.findings)
-    assert set(run["timings_s"]) == {"read", "mask", "preprocess", "inference", "postprocess", "write", "total"}
+    assert set(run["timings_s"]) == {"read", "mask", "preprocess", "inference", "postprocess", "location", "write", "total"}
     assert run["settings"]["threshold"] == 0.5 and run["mask"]["source"] == "computed"
     assert run["software"]["version"] and run["started"] and run["finished"]
     assert run["model_box"]["shape"] == [80, 96, 80]
