@@ -1,15 +1,18 @@
 """Train the demonstration model on phantoms (needs the optional ``train`` extra: torch).
 
-Three steps, each resumable:
+The steps, each resumable:
   prepare  phantoms -> model-box arrays, through the same read/mask/resample/normalise code
            that ``segment`` runs, so the network sees exactly what it will see at inference;
-  fit      patch training of the residual U-Net (32^3 patches, 4 per step, centred on CMBs, on mimics and at
-           random in the brain), loss BCE + soft Dice, checkpoint every 100 steps, exact resume;
+  mine     a model's false positives on those arrays (hard negatives for a later fit);
+  fit      patch training of the residual U-Net (32^3 patches, 4 per step, centred on CMBs, on mimics, on
+           mined false positives and at random in the brain), loss BCE + soft Dice, checkpoint every
+           100 steps, exact resume; ``--init`` starts from a checkpoint or from an exported ONNX fold;
   export   one ONNX fold per run (opset 17, dynamic spatial axes) plus a parity check against torch;
   calibrate metrics per threshold on validation phantoms, to choose the model's threshold.
 
     python -m SHIVACMBLib.train prepare --phantoms DIR --cache DIR
-    python -m SHIVACMBLib.train fit --cache DIR --run DIR --steps 9000 --seed 7
+    python -m SHIVACMBLib.train mine --cache DIR --model-dir DIR --out DIR
+    python -m SHIVACMBLib.train fit --cache DIR --run DIR --steps 9000 --seed 7 [--hard DIR --mix C M B H]
     python -m SHIVACMBLib.train export --run DIR [DIR ...] --model-dir DIR [--threshold T] [--metrics M.json]
     python -m SHIVACMBLib.train calibrate --model-dir DIR --phantoms VALIDATION --work DIR
 """
@@ -29,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from .files import atomic_path
@@ -42,7 +46,8 @@ from .unet import ResidualUNet3D
 BOX = (160, 214, 176)
 INPUT = SimpleNamespace(shape=BOX, spacing_mm=(1.0, 1.0, 1.0), normalization=Normalization())
 PATCH = 32
-# patch centres: on a CMB voxel, on a mimic voxel, anywhere in the brain
+# patch centres: on a CMB voxel, on a mimic voxel, anywhere in the brain (and, with mined hard
+# negatives, a fourth share on a model's false positives)
 MIX = (0.6, 0.25, 0.15)
 # With 2e-3, or with two 48^3 or 64^3 patches per step, the network settled on "no CMB anywhere"
 # within a few hundred steps (under BCE + Dice, weighted BCE and focal loss alike); four 32^3
@@ -91,11 +96,12 @@ class PatchSampler:
 
     ``by_class``: the mimic share is split evenly between the mimic classes, so that rare classes
     (a few calcifications per scan) are seen as often as veins, which have hundreds of times more
-    voxels; otherwise every mimic voxel is equally likely.
+    voxels; otherwise every mimic voxel is equally likely. ``hard``: a folder of mined false
+    positives (``mine``), sampled with the fourth share of ``mix``.
     """
 
     def __init__(self, files: Sequence[Path], rng: np.random.Generator, patch: int = PATCH,
-                 mix: Optional[Tuple[float, float, float]] = None, by_class: bool = True) -> None:
+                 mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None) -> None:
         self.rng = rng
         self.patch = patch
         self.volumes: List[np.ndarray] = []
@@ -111,15 +117,20 @@ class PatchSampler:
                     masks[f"mimic:{MIMIC_CLASSES[code - 1]}"] = data["mimic"] == code
             else:
                 masks["mimic:any"] = data["mimic"] > 0
-            for key, mask in masks.items():
-                where = np.argwhere(mask)
+            points = {key: np.argwhere(mask) for key, mask in masks.items()}
+            if hard is not None:
+                points["hard"] = np.load(Path(hard) / f"{Path(path).stem}.npy")
+            for key, where in points.items():
                 if len(where):
                     self.sites.setdefault(key, []).append((n, where[:: max(1, len(where) // 4000)]))
-        cmb, mimic, brain = MIX if mix is None else mix
+        shares = list(MIX if mix is None else mix) + [0.0]
+        cmb, mimic, brain, hard_share = shares[:4]
+        if hard_share and "hard" not in self.sites:
+            raise ValueError("a share of hard-negative patches needs mined false positives (--hard)")
         mimic_kinds = [k for k in self.sites if k.startswith("mimic:")]
         self.kinds = sorted(self.sites)
-        weights = np.array([cmb if k == "cmb" else brain if k == "brain" else mimic / len(mimic_kinds)
-                            for k in self.kinds])
+        named = {"cmb": cmb, "brain": brain, "hard": hard_share}
+        weights = np.array([named[k] if k in named else mimic / len(mimic_kinds) for k in self.kinds])
         self.weights = weights / weights.sum()
 
     def _centre(self) -> Tuple[int, np.ndarray]:
@@ -156,20 +167,25 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float = LEARNING_RATE,
         checkpoint_every: int = 100, threads: Optional[int] = None, until: Optional[int] = None,
         init: Optional[Path] = None, mimics_by_class: bool = True,
-        mix: Tuple[float, float, float] = MIX) -> Path:
+        mix: Sequence[float] = MIX, hard: Optional[Path] = None) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
-    ``init``: start from the weights of another run's checkpoint (a second, fine-tuning phase).
+    ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
+    batch norms are folded into the convolutions: they stay frozen, see ``model_from_onnx``).
     """
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = ResidualUNet3D()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     checkpoint = run / "checkpoint.pt"
-    if init is not None and not checkpoint.exists():
-        model.load_state_dict(torch.load(init, weights_only=False)["model"])
+    frozen_norms = init is not None and Path(init).suffix == ".onnx"
+    if frozen_norms and not checkpoint.exists():
+        model = model_from_onnx(Path(init))
+    else:
+        model = ResidualUNet3D()
+        if init is not None and not checkpoint.exists():
+            model.load_state_dict(torch.load(init, weights_only=False)["model"])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     step = 0
     rng = np.random.default_rng(seed)
     if checkpoint.exists():
@@ -181,12 +197,17 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
     files = sorted(cache.glob("*.npz"))
-    sampler = PatchSampler(files, rng, mix=mix, by_class=mimics_by_class)
+    sampler = PatchSampler(files, rng, mix=mix, by_class=mimics_by_class, hard=hard)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
-         "patch": PATCH, "mix": list(mix), "init": str(init) if init else None,
-         "mimics_by_class": mimics_by_class, "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
+         "patch": PATCH, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
+         "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "command": " ".join(sys.argv),
+         "torch": torch.__version__}, indent=2) + "\n")
     model.train()
+    if frozen_norms:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm3d):
+                module.eval()
     with open(run / "train.log", "a", encoding="utf-8") as log:
         started, running = time.time(), None
         while step < min(steps, until or steps):
@@ -211,6 +232,81 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
                 with atomic_path(checkpoint) as tmp:
                     torch.save(state, tmp)
     return checkpoint
+
+
+def model_from_onnx(path: Path) -> ResidualUNet3D:
+    """The network of an exported fold, to train further.
+
+    The export folds every batch norm into the convolution before it, so each convolution takes
+    its folded weights and each norm becomes an identity that adds the folded bias; fit keeps these
+    norms in inference mode (frozen statistics), so the network starts out computing exactly what
+    the ONNX fold computes.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = [node for node in graph.node if node.op_type == "Conv"]
+    model = ResidualUNet3D().eval()
+    ran: List[nn.Conv3d] = []  # convolutions in the order the forward pass runs them, as exported
+    hooks = [m.register_forward_hook(lambda module, *_: ran.append(module))
+             for m in model.modules() if isinstance(m, nn.Conv3d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 8, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    norm_after = {}
+    for block in model.modules():
+        if hasattr(block, "norm1"):
+            norm_after[block.conv1], norm_after[block.conv2] = block.norm1, block.norm2
+    if len(nodes) != len(ran):
+        raise ValueError(f"{path}: {len(nodes)} convolutions, the network has {len(ran)}")
+    with torch.no_grad():
+        for node, conv in zip(nodes, ran):
+            weight = torch.from_numpy(weights[node.input[1]].copy())
+            bias = torch.from_numpy(weights[node.input[2]].copy()) if len(node.input) > 2 else None
+            if weight.shape != conv.weight.shape:
+                raise ValueError(f"{path}: convolution {node.name} has shape {tuple(weight.shape)}, "
+                                 f"the network expects {tuple(conv.weight.shape)}")
+            conv.weight.copy_(weight)
+            norm = norm_after.get(conv)
+            if norm is not None:
+                norm.weight.fill_(1.0)
+                norm.bias.copy_(bias if bias is not None else torch.zeros_like(norm.bias))
+                norm.running_mean.zero_()
+                norm.running_var.fill_(1.0 - norm.eps)
+            elif conv.bias is not None:
+                conv.bias.copy_(bias)
+    return model
+
+
+def mine(cache: Path, model_dir: Path, out: Path, threshold: float = 0.5) -> Dict[str, int]:
+    """The voxels of every component a model finds outside the CMBs of each cached phantom
+    (``out/<scan>.npy``, [x, y, z] rows): hard negatives for ``fit --hard``. Returns the number of
+    false-positive components per scan."""
+    from scipy import ndimage
+
+    from .inference import get_ensemble
+    from .models import load_model
+
+    ensemble = get_ensemble(load_model(str(model_dir)), "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    counts: Dict[str, int] = {}
+    for path in sorted(Path(cache).glob("*.npz")):
+        target = out / f"{path.stem}.npy"
+        data = np.load(path)
+        if not target.exists():
+            probability, _ = ensemble.predict(data["volume"].astype(np.float32).transpose(2, 1, 0))
+            components, n = ndimage.label(probability.transpose(2, 1, 0) >= threshold)
+            hit = np.unique(components[data["cmb"] > 0])
+            false = np.isin(components, hit[hit > 0], invert=True) & (components > 0)
+            with atomic_path(target) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, np.argwhere(false).astype(np.int16))
+            counts[path.stem] = n - int(np.count_nonzero(hit))
+            print(f"mined {path.stem}: {counts[path.stem]} false-positive components", flush=True)
+    return counts
 
 
 # --- export -------------------------------------------------------------------------------
@@ -282,9 +378,15 @@ def training_phases(run: Path) -> List[Dict]:
     while run is not None:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
-        keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "torch")
+        keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "frozen_norms", "torch")
         phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
-        run = Path(config["init"]).parent if config.get("init") else None
+        init = Path(config["init"]) if config.get("init") else None
+        if init is not None and init.suffix == ".onnx":
+            from .files import checksum
+
+            phases.insert(0, {"onnx": init.name, "sha256": checksum([init]) if init.exists() else None})
+            init = None
+        run = init.parent if init is not None else None
     return phases
 
 
@@ -364,11 +466,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--lr", type=float, default=LEARNING_RATE)
     f.add_argument("--threads", type=int)
     f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
-    f.add_argument("--init", type=Path, help="start from the weights of this checkpoint (fine-tuning)")
-    f.add_argument("--mix", type=float, nargs=3, default=MIX, metavar=("CMB", "MIMIC", "BRAIN"),
-                   help="shares of patches centred on CMBs, mimics and anywhere in the brain")
+    f.add_argument("--init", type=Path, help="start from the weights of this checkpoint or ONNX fold (fine-tuning)")
+    f.add_argument("--mix", type=float, nargs="+", default=MIX, metavar="SHARE",
+                   help="shares of patches centred on CMBs, mimics, anywhere in the brain "
+                        "and (optional fourth) on mined false positives")
+    f.add_argument("--hard", type=Path, help="folder of mined false positives (the mine step)")
     f.add_argument("--mimic-sampling", choices=("class", "voxel"), default="class",
                    help="mimic patches: each class equally often, or each mimic voxel equally often")
+    m = steps.add_parser("mine", help="a model's false positives on the cached phantoms (hard negatives)")
+    m.add_argument("--cache", type=Path, required=True)
+    m.add_argument("--model-dir", type=Path, required=True)
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--threshold", type=float, default=0.5)
     e = steps.add_parser("export")
     e.add_argument("--run", type=Path, nargs="+", required=True, help="one training run per fold")
     e.add_argument("--model-dir", type=Path, required=True, help="model folder to write (foldN.onnx, model.json)")
@@ -380,11 +489,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--work", type=Path, required=True, help="folder for the segmentations")
     c.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
     args = parser.parse_args(argv)
+    if args.step == "fit" and len(args.mix) not in (3, 4):
+        parser.error("--mix takes three or four shares")
     if args.step == "prepare":
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
         fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
-            until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class", mix=tuple(args.mix))
+            until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class", mix=tuple(args.mix),
+            hard=args.hard)
+    elif args.step == "mine":
+        counts = mine(args.cache, args.model_dir, args.out, args.threshold)
+        print(f"{sum(counts.values())} false-positive components in {len(counts)} scans")
     elif args.step == "calibrate":
         print(calibration_table(calibrate(args.model_dir, args.phantoms, args.work, args.thresholds)))
     else:

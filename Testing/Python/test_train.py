@@ -67,6 +67,69 @@ def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
     assert by_voxel.kinds == ["brain", "cmb", "mimic:any"] and len(by_voxel.sites["mimic:any"][0][1]) == 26
 
 
+def test_hard_negatives_get_the_fourth_share(tmp_path) -> None:
+    _tiny_cache(tmp_path)
+    files = sorted(tmp_path.glob("*.npz"))
+    with pytest.raises(ValueError, match="--hard"):
+        train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(0.5, 0.0, 0.0, 0.5))
+    hard = tmp_path / "hard"
+    hard.mkdir()
+    np.save(hard / "scan-a.npy", np.array([[8, 9, 10]], np.int16))
+    sampler = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(0.0, 0.0, 0.0, 1.0), hard=hard)
+    assert sampler.kinds[sampler.weights.argmax()] == "hard" and sampler.weights.max() == 1.0
+    for _ in range(20):  # every patch holds the mined voxel, however it was jittered
+        scan, centre = sampler._centre()
+        offset = np.array([8, 9, 10]) - centre  # the patch spans centre - 8 .. centre + 7
+        assert scan == 0 and np.all((-8 <= offset) & (offset <= 7))
+
+
+def test_mine_keeps_the_voxels_of_false_positive_components_only(tmp_path, model_dir) -> None:
+    from helpers import SMALL_BOX
+
+    x, y, z = np.indices(SMALL_BOX)
+    volume = np.full(SMALL_BOX, 0.8, np.float32)
+    cmb = ((x - 30) ** 2 + (y - 40) ** 2 + (z - 40) ** 2 <= 9).astype(np.uint8)
+    false = (x - 55) ** 2 + (y - 50) ** 2 + (z - 40) ** 2 <= 9
+    volume[(cmb > 0) | false] = 0.1
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    zeros = np.zeros(SMALL_BOX, np.uint8)
+    np.savez(cache / "scan-a.npz", volume=volume.astype(np.float16), cmb=cmb, mimic=zeros, brain=zeros + 1)
+    counts = train.mine(cache, model_dir, tmp_path / "hard")
+    assert counts == {"scan-a": 1}
+    mined = np.load(tmp_path / "hard" / "scan-a.npy")
+    assert len(mined) and false[tuple(mined.T)].all()  # only voxels of the dark blob that is no CMB
+
+
+def test_fine_tuning_from_an_onnx_fold_starts_where_the_fold_is(tmp_path, monkeypatch) -> None:
+    torch.manual_seed(1)
+    model = ResidualUNet3D()
+    with torch.no_grad():  # non-trivial batch-norm statistics and affine parameters, as after training
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    fold = tmp_path / "fold0.onnx"
+    train.export_onnx(model, fold)
+    restored = train.model_from_onnx(fold)
+    assert train.parity(restored, fold, (21, 30, 17)) < 1e-5
+
+    _tiny_cache(tmp_path)
+    monkeypatch.setattr(train, "PATCH", 16)
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None))
+    run = tmp_path / "run"
+    train.fit(tmp_path, run, steps=2, seed=4, init=fold)
+    tuned = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    start = restored.state_dict()
+    running = [name for name in start if name.endswith(("running_mean", "running_var"))]
+    assert running and all(torch.equal(tuned[name], start[name]) for name in running)  # norms stay frozen
+    assert not torch.equal(tuned["encoders.0.conv1.weight"], start["encoders.0.conv1.weight"])  # weights train
+    phases = train.training_phases(run)
+    assert phases[0]["onnx"] == "fold0.onnx" and len(phases[0]["sha256"]) == 64 and phases[1]["frozen_norms"]
+
+
 def test_loss_is_small_for_a_right_answer_and_large_for_a_wrong_one() -> None:
     target = torch.zeros(1, 1, 8, 8, 8)
     target[0, 0, 3:5, 3:5, 3:5] = 1
@@ -78,7 +141,7 @@ def test_loss_is_small_for_a_right_answer_and_large_for_a_wrong_one() -> None:
 def test_fit_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
     _tiny_cache(tmp_path)
     monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True))
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None))
     run = tmp_path / "run"
     train.fit(tmp_path, run, steps=4, seed=3, checkpoint_every=1, until=2)  # as if killed after step 2
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
@@ -95,7 +158,7 @@ def test_fit_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
 def test_export_writes_one_verified_fold_per_run(tmp_path, monkeypatch) -> None:
     _tiny_cache(tmp_path)
     monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True))
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None))
     runs = [tmp_path / "run-a", tmp_path / "run-b"]
     train.fit(tmp_path, runs[0], steps=1, seed=1)
     train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt")
