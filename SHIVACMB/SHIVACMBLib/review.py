@@ -600,15 +600,22 @@ class RatingSession:
         return given
 
     def _save(self, event: Dict[str, Any]) -> None:
-        """Log the change (one line, flushed to disk), apply it, write the state."""
+        """Log the change (one line, flushed to disk), apply it, write the state.
+
+        A write that fails part-way (a full disk) is cut off again, so that the next change does not
+        land behind half a line and make the log unreadable.
+        """
         event = {"n": self.ratings.n + 1, "t": _stamp(self._clock()), "rater": self.rater, **event}
         line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        size = os.fstat(self._log.fileno()).st_size
         try:
             written = self._log.write(line)
             if written != len(line):
                 raise OSError(f"only {written} of {len(line)} bytes written")
             os.fsync(self._log.fileno())
         except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._log.fileno(), size)
             raise RuntimeFailure(f"cannot save the change in {self.folder / LOG_NAME}: {err}") from None
         self.ratings.apply(event)
         self._write_state()

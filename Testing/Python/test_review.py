@@ -16,7 +16,7 @@ import pytest
 import review_sim
 from helpers import run_cli
 from SHIVACMBLib import review
-from SHIVACMBLib.errors import InputError
+from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.findings import Finding, write_tsv
 from SHIVACMBLib.review import RatingSession
 
@@ -210,6 +210,34 @@ def test_damaged_files_are_named(scans):
     (folder / "state.json").unlink()  # a lost state is rebuilt from the log
     with RatingSession(scans / "blind", "ann") as rating:
         assert len(rating.rating("sub-01_swi").marks) == 1
+
+
+class HalfWrites:
+    """The rater's log on a full disk: half of each line reaches the file."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def write(self, data):
+        return self.log.write(data[: len(data) // 2])
+
+    def fileno(self):
+        return self.log.fileno()
+
+
+def test_a_change_that_fails_to_save_leaves_the_log_readable(scans):
+    new_session(scans, "blind")
+    with RatingSession(scans / "blind", "ann") as rating:
+        rating.add("sub-01_swi", (1, 1, 1))
+        log = rating._log
+        rating._log = HalfWrites(log)
+        with pytest.raises(RuntimeFailure, match="cannot save the change"):
+            rating.add("sub-01_swi", (2, 2, 2))
+        rating._log = log  # space again: the rater goes on
+        assert rating.add("sub-01_swi", (3, 3, 3)) == 2
+    with RatingSession(scans / "blind", "ann") as rating:
+        assert [m.ras for m in rating.rating("sub-01_swi").marks.values()] == [(1, 1, 1), (3, 3, 3)]
+        assert rating.ratings.n == 2
 
 
 def test_concurrent_raters(tmp_path):
