@@ -173,19 +173,20 @@ def agree(sessions: Sequence[PathLike], certainty: str = "all") -> Dict[str, Any
 
 
 def summary_table(result: Dict[str, Any]) -> str:
-    """One line per pair of readers."""
+    """One line per pair of readers (names in full: ``rater@session`` names differ only at the end)."""
 
     def cell(value: Optional[float], digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    header = (f"{'first':<14} {'second':<14} {'scans':>5} {'n1':>5} {'n2':>5} {'pairs':>5} {'F1':>6} {'ICC':>6} "
-              f"{'R':>6} {'k_pres':>6} {'k_cat':>6} {'bias':>6} {'LoA':>15}")
+    width = max([len("second")] + [len(name) for name in result["readers"]])
+    header = (f"{'first':<{width}} {'second':<{width}} {'scans':>5} {'n1':>5} {'n2':>5} {'pairs':>5} {'F1':>6} "
+              f"{'ICC':>6} {'R':>6} {'k_pres':>6} {'k_cat':>6} {'bias':>6} {'LoA':>15}")
     lines = [f"certainty: {result['certainty']}; findings matched by centroids within 5 mm", header]
     for pair in result["pairs"]:
         f, c = pair["findings"], pair["counts"]
         ba = c["bland_altman"]
         loa = "-" if ba["lower"] is None else f"{ba['lower']:.2f} to {ba['upper']:.2f}"
-        lines.append(f"{pair['first'][:14]:<14} {pair['second'][:14]:<14} {pair['scans']:>5} {f['n_true']:>5} "
+        lines.append(f"{pair['first']:<{width}} {pair['second']:<{width}} {pair['scans']:>5} {f['n_true']:>5} "
                      f"{f['n_pred']:>5} {f['tp']:>5} {cell(f['f1']):>6} {cell(c['icc_a1']):>6} "
                      f"{cell(c['pearson_r']):>6} {cell(c['kappa_presence']):>6} {cell(c['kappa_categories']):>6} "
                      f"{cell(ba['bias'], 2):>6} {loa:>15}")

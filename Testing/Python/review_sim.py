@@ -254,6 +254,7 @@ def verify(folder: Path, raters: Sequence[str], seed: int) -> Dict[str, int]:
         ratings = review.read_ratings(session, state_folder)
         events = [json.loads(line) for line in (state_folder / review.LOG_NAME).read_text().splitlines()]
         assert [e["n"] for e in events] == list(range(1, len(events) + 1))
+        assert {e["rater"] for e in events} == {rater}  # no other rater wrote here
         assert review.Ratings.from_json((state_folder / review.STATE_NAME).read_text()).n == len(events)
         for scan_id, actions in plans[rater].items():
             rating = ratings.scans[scan_id]

@@ -96,3 +96,14 @@ def test_plots_need_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(RuntimeFailure, match=r"shivacmb\[plots\]"):
         agreement.plot_bland_altman({"pairs": []}, [], tmp_path)
+
+
+def test_summary_table_prints_whole_reader_names():
+    # rater@session names of one rater differ only at the end
+    names = ("ann@study-2025-assisted", "ann@study-2025-blind")
+    points = {"s1": np.zeros((1, 3)), "s2": np.zeros((0, 3))}
+    result = {"certainty": "all", "readers": list(names),
+              "pairs": [agreement.compare(Reader(names[0], points), Reader(names[1], points), ["s1", "s2"])]}
+    lines = agreement.summary_table(result).splitlines()
+    assert lines[2].split()[:6] == [*names, "2", "1", "1", "1"]
+    assert lines[1].index("scans") + len("scans") == lines[2].index(" 2 ") + 2  # columns line up

@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.stats import pearsonr
+from scipy.stats.contingency import crosstab
 
 import review_sim
 from helpers import run_cli
@@ -241,15 +244,19 @@ def test_a_change_that_fails_to_save_leaves_the_log_readable(scans):
 
 
 def test_concurrent_raters(tmp_path):
-    """Three rater processes at once on one session: each finishes with exactly its own decisions."""
+    """Three rater processes at once on one session: each finishes with exactly its own decisions, in its own
+    files; the files they share are only read."""
     sessions = review_sim.make_sessions(tmp_path, 8, seed=3)
     raters = review_sim.RATERS[:3]
+    shared = {p: p.read_bytes() for p in sessions["assisted"].rglob("*") if p.is_file()}
     processes = [review_sim.launch(sessions["assisted"], rater, 3, None) for rater in raters]
     for process in processes:
         assert process.wait(timeout=120) == 0, process.stderr.read()
     assert review_sim.verify(sessions["assisted"], raters, 3)["decisions"] > 8 * 3
-    session_file = sessions["assisted"] / review.SESSION_NAME
-    assert json.loads(session_file.read_text())["scans"][0]["scan_id"] == "sub-001_swi"
+    assert {p: p.read_bytes() for p in shared} == shared
+    written = {p.relative_to(sessions["assisted"]).parts[:2] for p in sessions["assisted"].rglob("*")
+               if p.is_file() and p not in shared}
+    assert written == {("raters", rater) for rater in raters}
 
 
 def test_review_commands(scans):
@@ -280,33 +287,67 @@ def test_review_commands(scans):
 
 @POSIX_ONLY
 def test_fifty_scans_three_raters_twenty_kills(tmp_path):
-    """The issue's check: every decision once, exports equal to the decisions, `review agree` as computed here."""
-    report = review_sim.check(tmp_path, n_scans=50, raters=review_sim.RATERS[:3], kills=20, seed=7)
+    """The crash check: every decision once, exports equal to the decisions, `review agree` as computed here."""
+    raters = review_sim.RATERS[:3]
+    report = review_sim.check(tmp_path, n_scans=50, raters=raters, kills=20, seed=7)
+    sessions = [tmp_path / f"session-{mode}" for mode in review.MODES]
     for mode in review.MODES:
         assert report[mode]["kills"] == 20 and all(report[mode]["phases"].values()), report
-    plans = review_sim.expected(tmp_path / "session-blind", review_sim.RATERS[:3], 7)
-    out = tmp_path / "export"
-    assert run_cli(["review", "export", tmp_path / "session-blind", "--out", out]).returncode == 0
-    lines = (out / "ratings_scans.tsv").read_text().splitlines()[1:]
-    assert len(lines) == 150
+    plans = {folder.name: review_sim.expected(folder, raters, 7) for folder in sessions}
+    check_export(sessions, plans, 7, tmp_path / "export")
+    check_agree_command(sessions, plans, 7, tmp_path, "all", plots=True)
+    check_agree_command(sessions, plans, 7, tmp_path, "definite", plots=False)
+
+
+# --- the export and `shivacmb review agree` against a computation from the raters' plans ------
+
+
+CERTAINTY = {"added": "definite", "definite": "definite", "possible": "possible"}
+KEPT = {"all": ("added", "definite", "possible"), "definite": ("added", "definite")}
+
+
+def planned_rows(actions, ai):
+    """(cmb status, MARS area column) of what a plan's decisions rate; ``ai``: the scan's AI findings by id."""
+    rated = []
+    for action in actions:
+        if action[0] == "set":
+            rated.append((action[2], ai[action[1]].mars_area if action[3] == "n/a" else action[3]))
+        elif action[0] == "add":
+            rated.append((action[2], "unknown" if action[3] == "n/a" else action[3]))
+    return rated
+
+
+def check_export(sessions, plans, seed, out):
+    completed = run_cli(["review", "export", *sessions, "--out", out])
+    assert completed.returncode == 0, completed.stderr
+    lines = (out / "ratings_scans.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(lines) == 2 * 50 * 3
+    areas = [f"{c}_{a}" for c in ("definite", "possible") for a in review.MARS_AREAS + ("unknown",)]
     for line in lines:
         row = dict(zip(review.SCAN_COLUMNS, line.split("\t")))
-        counts = review_sim.planned_counts(plans[row["rater"]][row["scan_id"]])
-        assert (int(row["definite"]), int(row["possible"])) == (counts["definite"], counts["possible"])
-    decisions = sum(len([a for a in actions if a[0] in ("add", "set")])
-                    for rater in plans.values() for actions in rater.values())
-    assert len((out / "ratings_findings.tsv").read_text().splitlines()) - 1 == decisions
-    check_agree_command(tmp_path / "session-blind", plans, 7, tmp_path)
+        actions = plans[row["session"]][row["rater"]][row["scan_id"]]
+        ai = {f.cmb_id: f for f in review_sim.ai_findings(seed, row["scan_id"])}
+        expected = dict.fromkeys(areas, 0)
+        for status, area in planned_rows(actions, ai):
+            if status in CERTAINTY:
+                expected[f"{CERTAINTY[status]}_{area}"] += 1
+        definite = sum(v for k, v in expected.items() if k.startswith("definite"))
+        possible = sum(v for k, v in expected.items() if k.startswith("possible"))
+        assert {k: int(row[k]) for k in areas} == expected, row
+        assert (int(row["definite"]), int(row["possible"]), int(row["total"])) == (definite, possible,
+                                                                                   definite + possible)
+        assert row["state"] == ("submitted" if actions[-1][0] == "submit" else "not ratable")
+    rated = sum(len(planned_rows(actions, {f.cmb_id: f for f in review_sim.ai_findings(seed, scan)}))
+                for by_rater in plans.values() for by_scan in by_rater.values() for scan, actions in by_scan.items())
+    assert len((out / "ratings_findings.tsv").read_text(encoding="utf-8").splitlines()) - 1 == rated
 
 
-# --- `shivacmb review agree` against a computation from the raters' plans ---------------------
-
-
-def planned_points(actions):
-    """The CMBs a blind rater's plan marks (None: not submitted)."""
+def planned_points(actions, ai, kept):
+    """The CMBs a rater's plan counts (None: the scan is not submitted)."""
     if actions[-1][0] != "submit":
         return None
-    return [a[1] for a in actions if a[0] == "add" and a[2] in ("added", "definite", "possible")]
+    return ([list(ai[a[1]].ras) for a in actions if a[0] == "set" and a[2] in kept]
+            + [a[1] for a in actions if a[0] == "add" and a[2] in kept])
 
 
 def greedy_pairs(first, second):
@@ -331,46 +372,58 @@ def icc_by_sums(a, b):
     return (ms_rows - ms_error) / (ms_rows + ms_error + 2 * (ms_cols - ms_error) / n)
 
 
-def kappa_by_counting(a, b):
-    n = len(a)
-    observed = sum(x == y for x, y in zip(a, b)) / n
-    chance = sum((a.count(c) / n) * (b.count(c) / n) for c in set(a) | set(b))
-    return (observed - chance) / (1 - chance)
+def kappa_of_table(a, b):
+    """Cohen's kappa from the contingency table of the two raters' labels."""
+    labels = sorted(set(a) | set(b))
+    table = crosstab(a, b, levels=(labels, labels)).count / len(a)
+    chance = table.sum(axis=1) @ table.sum(axis=0)
+    return (np.trace(table) - chance) / (1 - chance)
 
 
 def category(n):
     return "0" if n == 0 else "1" if n == 1 else "2-4" if n < 5 else "5+"
 
 
-def check_agree_command(session, plans, seed, tmp_path):
-    points = {rater: {s: planned_points(actions) for s, actions in by_scan.items()} for rater, by_scan in plans.items()}
-    points["AI"] = {s: [f.ras for f in review_sim.ai_findings(seed, s)] for s in plans["alice"]}
-    completed = run_cli(["review", "agree", session, "--out", tmp_path / "agree.json", "--plots", tmp_path / "figs"])
+def check_agree_command(sessions, plans, seed, tmp_path, certainty, plots):
+    kept = KEPT[certainty]
+    points = {}
+    for session, by_rater in plans.items():
+        for rater, by_scan in by_rater.items():
+            points[f"{rater}@{session}"] = {s: planned_points(actions, {f.cmb_id: f for f in review_sim.ai_findings(
+                seed, s)}, kept) for s, actions in by_scan.items()}
+    points["AI"] = {s: [list(f.ras) for f in review_sim.ai_findings(seed, s)] for s in review_sim.scan_ids(50)}
+    out = tmp_path / f"agree-{certainty}.json"
+    command = ["review", "agree", *sessions, "--certainty", certainty, "--out", out]
+    completed = run_cli(command + (["--plots", tmp_path / "figures"] if plots else []))
     assert completed.returncode == 0, completed.stderr
-    result = json.loads((tmp_path / "agree.json").read_text())
-    assert result["readers"] == ["alice", "bob", "chen", "AI"]
-    assert len(result["pairs"]) == 6
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["readers"] == list(points)
+    assert len(result["pairs"]) == 21
+    printed = {tuple(line.split()[:2]): line.split()[2:] for line in completed.stdout.splitlines()[2:23]}
     for pair in result["pairs"]:
         first, second = points[pair["first"]], points[pair["second"]]
-        scans = [s for s in first if first[s] is not None and second[s] is not None]
+        scans = [s for s in first if first[s] is not None and second.get(s) is not None]
         a = [len(first[s]) for s in scans]
         b = [len(second[s]) for s in scans]
         tp = sum(greedy_pairs(first[s], second[s]) for s in scans)
         f, c = pair["findings"], pair["counts"]
         assert (pair["scans"], f["n_true"], f["n_pred"], f["tp"]) == (len(scans), sum(a), sum(b), tp)
         assert f["f1"] == pytest.approx(2 * tp / (sum(a) + sum(b)))
-        assert c["icc_a1"] == pytest.approx(icc_by_sums(a, b))
-        assert c["pearson_r"] == pytest.approx(statistics.correlation(a, b))
-        assert c["kappa_presence"] == pytest.approx(kappa_by_counting([x > 0 for x in a], [y > 0 for y in b]))
-        assert c["kappa_categories"] == pytest.approx(kappa_by_counting([category(x) for x in a],
-                                                                        [category(y) for y in b]))
+        icc, r = icc_by_sums(a, b), pearsonr(a, b)[0]
+        presence = kappa_of_table([x > 0 for x in a], [y > 0 for y in b])
+        categories = kappa_of_table([category(x) for x in a], [category(y) for y in b])
+        assert (c["icc_a1"], c["pearson_r"]) == (pytest.approx(icc), pytest.approx(r))
+        assert (c["kappa_presence"], c["kappa_categories"]) == (pytest.approx(presence), pytest.approx(categories))
         differences = [y - x for x, y in zip(a, b)]
         bias, sd = statistics.mean(differences), statistics.stdev(differences)
-        assert (c["bland_altman"]["bias"], c["bland_altman"]["sd"]) == (pytest.approx(bias), pytest.approx(sd))
-        assert c["bland_altman"]["upper"] == pytest.approx(bias + 1.96 * sd)
-        line = next(l for l in completed.stdout.splitlines() if l.split()[:2] == [pair["first"], pair["second"]])
-        assert line.split()[2:9] == [str(len(scans)), str(sum(a)), str(sum(b)), str(tp),
-                                     f"{2 * tp / (sum(a) + sum(b)):.3f}", f"{icc_by_sums(a, b):.3f}",
-                                     f"{statistics.correlation(a, b):.3f}"]
-    figures = sorted((tmp_path / "figs").iterdir())
-    assert len(figures) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
+        ba = c["bland_altman"]
+        assert (ba["bias"], ba["sd"], ba["lower"], ba["upper"]) == (
+            pytest.approx(bias), pytest.approx(sd), pytest.approx(bias - 1.96 * sd), pytest.approx(bias + 1.96 * sd))
+        assert printed[pair["first"], pair["second"]] == [
+            str(len(scans)), str(sum(a)), str(sum(b)), str(tp), f"{2 * tp / (sum(a) + sum(b)):.3f}", f"{icc:.3f}",
+            f"{r:.3f}", f"{presence:.3f}", f"{categories:.3f}", f"{bias:.2f}", f"{bias - 1.96 * sd:.2f}", "to",
+            f"{bias + 1.96 * sd:.2f}"]
+    if plots:
+        figures = sorted((tmp_path / "figures").iterdir())
+        assert len(figures) == 21 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
+        assert completed.stdout.count("figure -> ") == 21
