@@ -200,10 +200,12 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         if not self._modelsListed:
             self.refreshModels()
+        self._enableRatingKeys()
 
     def exit(self) -> None:
         # The result stays observed, so that segments added or deleted in the Segment Editor update the table.
         self.setParameterNode(None)
+        self._enableRatingKeys()  # off: D, P, N... are other modules' keys
 
     def onSceneStartClose(self, caller, event) -> None:
         for command in (self._run, self._comparison):
@@ -657,12 +659,11 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if rating is not None:
             scanList.addItems(ratingview.scan_lines(rating.session))
             scanList.setCurrentRow(rating.index)
-            findingsList.addItems([ratingview.finding_line(f) for _, f in rating.shown])
+            findingsList.addItems([ratingview.finding_line(name, f) for name, f in rating.shown])
         findingsList.blockSignals(wasBlocked)
         open_ = rating is not None and rating.scanId is not None
         changeable = open_ and rating.changeable
-        for shortcut in self._ratingShortcuts:  # the keys are the slice views' own while no session is open
-            shortcut.setEnabled(open_)
+        self._enableRatingKeys()
         for button in (self.ui.definiteButton, self.ui.possibleButton, self.ui.rejectButton, self.ui.addCmbButton,
                        self.ui.submitScanButton, self.ui.notRatableButton):
             button.enabled = changeable
@@ -674,6 +675,13 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.ratingProgressLabel.text = (
                 f"{ratingview.progress_text(rating.session, rating.index)}: {rating.scanId or 'all scans done'}; "
                 f"{rating.session.mode} session, rater {rating.session.rater}")
+
+    def _enableRatingKeys(self) -> None:
+        """The rating keys work while a session is open and the module is shown (isEntered is already
+        set when enter() and exit() are called); otherwise the keys are the slice views' and other modules'."""
+        on = self._rating is not None and self._rating.scanId is not None and self.parent.isEntered
+        for shortcut in self._ratingShortcuts:
+            shortcut.setEnabled(on)
 
     def _ratingAction(self, what: str, action: Callable[[], Any]) -> None:
         """Run a rating change; a refused one (the core says why) is shown and changes nothing."""

@@ -34,12 +34,14 @@ def scan_lines(session: RatingSession) -> List[str]:
     return [f"{MARKERS[session.ratings.scans[s].state]} {s}" for s in session.scan_ids]
 
 
-def finding_line(finding: Finding) -> str:
-    """One line of the findings list."""
+def finding_line(name: str, finding: Finding) -> str:
+    """One line of the findings list: the segment's name and the rater's status, or "AI finding" for one
+    shown after a blind scan is submitted (its id may equal a blind mark's)."""
+    status = "AI finding" if name.startswith(AI_PREFIX) else finding.status
     where = "" if finding.mars_area == "n/a" else f", {finding.mars_area}"
     side = "" if finding.side == "n/a" else f" {finding.side}"
     note = f" - {finding.note}" if finding.note else ""
-    return f"CMB {finding.cmb_id}: {finding.status}{where}{side}{note}"
+    return f"{name}: {status}{where}{side}{note}"
 
 
 def sphere_radius(finding: Finding) -> float:

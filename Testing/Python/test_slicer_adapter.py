@@ -255,6 +255,23 @@ class SphereSource:
         return self.centre, self.radius
 
 
+class MarkupsNode(Node):
+    """A point list: the points clicked in the slice views."""
+
+    def __init__(self):
+        super().__init__("points")
+        self.points = []
+
+    def GetNumberOfControlPoints(self):
+        return len(self.points)
+
+    def GetNthControlPointPositionWorld(self, index, position):
+        position[:] = self.points[index]
+
+    def RemoveAllControlPoints(self):
+        self.points.clear()
+
+
 class Scene:
     """slicer.mrmlScene: the nodes added and not yet removed."""
 
@@ -262,8 +279,7 @@ class Scene:
         self.nodes = []
 
     def AddNewNodeByClass(self, class_name, name):
-        assert class_name == "vtkMRMLSegmentationNode"
-        node = SegmentationNode()
+        node = {"vtkMRMLSegmentationNode": SegmentationNode, "vtkMRMLMarkupsFiducialNode": MarkupsNode}[class_name]()
         node.name = name
         self.nodes.append(node)
         return node
@@ -685,3 +701,128 @@ def test_comparison_table_shows_new_cmbs_or_all_and_rows_jump_both_views(tmp_pat
     jumps.clear()
     logic.jumpToComparisonRow(table, 2)  # not seen at follow-up: baseline CMB 2, where the follow-up would show it
     assert jumps == [("Red", pytest.approx((-10.0, 0.0, 3.0))), ("Yellow", pytest.approx((-8.0, 0.0, 3.0)))]
+
+
+# --- the Rating session section of the panel ------------------------------------------------------
+
+
+class ListWidget:
+    """QListWidget: its lines, the current row; items are rows."""
+
+    def __init__(self):
+        self.lines, self.currentRow = [], -1
+
+    def clear(self):
+        self.lines, self.currentRow = [], -1
+
+    def addItems(self, lines):
+        self.lines += lines
+
+    def setCurrentRow(self, row):
+        self.currentRow = row
+
+    def row(self, item):
+        return item
+
+    def blockSignals(self, block):
+        return False
+
+
+class Shortcut:
+    enabled = True
+
+    def setEnabled(self, on):
+        self.enabled = on
+
+
+class MarkupsLogic:
+    """slicer.modules.markups.logic(): the list points go to, and place mode."""
+
+    def __init__(self, jumps):
+        self.jumps, self.active, self.persistent = jumps, None, None
+
+    def JumpSlicesToLocation(self, r, a, s, centred):
+        self.jumps.append((r, a, s, centred))
+
+    def SetActiveList(self, node):
+        self.active = node
+
+    def StartPlaceMode(self, persistent):
+        self.persistent = persistent
+
+
+def rating_panel(module, monkeypatch):
+    """The widget with the Rating session section's widgets, as if the module were shown."""
+    markups, errors = MarkupsLogic(module.jumps), []
+    monkeypatch.setattr(module.slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(
+        logic=lambda: markups)), raising=False)
+    monkeypatch.setattr(module.slicer, "vtkMRMLMarkupsNode", types.SimpleNamespace(PointPositionDefinedEvent=7),
+                        raising=False)
+    monkeypatch.setattr(module.slicer.util, "errorDisplay", lambda text, **kw: errors.append(text), raising=False)
+    widget = module.SHIVACMBWidget()
+    widget.parent = types.SimpleNamespace(isEntered=True)
+    widget.logic = module.SHIVACMBLogic()
+    widget.observed = []  # VTKObservationMixin: removing what is not observed does nothing
+    widget.addObserver = lambda *observation: widget.observed.append(observation)
+    widget.removeObserver = lambda *observation: widget.observed.remove(observation) if observation in widget.observed \
+        else None
+    buttons = ("definiteButton", "possibleButton", "rejectButton", "addCmbButton", "submitScanButton",
+               "notRatableButton", "previousScanButton", "nextScanButton")
+    widget.ui = types.SimpleNamespace(ratingScanList=ListWidget(), ratingFindingsList=ListWidget(),
+                                      ratingProgressLabel=types.SimpleNamespace(text=""),
+                                      notRatableComboBox=types.SimpleNamespace(currentText="motion"),
+                                      **{name: types.SimpleNamespace(enabled=None) for name in buttons})
+    widget._ratingShortcuts = [Shortcut() for _ in ratingview.SHORTCUTS]
+    widget._parameterNode = types.SimpleNamespace(rater="ann", disconnectGui=lambda tag: None)
+    return widget, markups, errors
+
+
+def test_rating_panel_adds_a_clicked_point_and_hides_the_ai_until_submit(tmp_path, module, monkeypatch):
+    folder = rating_session(tmp_path, "blind")
+    widget, markups, errors = rating_panel(module, monkeypatch)
+    widget._showRating()
+    assert widget.ui.ratingProgressLabel.text == "No rating session open."
+    assert not any(shortcut.enabled for shortcut in widget._ratingShortcuts)
+
+    widget.openRatingSession(str(folder))
+    ui = widget.ui
+    assert ui.ratingProgressLabel.text == "scan 1 of 2 (0 done): s1; blind session, rater ann"
+    assert (ui.ratingScanList.lines, ui.ratingScanList.currentRow) == (["… s1", "  s2"], 0)
+    assert ui.ratingFindingsList.lines == [] and spheres(widget._rating) == {}  # blind: no AI finding shown
+    assert all(s.enabled for s in widget._ratingShortcuts) and ui.definiteButton.enabled
+    assert (ui.previousScanButton.enabled, ui.nextScanButton.enabled) == (False, True)
+
+    widget.onAddCmb()  # "Add CMB" (key A): the next click in a slice view places one point
+    points = markups.active
+    assert markups.persistent is False and (points, 7, widget.onCmbPlaced) in widget.observed
+    points.points.append((4.0, -5.0, 6.0))
+    widget.onCmbPlaced(points, 7)
+    assert spheres(widget._rating) == {"CMB 1": ((4.0, -5.0, 6.0), ratingview.MARK_RADIUS_MM,
+                                                 ratingview.STATUS_COLOURS["added"])}
+    module.timers.run()
+    assert points.points == [] and ui.ratingFindingsList.lines == ["CMB 1: added"]
+    ui.ratingFindingsList.setCurrentRow(0)
+    widget.onRateFinding("possible")  # key P
+    assert ui.ratingFindingsList.lines == ["CMB 1: possible"] and ui.ratingFindingsList.currentRow == 0
+
+    widget.onSubmitScan()
+    assert ui.ratingProgressLabel.text.startswith("scan 2 of 2 (1 done): s2;")
+    assert ui.ratingScanList.lines == ["✓ s1", "… s2"]
+    widget.onScanChosen(0)  # double-click on s1: submitted, the AI findings beside the blind mark
+    assert ui.ratingFindingsList.lines == ["CMB 1: possible", "AI 1: AI finding", "AI 2: AI finding"]
+    assert sorted(spheres(widget._rating)) == ["AI 1", "AI 2", "CMB 1"] and not ui.definiteButton.enabled
+
+    # Another module is shown, then this one again (Slicer sets isEntered before calling exit() and enter()).
+    widget.parent.isEntered = False
+    widget.exit()
+    assert not any(s.enabled for s in widget._ratingShortcuts)  # D, P, N... are the other module's keys
+    monkeypatch.setattr(widget, "initializeParameterNode", lambda: None)
+    widget._modelsListed = True
+    widget.parent.isEntered = True
+    widget.enter()
+    assert all(s.enabled for s in widget._ratingShortcuts)
+
+    widget._closeRating()  # Slicer closes: the session is saved and its lock released
+    assert module.scene.nodes == [] and widget.observed == [] and errors == []
+    with review.RatingSession(folder, "ann") as again:
+        assert again.rating("s1").marks[1].status == "possible" and again.current_index() == 1
