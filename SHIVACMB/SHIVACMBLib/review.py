@@ -513,7 +513,9 @@ class RatingSession:
         if self.mode == "assisted":
             for ai in self.ai_findings(scan_id):
                 mark = rating.marks.get(ai.cmb_id)
-                shown.append(ai if mark is None else _reviewed(ai, mark, self.rater))
+                # only the rater's word counts: a status or note in the AI file (a reviewed results file) is not theirs
+                shown.append(replace(ai, status="unreviewed", rater=NA, note="") if mark is None
+                             else _reviewed(ai, mark, self.rater))
         for mark in sorted(rating.marks.values(), key=lambda m: m.cmb_id):
             if mark.origin == "rater":
                 shown.append(_reviewed(Finding(mark.cmb_id, *mark.ras, -1, -1, -1, 0.0, 0), mark, self.rater))

@@ -9,6 +9,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,20 @@ def test_assisted_rating_counts_time_and_rules(scans):
         rating.reopen("sub-01_swi")
         assert rating.current_index() == 0
     assert (scans / "assisted" / "raters" / "Dr_Ann_Lee" / "state.json").is_file()
+
+
+def test_statuses_in_the_ai_file_are_not_the_raters(scans):
+    """AI results that were reviewed before (a saved, corrected findings.tsv): the rater still reviews each."""
+    reviewed = [replace(ai_finding(1, (10, 20, 30)), status="definite", rater="someone", note="seen"),
+                replace(ai_finding(2, (-30, 5, 0)), status="rejected")]
+    write_tsv(reviewed, scans / "ai" / "sub-01_swi" / "findings.tsv")
+    new_session(scans, "assisted")
+    with RatingSession(scans / "assisted", "ann") as rating:
+        assert [(f.status, f.rater, f.note) for f in rating.findings("sub-01_swi")] == [("unreviewed", "n/a", "")] * 2
+        with pytest.raises(InputError, match="CMB 1, 2 not reviewed"):
+            rating.submit("sub-01_swi")
+        rating.set_status("sub-01_swi", 2, "possible")
+        assert [f.status for f in rating.findings("sub-01_swi")] == ["unreviewed", "possible"]
 
 
 def test_blind_mode_hides_the_ai_until_submit_and_keeps_the_marks(scans):
