@@ -677,8 +677,8 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 f"{rating.session.mode} session, rater {rating.session.rater}")
 
     def _enableRatingKeys(self) -> None:
-        """The rating keys work while a session is open and the module is shown (isEntered is already
-        set when enter() and exit() are called); otherwise the keys are the slice views' and other modules'."""
+        """The rating keys work while a session is open and the module is shown (Slicer updates isEntered
+        before it calls enter() and exit()); otherwise the keys are the slice views' and other modules'."""
         on = self._rating is not None and self._rating.scanId is not None and self.parent.isEntered
         for shortcut in self._ratingShortcuts:
             shortcut.setEnabled(on)
