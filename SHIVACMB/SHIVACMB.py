@@ -747,12 +747,6 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.mrmlScene.RemoveNode(self._placeNode)
             self._placeNode = None
 
-
-#
-# SHIVACMBCommand, SHIVACMBRun
-#
-
-
     # --- compare with baseline -------------------------------------------------------------
 
     def _setupComparison(self) -> None:
