@@ -16,14 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 import phantoms
+from SHIVACMBLib import longitudinal
+from SHIVACMBLib.evaluate import centroid_pairs
 from SHIVACMBLib.findings import Finding
 from SHIVACMBLib.geometry import Geometry, resample
+from SHIVACMBLib.preprocess import compute_brain_mask
+from SHIVACMBLib.scan import Scan
 
 BRAIN_RADII = (30.0, 36.0, 26.0)
 SKULL = [(1.12, 0.08)]  # dark skull shell around the brain
@@ -37,6 +41,7 @@ CMB_INTENSITY = 0.15  # relative to the tissue around
 NOISE = 0.03
 MIN_SEPARATION_MM = 10.0  # between CMBs, and from CMBs to structures' surfaces
 SPACINGS = [(1.0, 1.0, 1.0), (0.5, 0.5, 2.0), (0.9, 0.9, 2.5), (1.2, 1.2, 1.2), (0.8, 0.8, 1.6), (1.0, 1.0, 3.0)]
+RANDOM_SET_SEED = 1000  # the CMB counts of random pair n are drawn with seed RANDOM_SET_SEED + n
 DIRECTIONS = {"LPS": np.eye(3), "RAS": np.diag([-1.0, -1.0, 1.0]),
               "PIL": np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)}
 
@@ -157,6 +162,15 @@ def make_pair(seed: int, n_baseline: int = 6, n_removed: int = 2, n_new: int = 3
                 {i: (to_followup(subject[i][0]), subject[i][1]) for i in followup_ids})
 
 
+def random_pair(seed: int, **overrides: Any) -> Pair:
+    """Pair ``seed`` of the random set (the test suite's and bench/compare_bench.py's): 2-7 CMBs at baseline,
+    0-3 of them gone and 0-5 new at follow-up, drawn with the seed; ``overrides`` go to ``make_pair``."""
+    rng = np.random.default_rng(RANDOM_SET_SEED + seed)
+    n_baseline = int(rng.integers(2, 8))
+    n_removed = int(rng.integers(0, min(3, n_baseline) + 1))
+    return make_pair(seed, n_baseline=n_baseline, n_removed=n_removed, n_new=int(rng.integers(0, 6)), **overrides)
+
+
 def truth_findings(cmbs: Dict[int, Tuple[np.ndarray, float]], image: sitk.Image
                    ) -> Tuple[List[Finding], Dict[int, int]]:
     """Findings as a perfect detector reports them (numbered 1..n) and the truth id of each cmb_id."""
@@ -177,3 +191,47 @@ def write_pair(pair: Pair, folder: Path, suffixes: Tuple[str, str] = (".nii.gz",
             phantoms.write(pair.followup, folder / f"followup{suffixes[1]}"))
 
 
+def truth_ids(cmbs: Dict[int, Tuple[np.ndarray, float]], findings: Sequence[Finding], limit_mm: float = 3.0
+              ) -> Dict[int, int]:
+    """The truth id of each finding (by cmb_id) within ``limit_mm`` of a true CMB, one to one; false ones left out."""
+    ids = list(cmbs)
+    truth = np.array([p for p, _ in cmbs.values()], dtype=float).reshape(-1, 3)
+    found = np.array([f.ras for f in findings], dtype=float).reshape(-1, 3)
+    return {findings[i].cmb_id: ids[j] for i, j in centroid_pairs(found, truth, limit_mm)}
+
+
+def given_statuses(rows: Sequence[longitudinal.Match], baseline_truth: Dict[int, int],
+                   followup_truth: Dict[int, int]) -> Dict[str, Set[int]]:
+    """Truth ids by the status the comparison gave them; a row pairing two different CMBs is an error."""
+    found: Dict[str, Set[int]] = {status: set() for status in longitudinal.STATUSES}
+    for m in rows:
+        b = m.baseline and baseline_truth[m.baseline.cmb_id]
+        f = m.followup and followup_truth[m.followup.cmb_id]
+        assert b is None or f is None or b == f, f"baseline CMB {b} paired with follow-up CMB {f}"
+        found[m.status].add(b or f)
+    return found
+
+
+@dataclass
+class TruthComparison:
+    """A pair compared with its true CMBs as the findings (a perfect detector)."""
+
+    registration: longitudinal.Registration
+    rows: List[longitudinal.Match]
+    found: Dict[str, Set[int]]  # truth ids by the status given
+    expected: Dict[str, Set[int]]  # truth ids by their true status (none outside the other scan)
+
+
+def compare_truth(pair: Pair) -> TruthComparison:
+    """Register the pair (brain masks computed) and match its true CMBs, as `shivacmb compare` does."""
+    baseline, followup = (Scan(path=Path(name), image=image, format="memory", sha256="")
+                          for name, image in (("baseline", pair.baseline), ("followup", pair.followup)))
+    registration = longitudinal.register(baseline, followup, compute_brain_mask(baseline),
+                                         compute_brain_mask(followup))
+    base_findings, base_truth = truth_findings(pair.baseline_cmbs, pair.baseline)
+    follow_findings, follow_truth = truth_findings(pair.followup_cmbs, pair.followup)
+    rows = longitudinal.match_findings(base_findings, follow_findings, registration, baseline.geometry,
+                                       followup.geometry, longitudinal.tolerance_for(baseline.geometry,
+                                                                                     followup.geometry))
+    return TruthComparison(registration, rows, given_statuses(rows, base_truth, follow_truth),
+                           dict(pair.expected, **{longitudinal.OUTSIDE: set()}))

@@ -1,6 +1,8 @@
 """Follow-up against baseline: registration, matching, new/persistent/not-seen CMBs, ARIA-H grade, outputs."""
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +17,9 @@ from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
 from SHIVACMBLib.geometry import Geometry
 from SHIVACMBLib.longitudinal import (NEW, NOT_SEEN, OUTSIDE, PERSISTENT, CompareOptions, Registration,
-                                      aria_h_grade, compare, match_findings, register, tolerance_for)
+                                      aria_h_grade, compare, match_findings, tolerance_for)
 from SHIVACMBLib.pipeline import SegmentOptions
-from SHIVACMBLib.preprocess import compute_brain_mask
-from SHIVACMBLib.scan import Scan
 from SHIVACMBLib.segfile import read_seg_nrrd
-
-
-def _scan(image: sitk.Image, name: str) -> Scan:
-    return Scan(path=Path(name), image=image, format="memory", sha256="")
-
-
-def _statuses(rows, baseline_truth, followup_truth):
-    """Truth ids by the status the comparison gave them."""
-    found = {NEW: set(), PERSISTENT: set(), NOT_SEEN: set(), OUTSIDE: set()}
-    for m in rows:
-        b = m.baseline and baseline_truth[m.baseline.cmb_id]
-        f = m.followup and followup_truth[m.followup.cmb_id]
-        assert b is None or f is None or b == f, f"baseline CMB {b} paired with follow-up CMB {f}"
-        found[m.status].add(b or f)
-    return found
 
 
 def test_fifty_random_pairs_are_classified_right():
@@ -42,22 +27,10 @@ def test_fifty_random_pairs_are_classified_right():
     and contrast; CMBs from the truth, so only registration and matching are tested."""
     failures = []
     for seed in range(50):
-        rng = np.random.default_rng(1000 + seed)
-        n_baseline = int(rng.integers(2, 8))
-        removed = int(rng.integers(0, min(3, n_baseline) + 1))
-        pair = pair_phantoms.make_pair(seed, n_baseline=n_baseline, n_removed=removed, n_new=int(rng.integers(0, 6)))
-        baseline, followup = _scan(pair.baseline, "baseline"), _scan(pair.followup, "followup")
-        registration = register(baseline, followup, compute_brain_mask(baseline), compute_brain_mask(followup))
-        base_findings, base_truth = pair_phantoms.truth_findings(pair.baseline_cmbs, pair.baseline)
-        follow_findings, follow_truth = pair_phantoms.truth_findings(pair.followup_cmbs, pair.followup)
-        tolerance = tolerance_for(baseline.geometry, followup.geometry)
-        rows = match_findings(base_findings, follow_findings, registration, baseline.geometry, followup.geometry,
-                              tolerance)
-        found = _statuses(rows, base_truth, follow_truth)
-        expected = dict(pair.expected, **{OUTSIDE: set()})
-        if found != expected or registration.mask_dice < longitudinal.MIN_MASK_DICE:
-            failures.append((seed, found, expected, round(registration.mask_dice, 3)))
-        persistent = [m.distance_mm for m in rows if m.status == PERSISTENT]
+        result = pair_phantoms.compare_truth(pair_phantoms.random_pair(seed))
+        if result.found != result.expected or result.registration.mask_dice < longitudinal.MIN_MASK_DICE:
+            failures.append((seed, result.found, result.expected, round(result.registration.mask_dice, 3)))
+        persistent = [m.distance_mm for m in result.rows if m.status == PERSISTENT]
         assert max(persistent, default=0.0) < 1.5, (seed, persistent)  # registration error at the CMBs
     assert not failures, failures
 
@@ -118,6 +91,7 @@ def test_command_writes_every_output(tmp_path):
         if row["baseline_id"] != "n/a":
             own = base_findings[int(row["baseline_id"])]
             assert np.allclose([float(row[f"baseline_{c}"]) for c in "ras"], own.ras, atol=0.01)
+            assert float(row["baseline_volume_mm3"]) == pytest.approx(own.volume_mm3, abs=0.01)
         assert (row["distance_mm"] != "n/a") == (row["status"] == PERSISTENT)
 
     labels, grid, segments = read_seg_nrrd(out / "comparison.seg.nrrd")
@@ -131,12 +105,33 @@ def test_command_writes_every_output(tmp_path):
     assert not any(np.allclose(colours[k], longitudinal.NEW_COLOUR) for k in set(names) - new_ids)
     assert set(np.unique(labels)) - {0} == set(names)
 
-    report = (out / "report.html").read_text()
-    assert report.count('alt="new CMB') == 6 * len(new_ids)  # 3 views at baseline, 3 at follow-up
+    report = (out / "report.html").read_text(encoding="utf-8")
+    thumbnails = _thumbnails(report, tmp_path)
+    assert len(thumbnails) == report.count('alt="new CMB') == 6 * len(new_ids)  # 3 views at baseline, 3 at follow-up
+    for (cmb_id, when, view), rgb in thumbnails.items():
+        red = np.argwhere(np.all(rgb == (255, 40, 40), axis=2))
+        centre = (np.asarray(rgb.shape[:2]) - 1) / 2
+        if when == "follow-up":  # the new CMB outlined, in the middle
+            assert len(red) and np.linalg.norm(red.mean(axis=0) - centre) < 4.0, (cmb_id, view)
+        else:  # the same place at baseline: no CMB there
+            grey = rgb[..., 1].astype(float)
+            middle = grey[int(centre[0]) - 2:int(centre[0]) + 3, int(centre[1]) - 2:int(centre[1]) + 3]
+            assert not len(red) and middle.mean() > 0.6 * np.median(grey[grey > 0]), (cmb_id, view)
     assert "ARIA-H microhemorrhage" in report and "a radiologist confirms" in report
     summary = json.loads((out / "comparison.json").read_text())
     assert summary["registration"]["mask_dice"] >= longitudinal.MIN_MASK_DICE
     assert summary["matching"]["tolerance_mm"] == 5.0  # twice the 2.5 mm slices
+
+
+def _thumbnails(report, folder):
+    """The report's thumbnails of new CMBs as RGB arrays, by (cmb_id, baseline or follow-up, view)."""
+    found = {}
+    for cmb_id, when, view, data in re.findall(r'alt="new CMB (\d+) at (baseline|follow-up) (\w+)"[^>]*'
+                                               r'src="data:image/png;base64,([^"]+)"', report):
+        path = folder / "thumbnail.png"
+        path.write_bytes(base64.b64decode(data))
+        found[(int(cmb_id), when, view)] = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    return found
 
 
 def test_poor_registration_is_refused_with_one_line(tmp_path):
@@ -240,15 +235,11 @@ def test_lps_anisotropic_followup_gives_the_same_result_as_matching_geometry(tmp
         assert (folder / "out" / "followup" / "findings.tsv").is_file()
         truth = {}
         for cmbs, side in ((pair.baseline_cmbs, "baseline"), (pair.followup_cmbs, "followup")):
-            ids, points = list(cmbs), np.array([p for p, _ in cmbs.values()])
-            truth[side] = {}
-            for m in result.rows:
-                found = getattr(m, side)
-                if found is not None:
-                    distance = np.linalg.norm(points - np.asarray(found.ras), axis=1)
-                    assert distance.min() <= 1.0, (name, side, found)  # every detection is a true CMB
-                    truth[side][found.cmb_id] = ids[int(np.argmin(distance))]
-        results[name] = (result, _statuses(result.rows, truth["baseline"], truth["followup"]), pair)
+            found = [getattr(m, side) for m in result.rows if getattr(m, side) is not None]
+            truth[side] = pair_phantoms.truth_ids(cmbs, found, limit_mm=1.0)
+            assert len(truth[side]) == len(found), (name, side, found)  # every detection is a true CMB
+        results[name] = (result, pair_phantoms.given_statuses(result.rows, truth["baseline"], truth["followup"]),
+                         pair)
     (a, statuses_a, pair), (b_, statuses_b, _) = results["matching"], results["lps-aniso"]
     assert statuses_a == statuses_b == dict(pair.expected, **{OUTSIDE: set()})
     assert a.summary["counts"] == b_.summary["counts"] and a.summary["aria_h"] == b_.summary["aria_h"]
