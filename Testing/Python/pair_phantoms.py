@@ -222,10 +222,15 @@ class TruthComparison:
     expected: Dict[str, Set[int]]  # truth ids by their true status (none outside the other scan)
 
 
+def scans(pair: Pair) -> Tuple[Scan, Scan]:
+    """The baseline and follow-up as scans held in memory."""
+    return (Scan(path=Path("baseline"), image=pair.baseline, format="memory", sha256=""),
+            Scan(path=Path("followup"), image=pair.followup, format="memory", sha256=""))
+
+
 def compare_truth(pair: Pair) -> TruthComparison:
     """Register the pair (brain masks computed) and match its true CMBs, as `shivacmb compare` does."""
-    baseline, followup = (Scan(path=Path(name), image=image, format="memory", sha256="")
-                          for name, image in (("baseline", pair.baseline), ("followup", pair.followup)))
+    baseline, followup = scans(pair)
     registration = longitudinal.register(baseline, followup, compute_brain_mask(baseline),
                                          compute_brain_mask(followup))
     base_findings, base_truth = truth_findings(pair.baseline_cmbs, pair.baseline)
