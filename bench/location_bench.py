@@ -72,7 +72,8 @@ def main() -> int:
         area += hits
         total += len(phantom.truth)
         print(f"seed {seed}: {name:8s} {'x'.join(f'{s:.2g}' for s in spacing)} mm, Dice "
-              f"{located.summary['dice']:.3f}, {seconds[-1]:5.1f} s, area {hits}/{len(phantom.truth)}"
+              f"{located.summary['dice']:.3f}, volume x{located.summary['volume_ratio']:.2f}, "
+              f"{seconds[-1]:5.1f} s, area {hits}/{len(phantom.truth)}"
               f"{'  ' + '; '.join(located.warnings) if located.warnings else ''}")
     results = {"area": area / total, "side": side / max(lateral, 1), "seconds": float(np.median(seconds))}
     print(f"\n{args.n} phantoms, {total} CMBs ({lateral} more than 3 mm from the midline)")

@@ -91,6 +91,14 @@ class Geometry:
     def voxel_volume(self) -> float:
         return float(np.prod(self.spacing))
 
+    def coarsened(self, voxel_mm: float) -> "Geometry":
+        """The same field of view and axes with voxels of at least ``voxel_mm`` (coarser axes kept)."""
+        spacing = np.maximum(np.asarray(self.spacing), voxel_mm)
+        size = np.maximum(np.ceil(np.asarray(self.size) * self.spacing / spacing), 1).astype(int)
+        first_centre = -0.5 + 0.5 * spacing / np.asarray(self.spacing)  # index of coarse voxel 0 on this grid
+        return Geometry(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
+                        tuple(float(v) for v in self.index_to_lps(first_centre)), self.direction)
+
     def contains_ras(self, ras: np.ndarray) -> np.ndarray:
         """Whether each RAS point lies inside the grid's field of view."""
         ijk = self.ras_to_index(ras)

@@ -6,8 +6,11 @@ Two sources, chosen automatically:
 - otherwise the shipped MNI atlas (``models/atlas/``, see its README), registered to the scan
   with SimpleITK: affine, then a coarse B-spline, both by Mattes mutual information (any
   contrast: SWI, T2*-GRE, T1) inside the brain masks, on a 3 mm copy of the scan. The warped
-  atlas brain must overlap the scan's brain mask (Dice >= ``MIN_DICE``); otherwise every CMB
-  is ``unknown`` and run.json carries a warning.
+  atlas brain must overlap the scan's brain mask over the scan's field of view (Dice >=
+  ``MIN_DICE``) and the affine part must scale the brain as a human brain differs from the
+  atlas's (``VOLUME_RATIO``, ``AXIS_SCALE``); otherwise every CMB is ``unknown`` and run.json
+  carries a warning. A wrong brain mask (a corner of the field of view, one hemisphere) fails
+  one or the other: the atlas shrinks to fit it, or overlaps it badly.
 
 A CMB takes the region of the majority of its voxels (each voxel sampled on a ~1 mm lattice,
 so thick slices count by volume); ties go to the region listed first in ``SUBREGIONS``, the
@@ -62,7 +65,12 @@ MIDLINE_MM = 2.0
 JUXTACORTICAL_MM = 5.0  # white matter this close to the cortex is lobar (FreeSurfer's wmparc uses 5 mm too)
 SEARCH_MM = 4.0  # a CMB with no labelled voxel takes the labels around its centre within this radius
 REGISTRATION_MM = 3.0
-MIN_DICE = 0.75  # good registrations of computed masks give 0.82-0.89 (bench), a misplaced atlas far less
+MIN_DICE = 0.75  # computed masks of good registrations give 0.96-0.97 (bench), wrong masks 0.38-0.66
+# Atlas brain (2.1 L with its CSF) per scan volume, the affine's determinant: adult brains of about
+# 0.85-4 L pass, an atlas shrunk or blown up to fit a wrong mask does not. Per axis (singular values
+# of the affine's matrix): head shapes differ from the atlas's by far less than this.
+VOLUME_RATIO = (0.5, 2.5)
+AXIS_SCALE = (0.6, 1.7)
 
 
 @dataclass
@@ -118,10 +126,10 @@ def locate(scan: sitk.Image, brain_mask: sitk.Image, labels: np.ndarray, finding
         lookup = ParcellationLookup(Path(parcellation))
         source, details, warnings = "parcellation", {"parcellation": str(Path(parcellation).resolve())}, []
     else:
-        lookup, details = AtlasLookup.register(scan, brain_mask)
-        source = "atlas"
-        warnings = [] if lookup.ok else [f"atlas registration failed (brain overlap Dice {details['dice']:.2f} < "
-                                         f"{MIN_DICE}): CMB locations are unknown"]
+        lookup, check = AtlasLookup.register(scan, brain_mask)
+        source, details = "atlas", check.to_dict()
+        warnings = [] if lookup.ok else [f"atlas registration failed ({'; '.join(check.problems())}): "
+                                         "CMB locations are unknown"]
     located = [replace(f, **lookup.locate(samples[f.cmb_id], LPS_RAS @ np.asarray(f.ras))) for f in findings]
     details["seconds"] = round(time.perf_counter() - started, 2)
     return Located(located, _summary(located, source, details), warnings)
@@ -167,6 +175,37 @@ def _location(code: int, side: str) -> Dict[str, str]:
 # --- source (b): the MNI atlas ------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RegistrationCheck:
+    """What tells a registration of the atlas to a scan from a failed one."""
+
+    dice: float  # warped atlas brain vs the scan's brain mask, over the scan's field of view
+    volume_ratio: float  # atlas volume per scan volume: the determinant of the affine part
+    axis_scales: Tuple[float, float, float]  # the affine part's scale along its principal axes
+
+    @classmethod
+    def of(cls, dice: float, affine: sitk.AffineTransform) -> "RegistrationCheck":
+        matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
+        scales = np.linalg.svd(matrix, compute_uv=False)
+        return cls(float(dice), float(np.linalg.det(matrix)), tuple(float(s) for s in scales))
+
+    def problems(self) -> List[str]:
+        """Why the registration is not trusted (empty when it is)."""
+        found = []
+        if self.dice < MIN_DICE:
+            found.append(f"brain overlap Dice {self.dice:.2f} < {MIN_DICE}")
+        if not VOLUME_RATIO[0] <= self.volume_ratio <= VOLUME_RATIO[1]:
+            found.append(f"atlas volume scaled by {self.volume_ratio:.2f}, outside {VOLUME_RATIO[0]}-{VOLUME_RATIO[1]}")
+        if not all(AXIS_SCALE[0] <= s <= AXIS_SCALE[1] for s in self.axis_scales):
+            found.append(f"atlas axes scaled by {'/'.join(f'{s:.2f}' for s in self.axis_scales)}, "
+                         f"outside {AXIS_SCALE[0]}-{AXIS_SCALE[1]}")
+        return found
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"registration": "affine + B-spline, Mattes MI", "dice": round(self.dice, 3), "min_dice": MIN_DICE,
+                "volume_ratio": round(self.volume_ratio, 3), "axis_scales": [round(s, 3) for s in self.axis_scales]}
+
+
 @dataclass
 class AtlasLookup:
     """Atlas labels at scan points through ``transform`` (scan LPS -> MNI LPS)."""
@@ -175,10 +214,9 @@ class AtlasLookup:
     ok: bool
 
     @classmethod
-    def register(cls, scan: sitk.Image, brain_mask: sitk.Image) -> Tuple["AtlasLookup", Dict[str, object]]:
-        transform, dice = register_atlas(scan, brain_mask)
-        return cls(transform, dice >= MIN_DICE), {"registration": "affine + B-spline, Mattes MI",
-                                                   "dice": round(dice, 3), "min_dice": MIN_DICE}
+    def register(cls, scan: sitk.Image, brain_mask: sitk.Image) -> Tuple["AtlasLookup", RegistrationCheck]:
+        transform, check = register_atlas(scan, brain_mask)
+        return cls(transform, not check.problems()), check
 
     def locate(self, points: np.ndarray, centre: np.ndarray) -> Dict[str, str]:
         if not self.ok:
@@ -205,11 +243,13 @@ def _labels_at(image: sitk.Image, lps: np.ndarray) -> np.ndarray:
     return values
 
 
-def register_atlas(scan: sitk.Image, brain_mask: sitk.Image) -> Tuple[sitk.Transform, float]:
-    """Transform from scan LPS to MNI LPS, and the Dice overlap of the warped atlas brain with the mask."""
-    template, atlas_labels = load_atlas()
+def register_atlas(scan: sitk.Image, brain_mask: sitk.Image) -> Tuple[sitk.Transform, RegistrationCheck]:
+    """Transform from scan LPS to MNI LPS, and its check (overlap of the warped atlas brain with the mask,
+    scale of the affine part)."""
+    template = load_atlas()[0]
     fixed, fixed_mask = _registration_grid(scan, brain_mask)
     moving_mask = sitk.Cast(template > 0, sitk.sitkUInt8)
+    overlap = _Overlap(Geometry.of(scan), brain_mask, moving_mask)
     affine = _initial_affine(fixed_mask, moving_mask)
     method = _method(fixed_mask, moving_mask)
     method.SetOptimizerAsRegularStepGradientDescent(2.0, 0.01, 120, relaxationFactor=0.6)
@@ -218,7 +258,7 @@ def register_atlas(scan: sitk.Image, brain_mask: sitk.Image) -> Tuple[sitk.Trans
     method.SetSmoothingSigmasPerLevel([2.0, 1.0])
     method.SetInitialTransform(affine, inPlace=True)
     method.Execute(fixed, template)
-    best, best_dice = affine, _dice(fixed_mask, moving_mask, affine)
+    best, best_dice = affine, overlap.dice(affine)
 
     bspline = sitk.BSplineTransformInitializer(fixed, [3, 3, 3], order=3)
     method = _method(fixed_mask, moving_mask)
@@ -231,12 +271,12 @@ def register_atlas(scan: sitk.Image, brain_mask: sitk.Image) -> Tuple[sitk.Trans
     try:
         method.Execute(fixed, template)
         warped = sitk.CompositeTransform([affine, bspline])
-        dice = _dice(fixed_mask, moving_mask, warped)
+        dice = overlap.dice(warped)
         if dice >= best_dice:
             best, best_dice = warped, dice
     except RuntimeError:  # the deformable step is a refinement: the affine result stands without it
         pass
-    return best, best_dice
+    return best, RegistrationCheck.of(best_dice, affine)
 
 
 def _method(fixed_mask: sitk.Image, moving_mask: sitk.Image) -> sitk.ImageRegistrationMethod:
@@ -281,11 +321,22 @@ def _initial_affine(fixed_mask: sitk.Image, moving_mask: sitk.Image) -> sitk.Aff
     return affine
 
 
-def _dice(fixed_mask: sitk.Image, moving_mask: sitk.Image, transform: sitk.Transform) -> float:
-    warped = sitk.Resample(moving_mask, fixed_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    a = sitk.GetArrayViewFromImage(fixed_mask) > 0
-    b = sitk.GetArrayViewFromImage(warped) > 0
-    return float(2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b)))
+class _Overlap:
+    """Dice of the warped atlas brain with the scan's brain mask over the whole field of view of the scan
+    (3 mm voxels), so that atlas brain outside a wrong mask's neighbourhood counts against it."""
+
+    def __init__(self, scan_grid: Geometry, brain_mask: sitk.Image, atlas_brain: sitk.Image):
+        self.grid = scan_grid.coarsened(REGISTRATION_MM)
+        self.atlas_brain = atlas_brain
+        mask = resample(brain_mask, self.grid, sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8)
+        self.mask = sitk.GetArrayFromImage(mask) > 0
+
+    def dice(self, transform: sitk.Transform) -> float:
+        warped = resample(self.atlas_brain, self.grid, sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8,
+                          transform=transform)
+        atlas = sitk.GetArrayViewFromImage(warped) > 0
+        total = np.count_nonzero(self.mask) + np.count_nonzero(atlas)
+        return float(2.0 * np.count_nonzero(self.mask & atlas) / max(1, total))
 
 
 # --- source (a): a user parcellation ------------------------------------------------------

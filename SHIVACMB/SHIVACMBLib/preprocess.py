@@ -70,12 +70,8 @@ class ModelInput:
 
 def compute_brain_mask(scan: Scan, voxel_mm: float = MASK_VOXEL_MM) -> BrainMask:
     """Classical brain mask (see module docstring) on a coarse copy of the scan."""
-    native = scan.geometry
-    spacing = np.maximum(np.asarray(native.spacing), voxel_mm)
-    size = np.maximum(np.ceil(np.asarray(native.size) * native.spacing / spacing), 1).astype(int)
-    first_centre = -0.5 + 0.5 * spacing / np.asarray(native.spacing)  # native index of coarse voxel 0
-    coarse = Geometry(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
-                      tuple(float(v) for v in native.index_to_lps(first_centre)), native.direction)
+    coarse = scan.geometry.coarsened(voxel_mm)
+    spacing = np.asarray(coarse.spacing)
     image = resample(scan.image, coarse)
     image = sitk.SmoothingRecursiveGaussian(image, voxel_mm)
     values = np.nan_to_num(sitk.GetArrayFromImage(image), nan=0.0, posinf=0.0, neginf=0.0)

@@ -11,9 +11,10 @@ import phantoms
 from atlas_phantoms import make_atlas_phantom, pick_sites
 from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.findings import Finding, read_tsv
-from SHIVACMBLib.geometry import LPS_RAS, Geometry
-from SHIVACMBLib.location import (AREA_OF, CODE_OF, MIN_DICE, SUBREGIONS, UNKNOWN, WHITE_MATTER,
-                                  boston_distribution, count_locations, locate, parcellation_table)
+from SHIVACMBLib.geometry import Geometry, resample
+from SHIVACMBLib.location import (AREA_OF, AXIS_SCALE, CODE_OF, MIN_DICE, SUBREGIONS, UNKNOWN, VOLUME_RATIO,
+                                  WHITE_MATTER, RegistrationCheck, boston_distribution, count_locations, locate,
+                                  parcellation_table)
 from SHIVACMBLib.pipeline import SegmentOptions, segment
 from SHIVACMBLib.preprocess import compute_brain_mask
 
@@ -32,7 +33,7 @@ def test_atlas_registration_gives_mars_area_and_side_in_every_geometry():
         phantom = make_atlas_phantom(seed, spacing, direction, n_cmb=13)
         mask = compute_brain_mask(phantom.scan())
         located = locate(phantom.image, mask.image, phantom.labels, phantom.findings)
-        assert located.warnings == [] and located.summary["dice"] >= MIN_DICE
+        assert located.warnings == [] and located.summary["dice"] >= MIN_DICE, located.summary
         results += [(f, truth) for f, truth in zip(located.findings, phantom.truth)]
     areas = [f.mars_area == area for f, (_name, area, _side, _x) in results]
     assert sum(areas) / len(areas) >= 0.95, [(f.region, t) for f, t in results]
@@ -52,17 +53,46 @@ def test_right_cerebellum_cmb_in_lps_1x1x3_scan_is_infratentorial_right():
         assert (finding.region, finding.mars_area, finding.side) == ("cerebellum", "infratentorial", "right")
 
 
-def test_failed_registration_gives_unknown_and_a_warning():
+def _corner_mask(grid: Geometry, _true_mask: np.ndarray) -> np.ndarray:
+    wrong = np.zeros(grid.array_shape, np.uint8)
+    wrong[:25, :25, :25] = 1  # a 37 mm cube in a corner of the field of view
+    return wrong
+
+
+def _one_hemisphere(grid: Geometry, true_mask: np.ndarray) -> np.ndarray:
+    lps_x = grid.index_to_lps(np.stack(np.nonzero(true_mask)[::-1], axis=1).astype(float))[:, 0]
+    wrong = np.zeros(grid.array_shape, np.uint8)
+    wrong[tuple(np.array(np.nonzero(true_mask))[:, lps_x < np.median(lps_x)])] = 1
+    return wrong
+
+
+@pytest.mark.parametrize("wrong_mask, reason", [(_corner_mask, "atlas volume scaled by"),
+                                                (_one_hemisphere, "brain overlap Dice")],
+                         ids=["corner-cube", "one-hemisphere"])
+def test_failed_registration_gives_unknown_and_a_warning(wrong_mask, reason):
     phantom = make_atlas_phantom(3, (1.5, 1.5, 1.5), n_cmb=3)
     grid = Geometry.of(phantom.image)
-    wrong = np.zeros(grid.array_shape, np.uint8)
-    wrong[:25, :25, :25] = 1  # a "brain mask" in a corner of the field of view
-    located = locate(phantom.image, grid.with_image(wrong), phantom.labels, phantom.findings)
-    assert located.summary["dice"] < MIN_DICE
+    true_mask = sitk.GetArrayFromImage(resample(compute_brain_mask(phantom.scan()).image, grid,
+                                                sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8))
+    located = locate(phantom.image, grid.with_image(wrong_mask(grid, true_mask)), phantom.labels, phantom.findings)
     assert len(located.warnings) == 1 and "registration failed" in located.warnings[0]
+    assert reason in located.warnings[0], located.warnings
     assert all((f.region, f.mars_area, f.side) == (UNKNOWN,) * 3 for f in located.findings)
     assert located.summary["by_area_side"][UNKNOWN]["count"] == 3
     assert located.summary["boston"] == UNKNOWN
+
+
+def test_registration_check_accepts_human_brain_scales_only():
+    assert RegistrationCheck(0.95, 1.12, (1.09, 1.02, 1.01)).problems() == []
+    assert RegistrationCheck(0.9, 2.4, (1.4, 1.35, 1.27)).problems() == []  # a 0.9 L brain
+    assert RegistrationCheck(0.9, 0.6, (0.9, 0.85, 0.78)).problems() == []  # a 3.5 L head
+    assert RegistrationCheck(0.74, 1.1, (1.1, 1.0, 1.0)).problems() == [f"brain overlap Dice 0.74 < {MIN_DICE}"]
+    tiny = RegistrationCheck(0.95, 25.9, (3.07, 2.92, 2.89)).problems()  # atlas shrunk into a wrong small mask
+    assert len(tiny) == 2 and tiny[0].startswith("atlas volume scaled by 25.90")
+    mirrored = RegistrationCheck(0.95, -1.1, (1.1, 1.0, 1.0)).problems()  # left-right flipped
+    assert mirrored == [f"atlas volume scaled by -1.10, outside {VOLUME_RATIO[0]}-{VOLUME_RATIO[1]}"]
+    squashed = RegistrationCheck(0.95, 1.12, (2.0, 0.8, 0.7)).problems()  # a plausible volume, a slab's shape
+    assert squashed == [f"atlas axes scaled by 2.00/0.80/0.70, outside {AXIS_SCALE[0]}-{AXIS_SCALE[1]}"]
 
 
 # --- parcellation ---------------------------------------------------------------------------
