@@ -49,6 +49,7 @@ from . import __version__
 from .files import atomic_path, checksum
 from .findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
 from .geometry import Geometry
+from .location import count_locations
 from .slicerbridge import TABLE_COLUMNS, finding_row
 
 PathLike = Union[str, Path]
@@ -485,7 +486,8 @@ def summary_text(counts: Mapping[str, int]) -> str:
 
 def provenance(run: RunState, findings: Sequence[Finding], who: str, when: Optional[_dt.datetime] = None,
                scan: Optional[Mapping[str, Any]] = None, host: str = "") -> Dict[str, Any]:
-    """The corrections.json record: who, when, software, source run, summary and changes."""
+    """The corrections.json record: who, when, software, source run, summary, MARS location counts (by
+    area x side, definite and possible apart, Boston distribution) and changes."""
     when = when or _dt.datetime.now(_dt.timezone.utc)
     record = run.record
     return {
@@ -503,6 +505,7 @@ def provenance(run: RunState, findings: Sequence[Finding], who: str, when: Optio
             "record": record,
         },
         "summary": summarize(run.findings, findings),
+        "location": count_locations(findings),
         "changes": list_changes(run.findings, findings),
         "files": list(SAVED_FILES),
     }

@@ -34,12 +34,15 @@ def run_scene(tmp_path):
     labels[6, 20, 30:33] = 2
     labels[9:11, 30:32, 20:22] = 3
     found = []
+    places = {1: ("frontal", "lobar", "left"), 2: ("thalamus", "deep", "right"),
+              3: ("cerebellum", "infratentorial", "right")}
     for cmb_id in (1, 2, 3):
         mask = labels == cmb_id
         centre = mean_ras(mask) + 0.1  # the run's centroids are probability-weighted: not the plain mean
         ijk = np.rint(GRID.ras_to_index(centre)).astype(int)
+        region, area, side = places[cmb_id]
         found.append(Finding(cmb_id, *centre, *ijk, mask.sum() * GRID.voxel_volume, int(mask.sum()),
-                             0.9 - cmb_id / 10, 0.7, 1.0))
+                             0.9 - cmb_id / 10, 0.7, 1.0, region=region, mars_area=area, side=side))
     folder = tmp_path / "run"
     folder.mkdir()
     write_tsv(found, folder / "findings.tsv")
@@ -333,6 +336,12 @@ def test_save_writes_the_corrected_folder(tmp_path):
     assert [(c["change"], c["cmb_id"]) for c in record["changes"]] == [("status", 1), ("rejected", 2), ("added", 4)]
     assert record["changes"][2]["volume_mm3"]["after"] == pytest.approx(8 * GRID.voxel_volume, abs=1e-3)
     assert record["summary"]["cmb_count"] == 3
+    location = record["location"]  # CMB 2 is rejected; CMB 4, added by the reader, has no location
+    assert location["by_area_side"]["lobar"]["left"] == location["by_area_side"]["infratentorial"]["right"] == 1
+    assert location["by_area_side"]["deep"]["right"] == 0 and location["by_area_side"]["unknown"]["count"] == 1
+    assert location["by_rating"]["definite"]["lobar"]["left"] == 1
+    assert sum(sum(row.values()) for row in location["by_rating"]["possible"].values()) == 0
+    assert location["boston"] == "mixed"
     assert record["files"] == list(corrections.SAVED_FILES)
     assert corrections.load_saved(out) == (findings, record)
 
