@@ -65,6 +65,7 @@ MIDLINE_MM = 2.0
 JUXTACORTICAL_MM = 5.0  # white matter this close to the cortex is lobar (FreeSurfer's wmparc uses 5 mm too)
 SEARCH_MM = 4.0  # a CMB with no labelled voxel takes the labels around its centre within this radius
 REGISTRATION_MM = 3.0
+MIN_PARCELLATION_OVERLAP = 0.5  # of a parcellation's labelled voxels inside the scan's field of view
 MIN_DICE = 0.75  # computed masks of good registrations give 0.96-0.97 (bench), wrong masks 0.38-0.66
 # Atlas brain (2.1 L with its CSF) per scan volume, the affine's determinant: adult brains of about
 # 0.85-4 L pass, an atlas shrunk or blown up to fit a wrong mask does not. Per axis (singular values
@@ -115,16 +116,20 @@ def parcellation_table() -> Dict[int, Tuple[str, str]]:
 
 
 def locate(scan: sitk.Image, brain_mask: sitk.Image, labels: np.ndarray, findings: Sequence[Finding],
-           parcellation: Optional[PathLike] = None) -> Located:
-    """Fill region, mars_area and side of ``findings`` (CMB k = label k of ``labels``, [k, j, i] on the scan grid)."""
+           parcellation: Union[None, PathLike, "ParcellationLookup"] = None) -> Located:
+    """Fill region, mars_area and side of ``findings`` (CMB k = label k of ``labels``, [k, j, i] on the scan grid).
+
+    ``parcellation``: a label map's path, or one already read (a run reads it before its long steps)."""
     native = Geometry.of(scan)
     started = time.perf_counter()
+    if parcellation is not None and not isinstance(parcellation, ParcellationLookup):
+        parcellation = ParcellationLookup(Path(parcellation), native)
     if not findings:
         return Located([], _summary([], "none", {}))
     samples = {f.cmb_id: _voxel_samples(native, labels, f.cmb_id) for f in findings}
     if parcellation is not None:
-        lookup = ParcellationLookup(Path(parcellation))
-        source, details, warnings = "parcellation", {"parcellation": str(Path(parcellation).resolve())}, []
+        lookup = parcellation
+        source, details, warnings = "parcellation", {"parcellation": str(parcellation.path.resolve())}, []
     else:
         lookup, check = AtlasLookup.register(scan, brain_mask)
         source, details = "atlas", check.to_dict()
@@ -343,14 +348,18 @@ class _Overlap:
 
 
 class ParcellationLookup:
-    """MARS regions from a FreeSurfer/SynthSeg label map through the shipped table."""
+    """MARS regions from a FreeSurfer/SynthSeg label map through the shipped table, checked against the scan
+    it is for (its labelled voxels must lie mostly in the scan's field of view)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, scan_grid: Geometry):
         self.path = path
+        if path.name.lower().endswith((".mgz", ".mgh")):
+            raise InputError(path, "FreeSurfer .mgz/.mgh cannot be read; convert it to NIfTI first "
+                                   f"(mri_convert {path.name} {path.name[:-4]}.nii.gz)")
         self.image = read_label_image(path)
+        if not np.issubdtype(sitk.GetArrayViewFromImage(self.image).dtype, np.integer):  # labels stored as floats
+            self.image = sitk.Cast(sitk.Round(self.image), sitk.sitkInt32)
         array = sitk.GetArrayViewFromImage(self.image)
-        if not np.issubdtype(array.dtype, np.integer):
-            array = np.rint(array)
         values = np.unique(array).astype(int)
         table = parcellation_table()
         known = [v for v in values if v in table]
@@ -358,6 +367,12 @@ class ParcellationLookup:
             raise InputError(path, "no FreeSurfer/SynthSeg label found (aseg, aparc+aseg, wmparc or SynthSeg "
                                    "label maps are expected)")
         self.grid = Geometry.of(self.image)
+        k, j, i = np.nonzero(np.isin(array, known))
+        step = max(1, i.size // 200_000)  # a sample is enough to measure the overlap
+        inside = float(np.mean(scan_grid.contains_ras(self.grid.index_to_ras(np.stack([i, j, k], 1)[::step]))))
+        if inside < MIN_PARCELLATION_OVERLAP:
+            raise InputError(path, f"parcellation does not overlap the scan: only {inside:.0%} of its labelled "
+                                   "voxels lie in the scan's field of view (is it in the scan's space?)")
         self.table = table
         self._cortex: Optional[Tuple[cKDTree, np.ndarray]] = None
         self._plane = self._midsagittal_plane(np.asarray(array))

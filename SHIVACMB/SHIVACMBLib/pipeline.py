@@ -25,7 +25,7 @@ from .files import atomic_write_text, staged_directory
 from .findings import Finding, write_tsv
 from .geometry import Geometry, resample
 from .inference import FoldEnsemble, get_ensemble
-from .location import Located, locate
+from .location import Located, ParcellationLookup, locate
 from .models import ModelDescriptor, load_model
 from .postprocess import OUTSIDE_RATIO, Components, find_components, map_to_native, measure
 from .preprocess import compute_brain_mask, load_brain_mask, prepare_input
@@ -116,6 +116,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     with clock.stage("read"):
         stage_reporter(progress, "read")(0.0, f"reading {options.scan_id or Path(input_path).name}")
         scan = read_scan(input_path)
+        parcellation = (ParcellationLookup(Path(options.parcellation), scan.geometry)
+                        if options.location and options.parcellation is not None else None)
     with clock.stage("mask"):
         stage_reporter(progress, "mask")(0.0, "brain mask")
         mask = load_brain_mask(options.mask, scan) if options.mask else compute_brain_mask(scan)
@@ -140,7 +142,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     if options.location:
         with clock.stage("location"):
             stage_reporter(progress, "location")(0.0, "anatomical location (MARS)")
-            located = locate(scan.image, mask.image, labels, findings, options.parcellation)
+            located = locate(scan.image, mask.image, labels, findings, parcellation)
             findings = located.findings
 
     scan_id = options.scan_id or scan_id_from_path(scan.path)

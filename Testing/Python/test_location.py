@@ -15,6 +15,7 @@ from SHIVACMBLib.geometry import Geometry, resample
 from SHIVACMBLib.location import (AREA_OF, AXIS_SCALE, CODE_OF, MIN_DICE, SUBREGIONS, UNKNOWN, VOLUME_RATIO,
                                   WHITE_MATTER, RegistrationCheck, boston_distribution, count_locations, locate,
                                   parcellation_table)
+from SHIVACMBLib import pipeline
 from SHIVACMBLib.pipeline import SegmentOptions, segment
 from SHIVACMBLib.preprocess import compute_brain_mask
 
@@ -136,9 +137,11 @@ def _findings_at(points_ras, grid: Geometry, radius: float = 1.6, straddle=None)
 
 
 @pytest.mark.parametrize("native_direction", [np.eye(3), phantoms.rotation((0.2, 1, 0), 25)], ids=["lps", "oblique"])
-def test_parcellation_labels_map_to_mars_regions(tmp_path, native_direction):
+@pytest.mark.parametrize("stored", ["int16", "float32"])
+def test_parcellation_labels_map_to_mars_regions(tmp_path, native_direction, stored):
     path = tmp_path / "aparc+aseg.nii.gz"
-    sitk.WriteImage(PARC_GRID.with_image(_parcellation()), str(path))
+    parcellation = _parcellation() if stored == "int16" else _parcellation().astype(np.float32) - 0.2  # 40.8 is 41
+    sitk.WriteImage(PARC_GRID.with_image(parcellation), str(path))
     native = phantoms.grid_around((0.0, 0.0, 0.0), (90, 90, 70), (0.8, 0.8, 1.5), native_direction)
     # RAS y of parcellation row j is j - 40, z of slice k is k - 30
     points = [(-15.0, -10.0, 15.0),  # left thalamus
@@ -174,6 +177,26 @@ def test_parcellation_without_freesurfer_labels_is_refused(tmp_path):
     labels, findings = _findings_at([(0.0, 0.0, 0.0)], PARC_GRID)
     image = PARC_GRID.with_image(np.ones(PARC_GRID.array_shape, np.float32))
     with pytest.raises(InputError, match="labels.nii.gz: no FreeSurfer/SynthSeg label"):
+        locate(image, image, labels, findings, parcellation=path)
+
+
+def test_parcellation_outside_the_scan_is_refused(tmp_path):
+    path = tmp_path / "aseg.nii.gz"
+    elsewhere = Geometry(PARC_GRID.size, PARC_GRID.spacing, (40.0, 40.0, 30.0), PARC_GRID.direction)  # 60 mm up
+    sitk.WriteImage(elsewhere.with_image(_parcellation()), str(path))
+    labels, findings = _findings_at([(0.0, 0.0, 0.0)], PARC_GRID)
+    image = PARC_GRID.with_image(np.ones(PARC_GRID.array_shape, np.float32))
+    for cmbs in (findings, []):  # checked even when there is no CMB to locate
+        with pytest.raises(InputError, match=r"aseg.nii.gz: parcellation does not overlap the scan: only 0% of"):
+            locate(image, image, labels, cmbs, parcellation=path)
+
+
+def test_freesurfer_mgz_parcellation_is_refused_with_the_conversion(tmp_path):
+    path = tmp_path / "aparc+aseg.mgz"
+    path.write_bytes(b"\x1f\x8b")
+    labels, findings = _findings_at([(0.0, 0.0, 0.0)], PARC_GRID)
+    image = PARC_GRID.with_image(np.ones(PARC_GRID.array_shape, np.float32))
+    with pytest.raises(InputError, match=r"aparc\+aseg.mgz: .*mri_convert aparc\+aseg.mgz aparc\+aseg.nii.gz"):
         locate(image, image, labels, findings, parcellation=path)
 
 
@@ -238,3 +261,13 @@ def test_segment_with_parcellation_fills_findings_run_and_report(tmp_path, iso_s
     assert sum(run["location"]["by_area_side"]["deep"].values()) == len(rows)
     assert "location" in run["timings_s"]
     assert "Location (MARS)" in (result.output_dir / "report.html").read_text()
+
+
+def test_segment_refuses_a_parcellation_of_another_space_before_inference(tmp_path, iso_scan, model_dir, monkeypatch):
+    grid = Geometry((60, 60, 60), (1.0, 1.0, 1.0), (30.0, 30.0, 400.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))  # far above
+    parcellation = tmp_path / "aseg.nii.gz"
+    sitk.WriteImage(grid.with_image(np.full(grid.array_shape, 41, np.uint8)), str(parcellation))
+    monkeypatch.setattr(pipeline, "get_ensemble", lambda *a, **k: pytest.fail("inference ran"))
+    with pytest.raises(InputError, match="aseg.nii.gz: parcellation does not overlap the scan"):
+        segment(iso_scan, tmp_path / "out", SegmentOptions(model=str(model_dir), parcellation=parcellation))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
