@@ -77,9 +77,9 @@ def unpack(source: Path, into: Path, sha256: Optional[str] = None) -> Path:
     if not source.exists():
         raise InputError(source, "no such file or folder")
     if source.is_dir():
-        shutil.copytree(source, into, dirs_exist_ok=True)
         if sha256:
             raise InputError(source, "--sha256 checks a downloaded zip, not a folder")
+        shutil.copytree(source, into, dirs_exist_ok=True)
         return into
     if sha256 and checksum([source]) != sha256.lower():
         raise ModelError(f"{source}: sha256 mismatch (expected {sha256.lower()}, file has {checksum([source])}); "
@@ -145,6 +145,14 @@ def read_source(descriptor: Path, check_md5: bool = True) -> SourceModel:
     return SourceModel(descriptor, data, folds, sums)
 
 
+def md5_summary(model: SourceModel) -> str:
+    """'md5 verified', or which folds the descriptor gives no md5 for (those could not be checked)."""
+    unchecked = [path.name for path, md5 in zip(model.folds, model.md5) if not md5]
+    if not unchecked:
+        return "md5 verified"
+    return f"md5 verified for {len(model.folds) - len(unchecked)}, NOT checked (no md5 given) for {', '.join(unchecked)}"
+
+
 def _locate(folder: Path, name: str) -> Optional[Path]:
     rel = PurePosixPath(name.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts:
@@ -177,7 +185,7 @@ def install(source: Path, name: Optional[str] = None, sha256: Optional[str] = No
         scratch = Path(tmp)
         unpack(source, scratch, sha256)
         model = read_source(find_descriptor(scratch))
-        say(f"{source}: {len(model.folds)} fold(s), md5 verified ({model.descriptor.name}: target "
+        say(f"{source}: {len(model.folds)} fold(s), {md5_summary(model)} ({model.descriptor.name}: target "
             f"{model.data.get('target')}, modalities {model.data.get('modalities')}, "
             f"version {model.data.get('version')})")
         final = base / slug(name or default_name(model.data))
