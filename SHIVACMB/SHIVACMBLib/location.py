@@ -208,7 +208,8 @@ class RegistrationCheck:
 
     def to_dict(self) -> Dict[str, object]:
         return {"registration": "affine + B-spline, Mattes MI", "dice": round(self.dice, 3), "min_dice": MIN_DICE,
-                "volume_ratio": round(self.volume_ratio, 3), "axis_scales": [round(s, 3) for s in self.axis_scales]}
+                "volume_ratio": round(self.volume_ratio, 3), "axis_scales": [round(s, 3) for s in self.axis_scales],
+                "failed": self.problems()}
 
 
 @dataclass

@@ -232,8 +232,12 @@ def _location_section(location: Dict[str, Any], findings: Sequence[Finding]) -> 
         rows += f"<tr><th>{UNKNOWN}</th><td colspan=3></td><td class=num>{table[UNKNOWN]['count']}</td></tr>"
         parts.append(f"<p><b>{caption}</b></p><table>{header}{rows}</table>")
     source = location.get("source", "")
-    detail = (f"parcellation {location.get('parcellation', '')}" if source == "parcellation"
-              else f"MNI atlas registered to the scan (brain overlap Dice {location.get('dice', 0):.2f})")
+    if source == "parcellation":
+        detail = f"parcellation {location.get('parcellation', '')}"
+    elif location.get("failed"):
+        detail = f"MNI atlas, registration failed ({'; '.join(location['failed'])}): locations unknown"
+    else:
+        detail = f"MNI atlas registered to the scan (brain overlap Dice {location.get('dice', 0):.2f})"
     boston = str(counts["boston"]).replace("_", " ")
     return (f"<h2>Location (MARS)</h2><p>Source: {html.escape(detail)}. Distribution for the Boston criteria: "
             f"<b>{html.escape(boston)}</b>.</p>{''.join(parts)}")

@@ -18,6 +18,7 @@ from SHIVACMBLib.location import (AREA_OF, AXIS_SCALE, CODE_OF, MIN_DICE, SUBREG
 from SHIVACMBLib import pipeline
 from SHIVACMBLib.pipeline import SegmentOptions, segment
 from SHIVACMBLib.preprocess import compute_brain_mask
+from SHIVACMBLib.report import _location_section
 
 # (spacing, direction): LPS-stored, RAS-stored oblique thick slices, sagittal permuted oblique
 ATLAS_GEOMETRIES = {
@@ -34,7 +35,8 @@ def test_atlas_registration_gives_mars_area_and_side_in_every_geometry():
         phantom = make_atlas_phantom(seed, spacing, direction, n_cmb=13)
         mask = compute_brain_mask(phantom.scan())
         located = locate(phantom.image, mask.image, phantom.labels, phantom.findings)
-        assert located.warnings == [] and located.summary["dice"] >= MIN_DICE, located.summary
+        assert located.warnings == [] and located.summary["failed"] == [], located.summary
+        assert "brain overlap Dice 0.9" in _location_section(located.summary, located.findings)
         results += [(f, truth) for f, truth in zip(located.findings, phantom.truth)]
     areas = [f.mars_area == area for f, (_name, area, _side, _x) in results]
     assert sum(areas) / len(areas) >= 0.95, [(f.region, t) for f, t in results]
@@ -81,6 +83,8 @@ def test_failed_registration_gives_unknown_and_a_warning(wrong_mask, reason):
     assert all((f.region, f.mars_area, f.side) == (UNKNOWN,) * 3 for f in located.findings)
     assert located.summary["by_area_side"][UNKNOWN]["count"] == 3
     assert located.summary["boston"] == UNKNOWN
+    assert any(reason in problem for problem in located.summary["failed"])
+    assert "registration failed (" in _location_section(located.summary, located.findings)
 
 
 def test_registration_check_accepts_human_brain_scales_only():
