@@ -1,125 +1,319 @@
 """Time per scan and peak memory of a SHIVA-sized 3-fold model: TF/Keras `predict` against onnxruntime.
 
-    python bench/inference_bench.py [--box 160 214 176] [--base 8] [--levels 4] [--folds 3] [--repeat 2]
+    python bench/inference_bench.py [--box 160 214 176] [--base 8] [--levels 4] [--folds 3]
+                                    [--repeat 2] [--rounds 2] [--backends B ...] [--json FILE]
 
 Builds (once, cached in bench/out/inference/) the stand-in of Testing/Python/shivaweights.py at full
-size with random weights, as SavedModel folds installed through `shivacmb models install` (so the
-ONNX folds are exactly what users get), then runs every backend in its own fresh process on the
-same normalised phantom box: TF/Keras `predict` (what the SHiVAi pipeline runs), ONNX CPU fp32 and,
-when a GPU is there, TF GPU, ORT CUDA fp32/fp16 and TensorRT. Per backend: the first scan (session
-start, engine build) and the best of the warm scans, peak resident memory of the process (and peak
-GPU memory for GPU runs), and the ratio to TF in the same run. Never asserts timings.
+size with random weights (the last bias placed so that a few voxels of the phantom pass 0.5, as
+CMBs would), as Keras `.h5` folds (the SHIVA-CMB v1 form) installed through
+`shivacmb models install` (so the ONNX folds are exactly what users get), then runs every backend
+in its own fresh process on the same normalised phantom box:
+
+- ``tf-cpu`` / ``tf-gpu``: each fold loaded with Keras (``compile=False``) and run by
+  ``model.predict`` (batch of one), the mean of the folds: what the SHiVAi pipeline runs;
+- ``ort-cpu``, and with onnxruntime-gpu ``ort-cuda``, ``ort-cuda-fp16``, ``ort-tensorrt``:
+  :class:`FoldEnsemble` as ``shivacmb segment`` uses it;
+- ``ort-cpu-int8``, ``ort-cpu-fp16`` (asked for by name): candidate CPU precisions, each fold
+  quantized by onnxruntime's dynamic int8 quantization or narrowed to fp16, with the ensemble rule
+  of ``segment``; `segment` offers neither (see docs/performance.md);
+- ``segment-cpu`` / ``segment-gpu``: the whole ``segment`` of a 1 mm phantom scan (read, mask,
+  preprocess, network, postprocess, location, write) with the installed model, sessions kept.
+
+Per backend: the first scan (model loading, session start, engine build included), the best of
+``--repeat`` warm scans, the peak resident memory of the process once its input is ready, the
+backend's own part of it (that peak less the resident memory when the input was ready: library,
+model, working memory), the rise of GPU memory for GPU runs, and the ratios to TF in the same run
+(time: TF's warm scan over the backend's; memory: the backend's own peak over TF's). ONNX rows
+other than ``ort-cpu`` are compared with ONNX CPU fp32 in the first round (largest difference
+of the fold-mean probability, voxels thresholded differently outside the +-1e-3 band); the TF
+against ONNX parity of every fold is the install's, recorded in model.json and printed. ``--rounds`` runs the backends in turn that many times and keeps
+each one's best warm scan, so a machine shared with other work slows both sides alike. Never
+asserts timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import resource
+import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
 sys.path.insert(0, str(REPO / "SHIVACMB"))
 OUT = HERE / "out" / "inference"
+ORT = {"ort-cpu": ("cpu", "fp32"), "ort-cuda": ("cuda", "fp32"), "ort-cuda-fp16": ("cuda", "fp16"),
+       "ort-tensorrt": ("tensorrt", "fp32")}
+CPU_CANDIDATES = ("ort-cpu-int8", "ort-cpu-fp16")  # measured to decide, not offered by `segment`
+SEGMENT = {"segment-cpu": "cpu", "segment-gpu": "auto"}
+PHANTOM_SEED = 424243  # a 1 mm SWI phantom for the `segment` rows
 
 
 def build(box, base: int, levels: int, folds: int) -> Path:
-    """The installed ONNX model (its TF originals in source/), built once per size."""
-    tag = f"{'x'.join(map(str, box))}-b{base}-l{levels}-f{folds}"
+    """The installed ONNX model (its Keras originals in source/), built once per size."""
+    tag = f"{'x'.join(map(str, box))}-b{base}-l{levels}-f{folds}-h5"
     home = OUT / tag / "models"
     if (home / "bench" / "model.json").is_file():
         return home / "bench"
     os.environ["SHIVACMB_MODELS"] = str(home)
     import shivaweights
+    from SHIVACMBLib import blobmodel
+    from SHIVACMBLib.inference import model_layout
+    from SHIVACMBLib.models import read_descriptor
     from SHIVACMBLib.official import install
+    from SHIVACMBLib.parity import parity_input
 
     weights = OUT / tag / "weights"
     weights.mkdir(parents=True, exist_ok=True)
+    calibration = model_layout(parity_input(read_descriptor(blobmodel.write_model(weights / "box", shape=box))), "NDHWC")
     paths = []
     for index in range(folds):
-        model = shivaweights.shiva_unet(box, base=base, levels=levels, seed=index)
-        paths.append(shivaweights.save_savedmodel(model, weights / f"fold_{index}"))
+        path = weights / f"fold_{index}.h5"
+        shivaweights.shiva_unet(box, base=base, levels=levels, seed=index, calibrate=calibration).save(path)
+        paths.append(path)
     archive = shivaweights.official_zip(OUT / tag / "weights.zip", paths)
     install(archive, name="bench")
     return home / "bench"
 
 
-def child(model_dir: Path, backend: str, repeat: int) -> dict:
-    """One backend in this (fresh) process: first scan, best warm scan, peak memory."""
-    from SHIVACMBLib.inference import FoldEnsemble, model_layout
+def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
+    """One backend in this (fresh) process: first scan, best warm scan, peak memory (and parity on request)."""
     from SHIVACMBLib.models import read_descriptor
     from SHIVACMBLib.parity import parity_input
 
     model = read_descriptor(model_dir)
     volume = parity_input(model)
-    baseline = _rss_mib()
-    times = []
+    ready = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak (VmHWM) from here: the phantom's making is not counted
+    gpu = GpuPeak()
     if backend.startswith("tf"):
-        import tensorflow as tf
-
-        if backend == "tf-cpu":
-            tf.config.set_visible_devices([], "GPU")
-        records = json.loads((model_dir / "model.json").read_text())["conversion"]["folds"]
-        feed = model_layout(volume, "NDHWC")
-        for _ in range(repeat + 1):
-            started = time.perf_counter()
-            outputs = []
-            for record in records:  # as SHiVAi: load each fold, predict, next
-                tf.keras.backend.clear_session()
-                layer = tf.saved_model.load(str(model_dir / record["source"])).signatures["serving_default"]
-                name = list(layer.structured_input_signature[1])[0]
-                result = layer(**{name: tf.constant(feed)})
-                outputs.append(result[sorted(result)[0]].numpy())
-            sum(outputs) / len(outputs)
-            times.append(time.perf_counter() - started)
-        provider = "TensorFlow " + ("GPU" if backend == "tf-gpu" else "CPU")
+        run, provider = _keras_predict(model_dir, volume, gpu=backend == "tf-gpu")
+    elif backend in ORT:
+        run, provider = _onnxruntime(model, volume, *ORT[backend])
+    elif backend in CPU_CANDIDATES:
+        run, provider = _cpu_candidate(model, volume, backend.rsplit("-", 1)[1])
     else:
-        device, precision = {"ort-cpu": ("cpu", "fp32"), "ort-cuda": ("cuda", "fp32"), "ort-cuda-fp16": ("cuda", "fp16"),
-                             "ort-tensorrt": ("tensorrt", "fp32")}[backend]
+        run, provider = _segment(model, SEGMENT[backend])
+    times = []
+    for _ in range(repeat + 1):
         started = time.perf_counter()
-        ensemble = FoldEnsemble(model, device, precision=precision)
-        for _ in range(repeat + 1):
-            ensemble.predict(volume)
-            times.append(time.perf_counter() - started)
-            started = time.perf_counter()
-        provider = f"{ensemble.provider} {ensemble.running_precision}"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"backend": backend, "provider": provider, "first_s": times[0], "warm_s": min(times[1:]),
-            "peak_rss_mib": peak, "above_start_mib": peak - baseline, "gpu_peak_mib": _gpu_peak_mib()}
+        result = run()
+        times.append(time.perf_counter() - started)
+    peak = _rss_kib("VmHWM")
+    row = {"backend": backend, "provider": provider(), "first_s": times[0], "warm_s": min(times[1:]),
+           "peak_rss_mib": peak / 1024, "own_mib": (peak - ready) / 1024, "gpu_mib": gpu.stop()}
+    if backend in SEGMENT:
+        row["stages_s"] = result.run["timings_s"]  # of the last warm scan
+    elif check and result is not None and backend != "ort-cpu":
+        from SHIVACMBLib.inference import FoldEnsemble
+        from SHIVACMBLib.parity import FP32_TOLERANCE, compare
+
+        parity = compare(FoldEnsemble(model, "cpu").predict(volume)[0], result, model.threshold, FP32_TOLERANCE)
+        row.update(max_diff_vs_fp32=parity.max_abs_diff, differing_outside_band=parity.differing_outside_band)
+    return row
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def _rss_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _gpu_peak_mib() -> float:
+def _keras_predict(model_dir: Path, volume, gpu: bool):
+    """One scan as SHiVAi runs it: Keras folds (loaded by the first scan), ``predict``, the mean."""
+    import tensorflow as tf
+
+    devices = tf.config.list_physical_devices("GPU")
+    if not gpu:
+        tf.config.set_visible_devices([], "GPU")
+    elif not devices:
+        raise SystemExit("TensorFlow sees no GPU (tensorflow-cpu, or no CUDA build): tf-gpu not measured")
+    for device in devices if gpu else []:
+        tf.config.experimental.set_memory_growth(device, True)  # memory used, not TF's whole-GPU reservation
+    import keras
+    from SHIVACMBLib.inference import model_layout
+
+    records = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["conversion"]["folds"]
+    feed = model_layout(volume, "NDHWC")
+    loaded: List = []
+
+    def run() -> None:  # no parity check: the install compared every fold with its ONNX conversion
+        if not loaded:
+            loaded.extend(keras.models.load_model(str(model_dir / r["source"]), compile=False) for r in records)
+        outputs = [fold.predict(feed, batch_size=1, verbose=0) for fold in loaded]
+        sum(outputs) / len(outputs)
+
+    return run, lambda: f"TensorFlow {tf.__version__} {'GPU' if gpu else 'CPU'}"
+
+
+def _onnxruntime(model, volume, device: str, precision: str):
+    """One scan through the fold ensemble `segment` uses (sessions opened by the first scan)."""
+    from SHIVACMBLib.inference import FoldEnsemble
+
+    ensemble: List = []
+
+    def run():
+        if not ensemble:
+            ensemble.append(FoldEnsemble(model, device, precision=precision))
+        return ensemble[0].predict(volume)[0]
+
+    return run, lambda: f"{ensemble[0].provider} {ensemble[0].running_precision}"
+
+
+def _cpu_candidate(model, volume, precision: str):
+    """The CPU ensemble with every fold quantized to int8 (dynamic) or narrowed to fp16 (sessions by the first scan)."""
+    import tempfile
+
+    from SHIVACMBLib.inference import CPU, FoldEnsemble, create_session
+
+    ensemble: List = []
+
+    def narrowed(path: Path) -> bytes:
+        if precision == "fp16":
+            import onnx
+            from SHIVACMBLib.onnxfloat import to_float16
+
+            return to_float16(onnx.load(str(path))).SerializeToString()
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_dynamic(path, Path(tmp) / "int8.onnx", weight_type=QuantType.QUInt8)
+            return (Path(tmp) / "int8.onnx").read_bytes()
+
+    def run():
+        if not ensemble:
+            cpu = FoldEnsemble(model, "cpu")
+            cpu.sessions = [create_session(narrowed(fold.path), [CPU], cpu.threads) for fold in model.folds]
+            ensemble.append(cpu)
+        return ensemble[0].predict(volume)[0]
+
+    return run, lambda: f"{CPU} {precision}"
+
+
+def _segment(model, device: str):
+    """The whole `segment` of a 1 mm phantom scan (sessions kept by the process between scans)."""
+    from SHIVACMBLib.inference import get_ensemble
+    from SHIVACMBLib.pipeline import SegmentOptions, segment
+    from SHIVACMBLib.synthetic import make_phantom, write_phantom
+
+    scan = OUT / f"phantom-{PHANTOM_SEED}" / f"phantom-{PHANTOM_SEED}.nii.gz"
+    if not scan.is_file():
+        write_phantom(make_phantom(PHANTOM_SEED, "swi", (1.0, 1.0, 1.0), n_cmb=6), scan.parent, scan.name[:-7])
+    out = OUT / "segment-results"
+
+    def run():
+        return segment(scan, out, SegmentOptions(device=device), model=model)
+
+    return run, lambda: "segment on " + get_ensemble(model, device).provider
+
+
+class GpuPeak:
+    """Largest rise of used GPU memory (nvidia-smi, sampled every 0.2 s) while it runs; 0 without a GPU."""
+
+    def __init__(self) -> None:
+        self.start = _gpu_used_mib()
+        self.peak = self.start
+        self.done = threading.Event()
+        if self.start is not None:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak = max(self.peak, _gpu_used_mib() or 0.0)
+
+    def stop(self) -> float:
+        self.done.set()
+        return 0.0 if self.start is None else max(self.peak, _gpu_used_mib() or 0.0) - self.start
+
+
+def _gpu_used_mib() -> Optional[float]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout
         return float(out.split()[0])
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return 0.0
+        return None
 
 
-def backends() -> list:
-    found = ["tf-cpu", "ort-cpu"]
+def backends() -> List[str]:
+    """What this machine can run: the CPU rows always, the GPU rows where onnxruntime has the provider."""
     import onnxruntime
 
     providers = onnxruntime.get_available_providers()
+    found = ["tf-cpu", "ort-cpu"]
     if "CUDAExecutionProvider" in providers:
         found += ["tf-gpu", "ort-cuda", "ort-cuda-fp16"]
     if "TensorrtExecutionProvider" in providers:
         found.append("ort-tensorrt")
-    return found
+    return found + ["segment-cpu"] + (["segment-gpu"] if "CUDAExecutionProvider" in providers else [])
+
+
+def machine() -> Dict[str, str]:
+    """Date, device and versions for the table's header."""
+    versions = {}
+    for name in ("tensorflow", "keras", "tf2onnx", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name if name != "tensorflow" else _tf_distribution())
+        except Exception:  # noqa: BLE001 - a package that is not installed is left out
+            continue
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip() if _gpu_used_mib() is not None else "none"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": f"{cpu}, {len(os.sched_getaffinity(0))} cores usable", "gpu": gpu,
+            "load average": " ".join(f"{v:.1f}" for v in os.getloadavg()), "python": platform.python_version(),
+            "versions": ", ".join(f"{k} {v}" for k, v in versions.items())}
+
+
+def _tf_distribution() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("tensorflow", "tensorflow-cpu"):
+        try:
+            version(name)
+            return name
+        except PackageNotFoundError:
+            continue
+    return "tensorflow"
+
+
+def best_rows(rounds: List[List[dict]]) -> List[dict]:
+    """Per backend, the run with the best warm scan over all rounds (order of first appearance)."""
+    best: Dict[str, dict] = {}
+    for row in (r for runs in rounds for r in runs):
+        if row["backend"] not in best or row["warm_s"] < best[row["backend"]]["warm_s"]:
+            best[row["backend"]] = row
+    return list(best.values())
+
+
+def table(rows: List[dict], say: Callable[[str], None] = print) -> None:
+    """The Markdown table: times, ratios to TF on the same device kind, memory."""
+    by = {r["backend"]: r for r in rows}
+    say("| backend | runs on | first scan s | warm scan s | x faster than TF CPU | x faster than TF GPU "
+        "| peak RSS MiB | own MiB | own / TF CPU | GPU MiB | max diff vs ONNX CPU fp32 |")
+    say("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        speed = {ref: f"{by[ref]['warm_s'] / r['warm_s']:.2f}" if ref in by and r["backend"] not in SEGMENT else "-"
+                 for ref in ("tf-cpu", "tf-gpu")}  # a whole `segment` is not compared with a network alone
+        memory = f"{r['own_mib'] / by['tf-cpu']['own_mib']:.2f}" if "tf-cpu" in by else "-"
+        differs = (f"{r['max_diff_vs_fp32']:.1e} ({r['differing_outside_band']} vx)" if "max_diff_vs_fp32" in r
+                   else "-")
+        say(f"| {r['backend']} | {r['provider']} | {r['first_s']:.2f} | {r['warm_s']:.2f} | {speed['tf-cpu']} | "
+            f"{speed['tf-gpu']} | {r['peak_rss_mib']:.0f} | {r['own_mib']:.0f} | {memory} | {r['gpu_mib']:.0f} | "
+            f"{differs} |")
 
 
 def main() -> None:
@@ -129,29 +323,51 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=4)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="warm scans after the first")
+    parser.add_argument("--rounds", type=int, default=2, help="times every backend runs, in turn; best kept")
+    parser.add_argument("--backends", nargs="+", metavar="B",
+                        help="subset to run (default: all this machine can: tf-cpu ort-cpu [tf-gpu ort-cuda "
+                             "ort-cuda-fp16 ort-tensorrt] segment-cpu [segment-gpu]; by name only: ort-cpu-int8 "
+                             "ort-cpu-fp16)")
+    parser.add_argument("--json", type=Path, help="also write the machine and the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), args.child[1], args.repeat)))
+        print(json.dumps(child(Path(args.child[0]), args.child[1], args.repeat, args.check)))
         return
     started = time.perf_counter()
     model_dir = build(tuple(args.box), args.base, args.levels, args.folds)
     print(f"model: {model_dir} (built/installed in {time.perf_counter() - started:.0f} s)")
-    rows = []
-    for backend in backends():
-        done = subprocess.run([sys.executable, __file__, "--child", str(model_dir), backend, "--repeat",
-                               str(args.repeat)], capture_output=True, text=True)
-        if done.returncode:
-            print(f"{backend}: failed: {done.stderr.strip().splitlines()[-1:]}")
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    tf_cpu = next((r for r in rows if r["backend"] == "tf-cpu"), None)
-    print(f"{'backend':14} {'runs on':28} {'first s':>8} {'warm s':>8} {'x TF CPU':>9} {'peak RSS MiB':>13} "
-          f"{'GPU MiB':>8}")
-    for r in rows:
-        ratio = f"{tf_cpu['warm_s'] / r['warm_s']:.2f}" if tf_cpu else "-"
-        print(f"{r['backend']:14} {r['provider']:28} {r['first_s']:8.2f} {r['warm_s']:8.2f} {ratio:>9} "
-              f"{r['peak_rss_mib']:13.0f} {r['gpu_peak_mib']:8.0f}")
+    parity = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["conversion"]["parity"]["folds"]
+    print("conversion parity at install (each fold, TF against ONNX CPU): max abs diff "
+          + ", ".join(f"{p['max_abs_diff']:.1e}" for p in parity))
+    rounds = []
+    for number in range(args.rounds):
+        runs = []
+        for backend in args.backends or backends():
+            done = subprocess.run([sys.executable, __file__, "--child", str(model_dir), backend, "--repeat",
+                                   str(args.repeat)] + (["--check"] if number == 0 else []),
+                                  capture_output=True, text=True)
+            if done.returncode:
+                print(f"round {number + 1}, {backend}: not measured: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"round {number + 1}, {backend}: warm {runs[-1]['warm_s']:.2f} s, first {runs[-1]['first_s']:.2f} s")
+        rounds.append(runs)
+    about = machine()
+    print("\n" + "\n".join(f"- {key}: {value}" for key, value in about.items()))
+    print(f"- model: {args.folds} folds, box {'x'.join(map(str, args.box))}, base {args.base}, levels {args.levels}; "
+          f"{args.repeat} warm scans per run, best of {args.rounds} rounds\n")
+    rows = best_rows(rounds)
+    table(rows)
+    for row in rows:
+        if "stages_s" in row:
+            print(f"\n{row['backend']}, stages of a warm scan (s): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in row["stages_s"].items()))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": about, "args": vars(args) | {"json": str(args.json)},
+                                         "rows": rows, "rounds": rounds}, indent=2, default=str) + "\n",
+                             encoding="utf-8")
 
 
 if __name__ == "__main__":
