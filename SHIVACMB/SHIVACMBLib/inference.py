@@ -9,7 +9,8 @@ error), is dropped for CPU with a warning; the provider that really ran is repor
 On CUDA/TensorRT the input is copied to the GPU once and every fold reads it there (IO binding);
 cuDNN picks its fastest convolution algorithms once per session (exhaustive search). With
 ``precision="fp16"`` GPU sessions run an fp16 copy of each fold (fp32 inputs and outputs); on
-CPU fp16 is slower than fp32 and is not used. CPU sessions use every available core.
+CPU fp16 is no faster than fp32 and dynamic int8 is slower and off by 5e-3 (measured:
+docs/performance.md), so CPUs run fp32. CPU sessions use every available core.
 """
 
 from __future__ import annotations

@@ -103,32 +103,26 @@ def test_verify_parity_command(installed, capsys):
 
 
 class TensorFlowEnsemble(FoldEnsemble):
-    """The same ensemble rule, with the TF originals computing each fold."""
+    """The same ensemble (fold floor, mean), with the TF original computing each fold instead of its ONNX session."""
 
     def __init__(self, model):
         super().__init__(model, "cpu")
         records = json.loads((model.path / "model.json").read_text())["conversion"]["folds"]
         self.tf_folds = [load_fold(model.path / r["source"]) for r in records]
+        self.tf_runs = 0
 
-    def raw_outputs(self, feed):
-        return [tf_predict(fold, feed) for fold in self.tf_folds]
-
-    def _run_all(self, feed, progress):
-        total, folds = None, []
-        for raw in self.raw_outputs(feed):
-            prob = to_probability(raw, self.model)
-            prob[prob < self.model.fold_floor] = 0.0
-            folds.append(prob)
-            total = prob.copy() if total is None else total + prob
-        return total / np.float32(len(folds)), folds
+    def _run_one(self, session, feed):
+        self.tf_runs += 1
+        return tf_predict(self.tf_folds[self.sessions.index(session)], feed)
 
 
 def test_segment_with_the_converted_model_equals_tensorflow(installed, tmp_path):
     scan = write_phantom(make_phantom(424242, "swi", (1.0, 1.0, 1.0), n_cmb=8), tmp_path / "phantom", "p")["image"]
     options = SegmentOptions(report=False, threshold=0.3)  # random folds disagree: their mean rarely reaches 0.5
     onnx_run = segment(scan, tmp_path / "onnx", options, model=installed)
-    tf_run = segment(scan, tmp_path / "tf", options, model=installed,
-                     ensemble=TensorFlowEnsemble(installed))
+    tensorflow = TensorFlowEnsemble(installed)
+    tf_run = segment(scan, tmp_path / "tf", options, model=installed, ensemble=tensorflow)
+    assert tensorflow.tf_runs == 3  # every fold was computed by TensorFlow
     assert len(onnx_run.findings) > 0
     assert len(onnx_run.findings) == len(tf_run.findings)
     for a, b in zip(onnx_run.findings, tf_run.findings):
@@ -155,14 +149,22 @@ def test_convert_single_savedmodel(folds, tmp_path, capsys):
     assert len(model.folds) == 1 and "--model" in capsys.readouterr().out
 
 
-def test_keras2_h5_loads_with_tf_keras(tmp_path, calibration):
+def test_keras2_h5_that_keras3_refuses_loads_with_tf_keras(tmp_path, calibration, monkeypatch):
+    import keras
     import tf_keras
+
     path = tmp_path / "keras2.h5"
     shivaweights.shiva_unet(BOX, seed=4, keras=tf_keras, calibrate=calibration).save(path)
+
+    def keras3_refuses(*args, **kwargs):
+        raise ValueError("Unknown layer: 'Functional'")  # as Keras 3 says of many Keras 2 files
+
+    monkeypatch.setattr(keras.models, "load_model", keras3_refuses)
     fold = load_fold(path)
-    assert fold.kind == "h5" and fold.loader in ("keras", "tf_keras")
+    assert fold.kind == "h5" and fold.loader == "tf_keras"
     result = official.convert(path, tmp_path / "m", say=lambda line: None)
-    assert result.parity[0].passed
+    assert result.parity[0].passed and result.parity[0].above_threshold > 0
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["conversion"]["folds"][0]["loader"] == "tf_keras"
 
 
 # --- refusals: one clear line, exit 3, nothing installed ---------------------------------------
@@ -195,6 +197,15 @@ def test_missing_fold_is_refused(folds, tmp_path, models_home, capsys):
 def test_non_cmb_target_is_refused(folds, tmp_path, models_home, capsys):
     archive = shivaweights.official_zip(tmp_path / "w.zip", folds[1:2], target="PVS")
     assert "target is 'PVS'" in refused(archive, models_home, capsys)
+
+
+def test_zip_not_laid_out_as_the_downloads_is_refused(folds, tmp_path, models_home, capsys):
+    import zipfile
+
+    archive = tmp_path / "w.zip"
+    with zipfile.ZipFile(archive, "w") as out:  # the folds without their descriptor JSON
+        out.write(folds[0], "SWI-CMB/fold_0.h5")
+    assert "no model descriptor" in refused(archive, models_home, capsys)
 
 
 def test_wrong_layout_is_refused(tmp_path, models_home, capsys):
