@@ -251,3 +251,15 @@ def test_provider_failure_reason_from_onnxruntime_gpu_output():
     assert inference._provider_failure(printed) == (
         "libcublasLt.so.13: cannot open shared object file: No such file or directory; "
         "Require cuDNN 9.* and CUDA 13.*")
+
+
+def test_gpu_provider_tuning_and_tensorrt_engine_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "trt_cache_dir", lambda: tmp_path / "cache" / "tensorrt")
+    cuda = inference.provider_options(CUDA)
+    assert cuda["cudnn_conv_algo_search"] == "EXHAUSTIVE" and cuda["cudnn_conv_use_max_workspace"] == "1"
+    for precision, fp16 in (("fp32", "False"), ("fp16", "True")):
+        trt = inference.provider_options(TENSORRT, precision)
+        assert trt["trt_engine_cache_enable"] == "True" and trt["trt_fp16_enable"] == fp16
+        assert trt["trt_engine_cache_path"] == str(tmp_path / "cache" / "tensorrt")
+    assert (tmp_path / "cache" / "tensorrt").is_dir()  # made before the provider writes its first engine
+    assert inference.provider_options(CPU) == {}
