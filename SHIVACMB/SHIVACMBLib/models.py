@@ -98,12 +98,15 @@ def model_search_dirs() -> List[Path]:
 
 
 def installed_models() -> List[Union[ModelDescriptor, Tuple[Path, str]]]:
-    """Every model folder found, parsed; unreadable ones as (folder, problem)."""
+    """Every model folder found, parsed; unreadable ones as (folder, problem).
+
+    Hidden folders are installs in progress, or left by an interrupted one: never models.
+    """
     found: List[Union[ModelDescriptor, Tuple[Path, str]]] = []
     for base in model_search_dirs():
         if not base.is_dir():
             continue
-        for folder in sorted(p for p in base.iterdir() if (p / DESCRIPTOR).is_file()):
+        for folder in sorted(p for p in base.iterdir() if not p.name.startswith(".") and (p / DESCRIPTOR).is_file()):
             try:
                 found.append(read_descriptor(folder))
             except ModelError as err:

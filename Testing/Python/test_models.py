@@ -86,6 +86,15 @@ def test_registry_finds_models_by_name_in_the_user_folder(tmp_path, monkeypatch)
     assert "alpha" in names
 
 
+def test_an_interrupted_install_is_not_a_model(tmp_path, monkeypatch):
+    user = tmp_path / "user"
+    blobmodel.write_model(user / ".alpha.partial-1234", name="alpha", threshold=0.3)  # staged, never renamed
+    blobmodel.write_model(user / "alpha", name="alpha", threshold=0.7)
+    monkeypatch.setenv("SHIVACMB_MODELS", str(user))
+    assert [m.path.name for m in installed_models() if m.path.parent == user] == ["alpha"]
+    assert load_model("alpha").threshold == 0.7
+
+
 def test_registry_path_list_and_priority(tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
     blobmodel.write_model(first / "x", name="same", threshold=0.3)
