@@ -283,8 +283,8 @@ def model_from_onnx(path: Path) -> ResidualUNet3D:
 
 def mine(cache: Path, model_dir: Path, out: Path, threshold: float = 0.5) -> Dict[str, int]:
     """The voxels of every component a model finds outside the CMBs of each cached phantom
-    (``out/<scan>.npy``, [x, y, z] rows): hard negatives for ``fit --hard``. Returns the number of
-    false-positive components per scan."""
+    (``out/<scan>.npy``, [x, y, z] rows): hard negatives for ``fit --hard``. Scans mined by an
+    earlier run are kept; returns the number of false-positive components of each scan mined now."""
     from scipy import ndimage
 
     from .inference import get_ensemble
@@ -295,8 +295,8 @@ def mine(cache: Path, model_dir: Path, out: Path, threshold: float = 0.5) -> Dic
     counts: Dict[str, int] = {}
     for path in sorted(Path(cache).glob("*.npz")):
         target = out / f"{path.stem}.npy"
-        data = np.load(path)
         if not target.exists():
+            data = np.load(path)
             probability, _ = ensemble.predict(data["volume"].astype(np.float32).transpose(2, 1, 0))
             components, n = ndimage.label(probability.transpose(2, 1, 0) >= threshold)
             hit = np.unique(components[data["cmb"] > 0])
