@@ -96,12 +96,14 @@ class PatchSampler:
 
     ``by_class``: the mimic share is split evenly between the mimic classes, so that rare classes
     (a few calcifications per scan) are seen as often as veins, which have hundreds of times more
-    voxels; otherwise every mimic voxel is equally likely. ``hard``: a folder of mined false
-    positives (``mine``), sampled with the fourth share of ``mix``.
+    voxels; otherwise every mimic voxel is equally likely. ``class_weights`` (by class only) tilts
+    that split, e.g. ``{"calcification": 3}`` draws calcifications three times as often as each other
+    class. ``hard``: a folder of mined false positives (``mine``), sampled with the fourth share of ``mix``.
     """
 
     def __init__(self, files: Sequence[Path], rng: np.random.Generator, patch: int = PATCH,
-                 mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None) -> None:
+                 mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None,
+                 class_weights: Optional[Dict[str, float]] = None) -> None:
         self.rng = rng
         self.patch = patch
         self.volumes: List[np.ndarray] = []
@@ -127,10 +129,14 @@ class PatchSampler:
         cmb, mimic, brain, hard_share = shares[:4]
         if hard_share and "hard" not in self.sites:
             raise ValueError("a share of hard-negative patches needs mined false positives (--hard)")
-        mimic_kinds = [k for k in self.sites if k.startswith("mimic:")]
+        unknown = set(class_weights or {}) - set(MIMIC_CLASSES)
+        if unknown or (class_weights and not by_class):
+            raise ValueError(f"mimic class weights need class sampling and classes of {MIMIC_CLASSES}: "
+                             f"{sorted(unknown) or 'voxel sampling'}")
+        tilt = {k: (class_weights or {}).get(k[len("mimic:"):], 1.0) for k in self.sites if k.startswith("mimic:")}
         self.kinds = sorted(self.sites)
         named = {"cmb": cmb, "brain": brain, "hard": hard_share}
-        weights = np.array([named[k] if k in named else mimic / len(mimic_kinds) for k in self.kinds])
+        weights = np.array([named[k] if k in named else mimic * tilt[k] / sum(tilt.values()) for k in self.kinds])
         self.weights = weights / weights.sum()
 
     def _centre(self) -> Tuple[int, np.ndarray]:
@@ -167,7 +173,8 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float = LEARNING_RATE,
         checkpoint_every: int = 100, threads: Optional[int] = None, until: Optional[int] = None,
         init: Optional[Path] = None, mimics_by_class: bool = True,
-        mix: Sequence[float] = MIX, hard: Optional[Path] = None) -> Path:
+        mix: Sequence[float] = MIX, hard: Optional[Path] = None,
+        class_weights: Optional[Dict[str, float]] = None) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
@@ -197,11 +204,12 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
     files = sorted(cache.glob("*.npz"))
-    sampler = PatchSampler(files, rng, mix=mix, by_class=mimics_by_class, hard=hard)
+    sampler = PatchSampler(files, rng, mix=mix, by_class=mimics_by_class, hard=hard, class_weights=class_weights)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "patch": PATCH, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
-         "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "command": " ".join(sys.argv),
+         "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
+         "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
     model.train()
     if frozen_norms:
@@ -344,18 +352,31 @@ DESCRIPTION = ("DEMONSTRATION MODEL trained by the project on its own synthetic 
 def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dict] = None,
                        threshold: float = 0.5) -> Path:
     """One ONNX fold per training run (``fold0.onnx``, ``fold1.onnx``...) plus a ``model.json``
-    (DESIGN: model descriptor) with their sha256 and each fold's training provenance."""
+    (DESIGN: model descriptor) with their sha256 and each fold's training provenance.
+
+    A run may also be an exported ``.onnx`` fold (of a shipped model, say): it is copied as it is,
+    with the provenance its own ``model.json`` records, so that an ensemble can keep a fold."""
+    import shutil
+
     from .files import atomic_write_text, checksum
 
+    if any(Path(run).suffix == ".onnx" and Path(run).resolve().parent == folder.resolve() for run in runs):
+        raise ValueError(f"{folder}: write the model into another folder than the ONNX folds it keeps")
     folder.mkdir(parents=True, exist_ok=True)
     folds, training = [], []
     for number, run in enumerate(runs):
-        model = load_checkpoint(run / "checkpoint.pt")
         onnx_path = folder / f"fold{number}.onnx"
-        export_onnx(model, onnx_path)
+        if Path(run).suffix == ".onnx":
+            provenance = onnx_provenance(Path(run))
+            with atomic_path(onnx_path) as tmp:
+                shutil.copyfile(run, tmp)
+        else:
+            model = load_checkpoint(run / "checkpoint.pt")
+            export_onnx(model, onnx_path)
+            provenance = {"parity_max_abs_difference": float(f"{parity(model, onnx_path):.2e}"),
+                          "phases": training_phases(run)}
         folds.append({"file": onnx_path.name, "sha256": checksum([onnx_path])})
-        training.append({"file": onnx_path.name, "parity_max_abs_difference": float(f"{parity(model, onnx_path):.2e}"),
-                         "phases": training_phases(run)})
+        training.append({"file": onnx_path.name, **provenance})
     descriptor = {
         "name": folder.name, "version": "1.0", "target": "CMB", "modalities": ["swi", "t2s"],
         "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/train.py",
@@ -372,19 +393,34 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
     return folder
 
 
+def onnx_provenance(path: Path) -> Dict:
+    """What the ``model.json`` beside an exported fold records of its training: its parity and
+    phases (both the one-fold and the per-fold layout), the fold's sha256 first."""
+    from .files import checksum
+
+    recorded: Dict = {}
+    descriptor = path.parent / "model.json"
+    if descriptor.exists():
+        training = json.loads(descriptor.read_text(encoding="utf-8")).get("training", {})
+        per_fold = {fold.get("file"): fold for fold in training.get("folds", [])}
+        recorded = per_fold.get(path.name) or (training if "phases" in training else {})
+    kept = {k: recorded[k] for k in ("parity_max_abs_difference", "phases") if k in recorded}
+    return {"onnx": path.name, "sha256": checksum([path]) if path.exists() else None, **kept}
+
+
 def training_phases(run: Path) -> List[Dict]:
     """The settings of ``run`` and of every run it started from (``init``), first phase first."""
     phases: List[Dict] = []
     while run is not None:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
-        keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "frozen_norms", "torch")
+        keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "class_weights",
+                "frozen_norms", "torch")
         phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
         init = Path(config["init"]) if config.get("init") else None
         if init is not None and init.suffix == ".onnx":
-            from .files import checksum
-
-            phases.insert(0, {"onnx": init.name, "sha256": checksum([init]) if init.exists() else None})
+            source = onnx_provenance(init)
+            phases[:0] = [*source.pop("phases", []), {k: v for k, v in source.items() if k in ("onnx", "sha256")}]
             init = None
         run = init.parent if init is not None else None
     return phases
@@ -417,7 +453,7 @@ def calibrate(model_dir: Path, phantoms: Path, work: Path, thresholds: Sequence[
     scans: Dict[float, list] = {t: [] for t in thresholds}
     mimics: Dict[float, list] = {t: [] for t in thresholds}
     for scan_id, truth in sorted(truth_files(phantoms).items()):
-        result = segment(phantoms / f"{scan_id}.nii.gz", work, SegmentOptions(threshold=thresholds[0], report=False),
+        result = segment(phantoms / f"{scan_id}.nii.gz", work, SegmentOptions(threshold=thresholds[0], report=False, location=False),
                          model=model, ensemble=ensemble)
         labels = read_label_image(result.output_dir / next(f for f in result.files if f.startswith(LABELS_NAME)))
         array = sitk.GetArrayViewFromImage(labels)
@@ -450,6 +486,19 @@ def calibration_table(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _class_weights(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dict[str, float]:
+    weights = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            parser.error(f"--mimic-weight {item}: expected CLASS=NUMBER")
+        if name not in MIMIC_CLASSES or weights[name] <= 0:
+            parser.error(f"--mimic-weight {item}: CLASS is one of {', '.join(MIMIC_CLASSES)} and the weight above 0")
+    return weights
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SHIVACMBLib.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -473,13 +522,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--hard", type=Path, help="folder of mined false positives (the mine step)")
     f.add_argument("--mimic-sampling", choices=("class", "voxel"), default="class",
                    help="mimic patches: each class equally often, or each mimic voxel equally often")
+    f.add_argument("--mimic-weight", action="append", default=[], metavar="CLASS=W",
+                   help="with class sampling, draw this mimic class W times as often as the others (repeatable)")
     m = steps.add_parser("mine", help="a model's false positives on the cached phantoms (hard negatives)")
     m.add_argument("--cache", type=Path, required=True)
     m.add_argument("--model-dir", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--threshold", type=float, default=0.5)
     e = steps.add_parser("export")
-    e.add_argument("--run", type=Path, nargs="+", required=True, help="one training run per fold")
+    e.add_argument("--run", type=Path, nargs="+", required=True,
+                   help="one training run per fold, or an exported .onnx fold to keep as it is")
     e.add_argument("--model-dir", type=Path, required=True, help="model folder to write (foldN.onnx, model.json)")
     e.add_argument("--metrics", type=Path, help="JSON with the measured metrics to record in model.json")
     e.add_argument("--threshold", type=float, default=0.5, help="the model's probability threshold")
@@ -496,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.step == "fit":
         fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
             until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class", mix=tuple(args.mix),
-            hard=args.hard)
+            hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight))
     elif args.step == "mine":
         counts = mine(args.cache, args.model_dir, args.out, args.threshold)
         print(f"{sum(counts.values())} false-positive components in {len(counts)} scans")

@@ -65,6 +65,13 @@ def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
     assert balanced.weights.tolist() == [0.0, 0.0, 0.5, 0.5]  # one calcification voxel weighs as 25 vein voxels
     by_voxel = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(0.0, 1.0, 0.0), by_class=False)
     assert by_voxel.kinds == ["brain", "cmb", "mimic:any"] and len(by_voxel.sites["mimic:any"][0][1]) == 26
+    tilted = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(0.2, 0.8, 0.0),
+                                class_weights={"calcification": 3.0})
+    assert np.allclose(tilted.weights, [0.0, 0.2, 0.6, 0.2])  # calcifications three times as often as veins
+    with pytest.raises(ValueError, match="mimic class weights"):
+        train.PatchSampler(files, np.random.default_rng(0), patch=16, class_weights={"calcifications": 2.0})
+    with pytest.raises(ValueError, match="voxel sampling"):
+        train.PatchSampler(files, np.random.default_rng(0), patch=16, by_class=False, class_weights={"vein": 2.0})
 
 
 def test_hard_negatives_get_the_fourth_share(tmp_path) -> None:
@@ -118,7 +125,7 @@ def test_fine_tuning_from_an_onnx_fold_starts_where_the_fold_is(tmp_path, monkey
 
     _tiny_cache(tmp_path)
     monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None))
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None, None))
     run = tmp_path / "run"
     train.fit(tmp_path, run, steps=2, seed=4, init=fold)
     tuned = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
@@ -141,7 +148,7 @@ def test_loss_is_small_for_a_right_answer_and_large_for_a_wrong_one() -> None:
 def test_fit_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
     _tiny_cache(tmp_path)
     monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None))
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None, None))
     run = tmp_path / "run"
     train.fit(tmp_path, run, steps=4, seed=3, checkpoint_every=1, until=2)  # as if killed after step 2
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
@@ -158,7 +165,7 @@ def test_fit_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
 def test_export_writes_one_verified_fold_per_run(tmp_path, monkeypatch) -> None:
     _tiny_cache(tmp_path)
     monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None))
+    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None, None))
     runs = [tmp_path / "run-a", tmp_path / "run-b"]
     train.fit(tmp_path, runs[0], steps=1, seed=1)
     train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt")
@@ -172,6 +179,16 @@ def test_export_writes_one_verified_fold_per_run(tmp_path, monkeypatch) -> None:
     assert [len(fold["phases"]) for fold in training] == [1, 2]  # run-b started from run-a's weights
     assert [fold["phases"][-1]["seed"] for fold in training] == [1, 2]
     assert all(fold["parity_max_abs_difference"] < 1e-4 for fold in training)
+
+    # an ensemble that keeps an exported fold: copied byte for byte, with the provenance it records
+    ensemble = train.write_model_folder([folder / "fold1.onnx", runs[0]], tmp_path / "ensemble")
+    assert (ensemble / "fold0.onnx").read_bytes() == (folder / "fold1.onnx").read_bytes()
+    kept = json.loads((ensemble / "model.json").read_text(encoding="utf-8"))["training"]["folds"]
+    assert kept[0]["onnx"] == "fold1.onnx" and kept[0]["phases"] == training[1]["phases"]
+    assert kept[1]["phases"] == training[0]["phases"]
+    assert len(load_model(str(ensemble)).folds) == 2
+    with pytest.raises(ValueError, match="another folder"):
+        train.write_model_folder([folder / "fold0.onnx"], folder)
 
 
 def test_calibrate_counts_per_threshold(tmp_path, model_dir) -> None:
