@@ -8,12 +8,14 @@ The steps, each resumable:
            mined false positives and at random in the brain), loss BCE + soft Dice, checkpoint every
            100 steps, exact resume; ``--init`` starts from a checkpoint or from an exported ONNX fold;
   export   one ONNX fold per run (opset 17, dynamic spatial axes) plus a parity check against torch;
+  screen   every ensemble of some folds, per threshold, on prepared validation phantoms (model box);
   calibrate metrics per threshold on validation phantoms, to choose the model's threshold.
 
     python -m SHIVACMBLib.train prepare --phantoms DIR --cache DIR
     python -m SHIVACMBLib.train mine --cache DIR --model-dir DIR --out DIR
     python -m SHIVACMBLib.train fit --cache DIR --run DIR --steps 9000 --seed 7 [--hard DIR --mix C M B H]
     python -m SHIVACMBLib.train export --run DIR [DIR ...] --model-dir DIR [--threshold T] [--metrics M.json]
+    python -m SHIVACMBLib.train screen --cache VALIDATION_CACHE --folds A.onnx B.onnx [...]
     python -m SHIVACMBLib.train calibrate --model-dir DIR --phantoms VALIDATION --work DIR
 """
 
@@ -472,6 +474,74 @@ def calibrate(model_dir: Path, phantoms: Path, work: Path, thresholds: Sequence[
     return [{"threshold": t, **pool(scans[t]), "mimics": pool_mimics(mimics[t])} for t in thresholds]
 
 
+def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> List[Dict]:
+    """Every ensemble of ``folds`` (the project's own ONNX folds), per threshold, on prepared
+    validation phantoms (``prepare``): a quick comparison in the model box, to choose which folds to
+    ship before ``calibrate`` measures the chosen model through ``segment``.
+
+    Each fold runs once per scan; an ensemble is the mean of its folds' probabilities. Components of
+    the mean at the lowest threshold (26-connected, dropped when over a quarter lies outside the
+    brain) are kept at a threshold when their peak reaches it. A truth CMB (a component of the cached
+    CMB mask) is found when a kept component touches it; a kept component touching no CMB is a false
+    positive; a mimic (a component of one class's cached mask) is detected when a kept one touches it.
+    """
+    import itertools
+
+    import onnxruntime
+    from scipy import ndimage
+
+    from .postprocess import OUTSIDE_RATIO
+
+    sessions = [onnxruntime.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in folds]
+    subsets = [c for k in range(1, len(folds) + 1) for c in itertools.combinations(range(len(folds)), k)]
+    thresholds = sorted(thresholds)
+    counts = {(c, t): {"tp": 0, "fn": 0, "fp": 0, "mimics": {m: [0, 0] for m in MIMIC_CLASSES}}
+              for c in subsets for t in thresholds}
+    connect = np.ones((3, 3, 3), dtype=bool)
+    for path in sorted(Path(cache).glob("*.npz")):
+        data = np.load(path)
+        x = data["volume"].astype(np.float32)[None, None]
+        probabilities = [s.run(None, {s.get_inputs()[0].name: x})[0][0, 0] for s in sessions]
+        truth, n_truth = ndimage.label(data["cmb"] > 0, connect)
+        mimics = {m: ndimage.label(data["mimic"] == code + 1, connect) for code, m in enumerate(MIMIC_CLASSES)}
+        brain = data["brain"] > 0
+        for subset in subsets:
+            mean = np.mean([probabilities[i] for i in subset], axis=0)
+            components, n = ndimage.label(mean >= thresholds[0], connect)
+            index = np.arange(1, n + 1)
+            peak = np.asarray(ndimage.maximum(mean, components, index)).reshape(-1)
+            inside = np.asarray(ndimage.mean(brain, components, index)).reshape(-1)
+            valid = np.concatenate([[False], inside >= 1 - OUTSIDE_RATIO])
+            for t in thresholds:
+                kept = valid & np.concatenate([[False], peak >= t])
+                mask = kept[components]
+                hit_truth = np.unique(truth[mask])
+                found = np.count_nonzero(hit_truth)
+                fp_components = np.unique(components[mask & (truth == 0)])
+                touching_cmb = np.unique(components[mask & (truth > 0)])
+                row = counts[(subset, t)]
+                row["tp"] += found
+                row["fn"] += n_truth - found
+                row["fp"] += len(np.setdiff1d(fp_components[fp_components > 0], touching_cmb))
+                for m, (labels, n_m) in mimics.items():
+                    row["mimics"][m][0] += int(np.count_nonzero(np.unique(labels[mask])))
+                    row["mimics"][m][1] += n_m
+        print(f"screened {path.stem}", flush=True)
+    n_scans = len(list(Path(cache).glob("*.npz")))
+    rows = []
+    for (subset, t), row in counts.items():
+        tp, fn, fp = row["tp"], row["fn"], row["fp"]
+        rows.append({"folds": [Path(folds[i]).name if len(set(Path(f).name for f in folds)) == len(folds)
+                               else str(folds[i]) for i in subset],
+                     "threshold": t, "tp": tp, "fn": fn, "fp": fp,
+                     "sensitivity": tp / (tp + fn) if tp + fn else None,
+                     "precision": tp / (tp + fp) if tp + fp else None,
+                     "f1": 2 * tp / (2 * tp + fn + fp) if tp + fn + fp else None,
+                     "fp_avg": fp / max(n_scans, 1),
+                     "mimics": {m: {"detected": d, "instances": i} for m, (d, i) in row["mimics"].items() if i}})
+    return rows
+
+
 def calibration_table(rows: Sequence[Dict]) -> str:
     """One line per threshold: pooled overlap-rule metrics and the detected share of each mimic class."""
     classes = sorted({name for row in rows for name in row["mimics"]})
@@ -540,6 +610,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--phantoms", type=Path, required=True, help="validation phantoms (never used in training)")
     c.add_argument("--work", type=Path, required=True, help="folder for the segmentations")
     c.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
+    sc = steps.add_parser("screen", help="every ensemble of some folds, per threshold, on prepared validation phantoms")
+    sc.add_argument("--cache", type=Path, required=True, help="validation phantoms after prepare")
+    sc.add_argument("--folds", type=Path, nargs="+", required=True, help="the project's own ONNX folds")
+    sc.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    sc.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if args.step == "fit" and len(args.mix) not in (3, 4):
         parser.error("--mix takes three or four shares")
@@ -552,6 +627,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.step == "mine":
         counts = mine(args.cache, args.model_dir, args.out, args.threshold)
         print(f"{sum(counts.values())} false-positive components in {len(counts)} scans")
+    elif args.step == "screen":
+        rows = screen(args.cache, args.folds, args.thresholds)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        for folds in dict.fromkeys(tuple(row["folds"]) for row in rows):
+            print(f"\nfolds: {' + '.join(folds)}")
+            print(calibration_table([row for row in rows if tuple(row["folds"]) == folds]))
     elif args.step == "calibrate":
         print(calibration_table(calibrate(args.model_dir, args.phantoms, args.work, args.thresholds)))
     else:

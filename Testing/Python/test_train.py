@@ -229,3 +229,45 @@ def test_calibrate_counts_per_threshold(tmp_path, model_dir) -> None:
     assert (high["tp"], high["fp"]) == ((3, 2) if sphere < 4 else (4, 1))
     table = train.calibration_table(rows).splitlines()
     assert len(table) == 3 and table[0].split()[:4] == ["threshold", "TP", "FN", "FP"]
+
+
+def _onnx_fold(path, op: str, constant: float) -> None:
+    """A one-node fold: ``constant - image`` (Sub) or ``image * constant`` (Mul)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    dims = [1, 1, "x", "y", "z"]
+    inputs = ["c", "image"] if op == "Sub" else ["image", "c"]
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["probability"])], "fold",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, dims)],
+        [helper.make_tensor("c", TensorProto.FLOAT, [], [constant])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_screen_scores_every_ensemble_per_threshold(tmp_path) -> None:
+    """A CMB, a calcification and a vein, all dark; fold A sees darkness, fold B sees nothing."""
+    volume = np.ones((30, 30, 30), np.float16)
+    cmb, mimic, brain = np.zeros((3, 30, 30, 30), np.uint8)
+    brain[2:28, 2:28, 2:28] = 1
+    volume[5:8, 5:8, 5:8], cmb[5:8, 5:8, 5:8] = 0.0, 1  # found by A at both thresholds
+    volume[20:22, 20:22, 20:22], mimic[20:22, 20:22, 20:22] = 0.0, 2  # a calcification: dark as a CMB
+    volume[10:25, 15, 15], mimic[10:25, 15, 15] = 0.4, 1  # a vein: probability 0.6 with A
+    volume[0:2, 0:2, 0:2] = 0.0  # dark, but outside the brain: never counted
+    np.savez(tmp_path / "val-1.npz", volume=volume, cmb=cmb, mimic=mimic, brain=brain)
+    _onnx_fold(tmp_path / "a.onnx", "Sub", 1.0)
+    _onnx_fold(tmp_path / "b.onnx", "Mul", 0.0)
+
+    rows = {(tuple(r["folds"]), r["threshold"]): r
+            for r in train.screen(tmp_path, [tmp_path / "a.onnx", tmp_path / "b.onnx"], [0.5, 0.7])}
+    assert set(rows) == {(f, t) for f in [("a.onnx",), ("b.onnx",), ("a.onnx", "b.onnx")] for t in (0.5, 0.7)}
+    a_low = rows[(("a.onnx",), 0.5)]  # CMB found, calcification and vein false positives
+    assert (a_low["tp"], a_low["fn"], a_low["fp"], a_low["fp_avg"]) == (1, 0, 2, 2.0)
+    assert a_low["mimics"]["calcification"] == {"detected": 1, "instances": 1}
+    assert a_low["mimics"]["vein"] == {"detected": 1, "instances": 1} and "iron" not in a_low["mimics"]
+    a_high = rows[(("a.onnx",), 0.7)]  # the vein (peak 0.6) drops out
+    assert (a_high["tp"], a_high["fp"], a_high["mimics"]["vein"]["detected"]) == (1, 1, 0)
+    both = rows[(("a.onnx", "b.onnx"), 0.5)]  # mean probability: 0.5 at the CMB and calcification, 0.3 vein
+    assert (both["tp"], both["fp"], both["precision"]) == (1, 1, 0.5)
+    assert (rows[(("a.onnx", "b.onnx"), 0.7)]["tp"], rows[(("b.onnx",), 0.5)]["fn"]) == (0, 1)
