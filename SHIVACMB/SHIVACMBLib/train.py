@@ -530,7 +530,7 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
     n_scans = len(list(Path(cache).glob("*.npz")))
     rows = []
     for (subset, t), row in counts.items():
-        tp, fn, fp = row["tp"], row["fn"], row["fp"]
+        tp, fn, fp = int(row["tp"]), int(row["fn"]), int(row["fp"])
         rows.append({"folds": [Path(folds[i]).name if len(set(Path(f).name for f in folds)) == len(folds)
                                else str(folds[i]) for i in subset],
                      "threshold": t, "tp": tp, "fn": fn, "fp": fp,
@@ -538,7 +538,7 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
                      "precision": tp / (tp + fp) if tp + fp else None,
                      "f1": 2 * tp / (2 * tp + fn + fp) if tp + fn + fp else None,
                      "fp_avg": fp / max(n_scans, 1),
-                     "mimics": {m: {"detected": d, "instances": i} for m, (d, i) in row["mimics"].items() if i}})
+                     "mimics": {m: {"detected": int(d), "instances": int(i)} for m, (d, i) in row["mimics"].items() if i}})
     return rows
 
 
@@ -629,11 +629,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{sum(counts.values())} false-positive components in {len(counts)} scans")
     elif args.step == "screen":
         rows = screen(args.cache, args.folds, args.thresholds)
-        if args.out:
-            args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         for folds in dict.fromkeys(tuple(row["folds"]) for row in rows):
             print(f"\nfolds: {' + '.join(folds)}")
             print(calibration_table([row for row in rows if tuple(row["folds"]) == folds]))
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     elif args.step == "calibrate":
         print(calibration_table(calibrate(args.model_dir, args.phantoms, args.work, args.thresholds)))
     else:

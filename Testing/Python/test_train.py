@@ -259,8 +259,9 @@ def test_screen_scores_every_ensemble_per_threshold(tmp_path) -> None:
     _onnx_fold(tmp_path / "a.onnx", "Sub", 1.0)
     _onnx_fold(tmp_path / "b.onnx", "Mul", 0.0)
 
-    rows = {(tuple(r["folds"]), r["threshold"]): r
-            for r in train.screen(tmp_path, [tmp_path / "a.onnx", tmp_path / "b.onnx"], [0.5, 0.7])}
+    screened = train.screen(tmp_path, [tmp_path / "a.onnx", tmp_path / "b.onnx"], [0.5, 0.7])
+    json.loads(json.dumps(screened))  # plain numbers, for --out
+    rows = {(tuple(r["folds"]), r["threshold"]): r for r in screened}
     assert set(rows) == {(f, t) for f in [("a.onnx",), ("b.onnx",), ("a.onnx", "b.onnx")] for t in (0.5, 0.7)}
     a_low = rows[(("a.onnx",), 0.5)]  # CMB found, calcification and vein false positives
     assert (a_low["tp"], a_low["fn"], a_low["fp"], a_low["fp_avg"]) == (1, 0, 2, 2.0)
