@@ -14,8 +14,8 @@ peaks are the data really held), and with glibc's default allocator (freed heap 
 resident and reusable: what a process embedding the library without that setting sees).
 
 Printed side by side, from the same run: the budgets of the issue (5 s without the network and
-the MARS location step, whose time is printed apart; 3 float32 copies of the native volume) and a reference run that only reads the scan and
-casts it to float32, the floor any pipeline must pay.
+the MARS location step, whose time is printed apart; 3 float32 copies of the native volume) and
+a reference run that only reads the scan and casts it to float32, the floor any pipeline must pay.
 
 Then the whole command with the embedded default model (network included) on a 1 mm
 phantom, as a user runs it: `shivacmb segment` in a child process limited to the CPU, its wall
@@ -149,7 +149,8 @@ def main() -> None:
     print(f"{'stage':<12}{'wall s':>8}{'peak MiB':>10}{'float32 copies':>16}")
     for stage in STAGES:
         peak = data["peaks_kib"].get(stage, 0)
-        note = {"inference": "  (network: excluded below)", "location": "  (atlas registration: apart below)"}.get(stage, "")
+        note = {"inference": "  (network: excluded below)",
+                "location": "  (atlas registration: apart below)"}.get(stage, "")
         print(f"{stage:<12}{t.get(stage, 0):>8.2f}{peak / 1024:>10.0f}{peak / copy_kib:>16.2f}{note}")
     # the 5 s budget is the core pipeline's; the MARS location step came later with its own budget
     # (bench/location_bench.py) and is printed apart

@@ -455,8 +455,8 @@ def calibrate(model_dir: Path, phantoms: Path, work: Path, thresholds: Sequence[
     scans: Dict[float, list] = {t: [] for t in thresholds}
     mimics: Dict[float, list] = {t: [] for t in thresholds}
     for scan_id, truth in sorted(truth_files(phantoms).items()):
-        result = segment(phantoms / f"{scan_id}.nii.gz", work, SegmentOptions(threshold=thresholds[0], report=False, location=False),
-                         model=model, ensemble=ensemble)
+        options = SegmentOptions(threshold=thresholds[0], report=False, location=False)
+        result = segment(phantoms / f"{scan_id}.nii.gz", work, options, model=model, ensemble=ensemble)
         labels = read_label_image(result.output_dir / next(f for f in result.files if f.startswith(LABELS_NAME)))
         array = sitk.GetArrayViewFromImage(labels)
         truth_image, mimic_image = read_label_image(truth.cmb), read_label_image(truth.mimics)
@@ -498,7 +498,8 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
     counts = {(c, t): {"tp": 0, "fn": 0, "fp": 0, "mimics": {m: [0, 0] for m in MIMIC_CLASSES}}
               for c in subsets for t in thresholds}
     connect = np.ones((3, 3, 3), dtype=bool)
-    for path in sorted(Path(cache).glob("*.npz")):
+    files = sorted(Path(cache).glob("*.npz"))
+    for path in files:
         data = np.load(path)
         x = data["volume"].astype(np.float32)[None, None]
         probabilities = [s.run(None, {s.get_inputs()[0].name: x})[0][0, 0] for s in sessions]
@@ -515,29 +516,27 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
             for t in thresholds:
                 kept = valid & np.concatenate([[False], peak >= t])
                 mask = kept[components]
-                hit_truth = np.unique(truth[mask])
-                found = np.count_nonzero(hit_truth)
-                fp_components = np.unique(components[mask & (truth == 0)])
-                touching_cmb = np.unique(components[mask & (truth > 0)])
+                found = np.count_nonzero(np.unique(truth[mask]))
+                touching_cmb = np.count_nonzero(np.unique(components[mask & (truth > 0)]))
                 row = counts[(subset, t)]
                 row["tp"] += found
                 row["fn"] += n_truth - found
-                row["fp"] += len(np.setdiff1d(fp_components[fp_components > 0], touching_cmb))
+                row["fp"] += int(np.count_nonzero(kept)) - touching_cmb
                 for m, (labels, n_m) in mimics.items():
                     row["mimics"][m][0] += int(np.count_nonzero(np.unique(labels[mask])))
                     row["mimics"][m][1] += n_m
         print(f"screened {path.stem}", flush=True)
-    n_scans = len(list(Path(cache).glob("*.npz")))
+    unique = len({Path(f).name for f in folds}) == len(folds)
+    names = [Path(f).name if unique else str(f) for f in folds]
     rows = []
     for (subset, t), row in counts.items():
         tp, fn, fp = int(row["tp"]), int(row["fn"]), int(row["fp"])
-        rows.append({"folds": [Path(folds[i]).name if len(set(Path(f).name for f in folds)) == len(folds)
-                               else str(folds[i]) for i in subset],
+        rows.append({"folds": [names[i] for i in subset],
                      "threshold": t, "tp": tp, "fn": fn, "fp": fp,
                      "sensitivity": tp / (tp + fn) if tp + fn else None,
                      "precision": tp / (tp + fp) if tp + fp else None,
                      "f1": 2 * tp / (2 * tp + fn + fp) if tp + fn + fp else None,
-                     "fp_avg": fp / max(n_scans, 1),
+                     "fp_avg": fp / max(len(files), 1),
                      "mimics": {m: {"detected": int(d), "instances": int(i)} for m, (d, i) in row["mimics"].items() if i}})
     return rows
 
