@@ -4,7 +4,7 @@ The steps, each resumable:
   prepare  phantoms -> model-box arrays, through the same read/mask/resample/normalise code
            that ``segment`` runs, so the network sees exactly what it will see at inference;
   mine     a model's false positives on those arrays (hard negatives for a later fit);
-  fit      patch training of the residual U-Net (32^3 patches, 4 per step, centred on CMBs, on mimics, on
+  fit      patch training of the residual U-Net (32^3 patches or --patch, 4 per step, centred on CMBs, on mimics, on
            mined false positives and at random in the brain), loss BCE + soft Dice, checkpoint every
            100 steps, exact resume; ``--init`` starts from a checkpoint or from an exported ONNX fold;
   export   one ONNX fold per run (opset 17, dynamic spatial axes) plus a parity check against torch;
@@ -176,7 +176,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         checkpoint_every: int = 100, threads: Optional[int] = None, until: Optional[int] = None,
         init: Optional[Path] = None, mimics_by_class: bool = True,
         mix: Sequence[float] = MIX, hard: Optional[Path] = None,
-        class_weights: Optional[Dict[str, float]] = None) -> Path:
+        class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
@@ -206,10 +206,11 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
     files = sorted(cache.glob("*.npz"))
-    sampler = PatchSampler(files, rng, mix=mix, by_class=mimics_by_class, hard=hard, class_weights=class_weights)
+    sampler = PatchSampler(files, rng, patch=patch, mix=mix, by_class=mimics_by_class, hard=hard,
+                           class_weights=class_weights)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
-         "patch": PATCH, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
+         "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
          "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
          "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
@@ -582,6 +583,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--seed", type=int, default=7)
     f.add_argument("--batch", type=int, default=4)
     f.add_argument("--lr", type=float, default=LEARNING_RATE)
+    f.add_argument("--patch", type=int, default=PATCH,
+                   help=f"edge of the cubic training patches in voxels, a multiple of 8 from 16 to 128 (default {PATCH}; "
+                        "larger patches show the network more of the context it sees in a whole scan)")
     f.add_argument("--threads", type=int)
     f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
     f.add_argument("--init", type=Path, help="start from the weights of this checkpoint or ONNX fold (fine-tuning)")
@@ -617,12 +621,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.step == "fit" and len(args.mix) not in (3, 4):
         parser.error("--mix takes three or four shares")
+    if args.step == "fit" and (args.patch % 8 or not 16 <= args.patch <= 128):
+        parser.error(f"--patch {args.patch}: a multiple of 8 from 16 to 128")
     if args.step == "prepare":
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
         fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
             until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class", mix=tuple(args.mix),
-            hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight))
+            hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight), patch=args.patch)
     elif args.step == "mine":
         counts = mine(args.cache, args.model_dir, args.out, args.threshold)
         print(f"{sum(counts.values())} false-positive components in {len(counts)} scans")

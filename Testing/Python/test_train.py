@@ -108,7 +108,7 @@ def test_mine_keeps_the_voxels_of_false_positive_components_only(tmp_path, model
     assert len(mined) and false[tuple(mined.T)].all()  # only voxels of the dark blob that is no CMB
 
 
-def test_fine_tuning_from_an_onnx_fold_starts_where_the_fold_is(tmp_path, monkeypatch) -> None:
+def test_fine_tuning_from_an_onnx_fold_starts_where_the_fold_is(tmp_path) -> None:
     torch.manual_seed(1)
     model = ResidualUNet3D()
     with torch.no_grad():  # non-trivial batch-norm statistics and affine parameters, as after training
@@ -124,10 +124,8 @@ def test_fine_tuning_from_an_onnx_fold_starts_where_the_fold_is(tmp_path, monkey
     assert train.parity(restored, fold, (21, 30, 17)) < 1e-5
 
     _tiny_cache(tmp_path)
-    monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None, None))
     run = tmp_path / "run"
-    train.fit(tmp_path, run, steps=2, seed=4, init=fold)
+    train.fit(tmp_path, run, steps=2, seed=4, init=fold, patch=16)
     tuned = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     start = restored.state_dict()
     running = [name for name in start if name.endswith(("running_mean", "running_var"))]
@@ -145,30 +143,35 @@ def test_loss_is_small_for_a_right_answer_and_large_for_a_wrong_one() -> None:
     assert float(right) < 0.01 and float(wrong) > 1.5
 
 
-def test_fit_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
+def test_fit_checkpoints_and_resumes(tmp_path) -> None:
     _tiny_cache(tmp_path)
-    monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None, None))
     run = tmp_path / "run"
-    train.fit(tmp_path, run, steps=4, seed=3, checkpoint_every=1, until=2)  # as if killed after step 2
+    train.fit(tmp_path, run, steps=4, seed=3, checkpoint_every=1, until=2, patch=16)  # as if killed after step 2
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
-    train.fit(tmp_path, run, steps=4, seed=3, checkpoint_every=1)  # resumes at step 2
+    train.fit(tmp_path, run, steps=4, seed=3, checkpoint_every=1, patch=16)  # resumes at step 2
     resumed = torch.load(run / "checkpoint.pt", weights_only=False)
     assert resumed["step"] == 4
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["patch"] == 16
     straight = tmp_path / "straight"
-    train.fit(tmp_path, straight, steps=4, seed=3, checkpoint_every=1)
+    train.fit(tmp_path, straight, steps=4, seed=3, checkpoint_every=1, patch=16)
     reference = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
     for name, value in reference.items():  # an interrupted run ends where an uninterrupted one does
         assert torch.allclose(value.float(), resumed["model"][name].float(), atol=1e-6), name
 
 
-def test_export_writes_one_verified_fold_per_run(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("patch", ["20", "8", "136"])
+def test_fit_refuses_a_patch_the_network_cannot_pool(tmp_path, capsys, patch) -> None:
+    with pytest.raises(SystemExit) as stop:
+        train.main(["fit", "--cache", str(tmp_path), "--run", str(tmp_path / "run"), "--patch", patch])
+    assert stop.value.code == 2 and f"--patch {patch}: a multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_writes_one_verified_fold_per_run(tmp_path) -> None:
     _tiny_cache(tmp_path)
-    monkeypatch.setattr(train, "PATCH", 16)
-    monkeypatch.setattr(train.PatchSampler.__init__, "__defaults__", (16, None, True, None, None))
     runs = [tmp_path / "run-a", tmp_path / "run-b"]
-    train.fit(tmp_path, runs[0], steps=1, seed=1)
-    train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt")
+    train.fit(tmp_path, runs[0], steps=1, seed=1, patch=16)
+    train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt", patch=16)
     folder = train.write_model_folder(runs, tmp_path / "demo-model", {"precision": 0.5}, threshold=0.8)
 
     from SHIVACMBLib.models import load_model
