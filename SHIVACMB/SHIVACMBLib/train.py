@@ -514,17 +514,20 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
             peak = np.asarray(ndimage.maximum(mean, components, index)).reshape(-1)
             inside = np.asarray(ndimage.mean(brain, components, index)).reshape(-1)
             valid = np.concatenate([[False], inside >= 1 - OUTSIDE_RATIO])
+            voxels = np.nonzero(components)  # the (component, instance) pairs that touch, found once
+            owner = components[voxels]
+            touches = {key: _pairs(owner, labels[voxels]) for key, (labels, _) in [("cmb", (truth, n_truth)),
+                                                                                  *mimics.items()]}
             for t in thresholds:
                 kept = valid & np.concatenate([[False], peak >= t])
-                mask = kept[components]
-                found = np.count_nonzero(np.unique(truth[mask]))
-                touching_cmb = np.count_nonzero(np.unique(components[mask & (truth > 0)]))
+                cmb_pairs = touches["cmb"][kept[touches["cmb"][:, 0]]]
+                found = len(np.unique(cmb_pairs[:, 1]))
                 row = counts[(subset, t)]
                 row["tp"] += found
                 row["fn"] += n_truth - found
-                row["fp"] += int(np.count_nonzero(kept)) - touching_cmb
-                for m, (labels, n_m) in mimics.items():
-                    row["mimics"][m][0] += int(np.count_nonzero(np.unique(labels[mask])))
+                row["fp"] += int(np.count_nonzero(kept)) - len(np.unique(cmb_pairs[:, 0]))
+                for m, (_, n_m) in mimics.items():
+                    row["mimics"][m][0] += len(np.unique(touches[m][kept[touches[m][:, 0]], 1]))
                     row["mimics"][m][1] += n_m
         print(f"screened {path.stem}", flush=True)
     unique = len({Path(f).name for f in folds}) == len(folds)
@@ -540,6 +543,12 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
                      "fp_avg": fp / max(len(files), 1),
                      "mimics": {m: {"detected": int(d), "instances": int(i)} for m, (d, i) in row["mimics"].items() if i}})
     return rows
+
+
+def _pairs(owner: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Distinct (component, instance) rows where a component's voxels (``owner``) meet instance ``labels`` > 0."""
+    touching = labels > 0
+    return np.unique(np.column_stack([owner[touching], labels[touching]]), axis=0).reshape(-1, 2)
 
 
 def calibration_table(rows: Sequence[Dict]) -> str:
