@@ -101,20 +101,28 @@ class PatchSampler:
     voxels; otherwise every mimic voxel is equally likely. ``class_weights`` (by class only) tilts
     that split, e.g. ``{"calcification": 3}`` draws calcifications three times as often as each other
     class. ``hard``: a folder of mined false positives (``mine``), sampled with the fourth share of ``mix``.
+    ``mimic_loss_weight``: the loss weight of mimic voxels in the patches (others weigh 1), so that a
+    calcification of a few voxels that the network calls a CMB costs more than a few background voxels.
     """
 
     def __init__(self, files: Sequence[Path], rng: np.random.Generator, patch: int = PATCH,
                  mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None,
-                 class_weights: Optional[Dict[str, float]] = None) -> None:
+                 class_weights: Optional[Dict[str, float]] = None, mimic_loss_weight: float = 1.0) -> None:
+        if mimic_loss_weight <= 0 or any(w <= 0 for w in (class_weights or {}).values()):
+            raise ValueError("mimic class weights and the mimic loss weight must be above 0")
         self.rng = rng
         self.patch = patch
+        self.mimic_loss_weight = mimic_loss_weight
         self.volumes: List[np.ndarray] = []
         self.targets: List[np.ndarray] = []
+        self.mimics: List[np.ndarray] = []
         self.sites: Dict[str, List[Tuple[int, np.ndarray]]] = {}
         for n, path in enumerate(files):
             data = np.load(path)
             self.volumes.append(data["volume"])
             self.targets.append(data["cmb"])
+            if mimic_loss_weight != 1.0:
+                self.mimics.append(data["mimic"])
             masks = {"cmb": data["cmb"] > 0, "brain": data["brain"] > 0}
             if by_class:
                 for code in np.unique(data["mimic"][data["mimic"] > 0]).tolist():
@@ -147,8 +155,9 @@ class PatchSampler:
         jitter = self.rng.integers(-self.patch // 3, self.patch // 3 + 1, 3) if kind != "brain" else 0
         return scan, points[self.rng.integers(len(points))] + jitter
 
-    def batch(self, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        images, targets = [], []
+    def batch(self, size: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Images, CMB targets and (with a mimic loss weight) per-voxel loss weights, each (size, 1, p, p, p)."""
+        images, targets, weights = [], [], []
         for _ in range(size):
             scan, centre = self._centre()
             volume, target = self.volumes[scan], self.targets[scan]
@@ -156,17 +165,22 @@ class PatchSampler:
             sl = tuple(slice(a, a + self.patch) for a in lo)
             image = volume[sl].astype(np.float32)
             label = target[sl].astype(np.float32)
+            weight = np.where(self.mimics[scan][sl] > 0, np.float32(self.mimic_loss_weight), np.float32(1)) \
+                if self.mimics else label
             if self.rng.random() < 0.5:  # left-right mirror
-                image, label = image[::-1], label[::-1]
+                image, label, weight = image[::-1], label[::-1], weight[::-1]
             image = np.clip(image * self.rng.uniform(0.9, 1.1), 0, 1) ** self.rng.uniform(0.8, 1.25)
             images.append(np.ascontiguousarray(image))
             targets.append(np.ascontiguousarray(label))
-        return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(targets)[:, None])
+            weights.append(np.ascontiguousarray(weight))
+        weight_tensor = torch.from_numpy(np.stack(weights)[:, None]) if self.mimics else None
+        return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(targets)[:, None]), weight_tensor
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE plus soft Dice over the whole batch (patches without CMBs do not make Dice undefined)."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """BCE (per-voxel ``weight`` when given) plus soft Dice over the whole batch (patches without
+    CMBs do not make Dice undefined)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
     prob = torch.sigmoid(logits)
     dice = (2 * (prob * target).sum() + 1.0) / (prob.sum() + target.sum() + 1.0)
     return bce + (1 - dice)
@@ -176,12 +190,17 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         checkpoint_every: int = 100, threads: Optional[int] = None, until: Optional[int] = None,
         init: Optional[Path] = None, mimics_by_class: bool = True,
         mix: Sequence[float] = MIX, hard: Optional[Path] = None,
-        class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH) -> Path:
+        class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH,
+        mimic_loss_weight: float = 1.0) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
     batch norms are folded into the convolutions: they stay frozen, see ``model_from_onnx``).
     """
+    rng = np.random.default_rng(seed)
+    files = sorted(cache.glob("*.npz"))
+    sampler = PatchSampler(files, rng, patch=patch, mix=mix, by_class=mimics_by_class, hard=hard,
+                           class_weights=class_weights, mimic_loss_weight=mimic_loss_weight)
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
@@ -196,7 +215,6 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
             model.load_state_dict(torch.load(init, weights_only=False)["model"])
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     step = 0
-    rng = np.random.default_rng(seed)
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
@@ -205,13 +223,11 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
-    files = sorted(cache.glob("*.npz"))
-    sampler = PatchSampler(files, rng, patch=patch, mix=mix, by_class=mimics_by_class, hard=hard,
-                           class_weights=class_weights)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
          "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
+         "mimic_loss_weight": mimic_loss_weight,
          "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
     model.train()
@@ -224,8 +240,8 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         while step < min(steps, until or steps):
             for group in optimiser.param_groups:  # cosine decay to 1 % of the initial rate
                 group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-            images, targets = sampler.batch(batch)
-            loss = loss_fn(model.logits(images), targets)
+            images, targets, weights = sampler.batch(batch)
+            loss = loss_fn(model.logits(images), targets, weights)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -418,7 +434,7 @@ def training_phases(run: Path) -> List[Dict]:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
         keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "class_weights",
-                "frozen_norms", "torch")
+                "mimic_loss_weight", "frozen_norms", "torch")
         phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
         init = Path(config["init"]) if config.get("init") else None
         if init is not None and init.suffix == ".onnx":
@@ -573,8 +589,6 @@ def _class_weights(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dic
             weights[name] = float(value)
         except ValueError:
             parser.error(f"--mimic-weight {item}: expected CLASS=NUMBER")
-        if name not in MIMIC_CLASSES or weights[name] <= 0:
-            parser.error(f"--mimic-weight {item}: CLASS is one of {', '.join(MIMIC_CLASSES)} and the weight above 0")
     return weights
 
 
@@ -606,6 +620,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="mimic patches: each class equally often, or each mimic voxel equally often")
     f.add_argument("--mimic-weight", action="append", default=[], metavar="CLASS=W",
                    help="with class sampling, draw this mimic class W times as often as the others (repeatable)")
+    f.add_argument("--mimic-loss-weight", type=float, default=1.0, metavar="W",
+                   help="loss weight of mimic voxels (others weigh 1): W > 1 makes calling a mimic a CMB costlier")
     m = steps.add_parser("mine", help="a model's false positives on the cached phantoms (hard negatives)")
     m.add_argument("--cache", type=Path, required=True)
     m.add_argument("--model-dir", type=Path, required=True)
@@ -635,9 +651,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.step == "prepare":
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
-        fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
-            until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class", mix=tuple(args.mix),
-            hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight), patch=args.patch)
+        try:
+            fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
+                until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class",
+                mix=tuple(args.mix), hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight),
+                patch=args.patch, mimic_loss_weight=args.mimic_loss_weight)
+        except ValueError as error:  # the sampler's refusals (unknown class, missing --hard, ...)
+            parser.error(str(error))
     elif args.step == "mine":
         counts = mine(args.cache, args.model_dir, args.out, args.threshold)
         print(f"{sum(counts.values())} false-positive components in {len(counts)} scans")

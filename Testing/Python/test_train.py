@@ -51,8 +51,8 @@ def test_patch_sampler_centres_on_cmbs_and_mimics(tmp_path) -> None:
     _tiny_cache(tmp_path)
     sampler = train.PatchSampler(sorted(tmp_path.glob("*.npz")), np.random.default_rng(0), patch=16,
                                  mix=(1.0, 0.0, 0.0))
-    images, targets = sampler.batch(8)
-    assert images.shape == (8, 1, 16, 16, 16) and images.dtype == torch.float32
+    images, targets, weights = sampler.batch(8)
+    assert images.shape == (8, 1, 16, 16, 16) and images.dtype == torch.float32 and weights is None
     assert all(t.sum() > 0 for t in targets)  # every CMB-centred patch holds CMB voxels
     assert 0 <= float(images.min()) and float(images.max()) <= 1
 
@@ -72,6 +72,46 @@ def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
         train.PatchSampler(files, np.random.default_rng(0), patch=16, class_weights={"calcifications": 2.0})
     with pytest.raises(ValueError, match="voxel sampling"):
         train.PatchSampler(files, np.random.default_rng(0), patch=16, by_class=False, class_weights={"vein": 2.0})
+
+
+def test_mimic_voxels_weigh_more_in_the_loss(tmp_path) -> None:
+    _tiny_cache(tmp_path)
+    files = sorted(tmp_path.glob("*.npz"))
+    sampler = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(0.0, 1.0, 0.0), mimic_loss_weight=5.0)
+    images, targets, weights = sampler.batch(6)
+    assert weights.shape == targets.shape and set(torch.unique(weights).tolist()) == {1.0, 5.0}
+    assert all(w.max() == 5.0 for w in weights)  # every mimic-centred patch holds mimic voxels, weighted
+    # the weights follow their voxels through the left-right mirror: in a scan whose image is bright
+    # exactly on the mimics, the weighted voxels are the bright ones
+    with np.load(files[0]) as data:
+        arrays = dict(data)
+    arrays["volume"] = (arrays["mimic"] > 0).astype(np.float16)
+    np.savez(files[0], **arrays)
+    images, _, weights = train.PatchSampler(files, np.random.default_rng(1), patch=16, mix=(0.0, 1.0, 0.0),
+                                            mimic_loss_weight=5.0).batch(8)
+    assert torch.equal(images > 0, weights == 5.0)
+    target = torch.zeros(1, 1, 8, 8, 8)
+    weight = torch.ones_like(target)
+    weight[0, 0, 0, 0, :2] = 5.0  # two mimic voxels
+    calls_the_mimic_a_cmb = torch.full_like(target, -10.0)
+    calls_the_mimic_a_cmb[0, 0, 0, 0, :2] = 10.0
+    plain = float(train.loss_fn(calls_the_mimic_a_cmb, target))
+    weighted = float(train.loss_fn(calls_the_mimic_a_cmb, target, weight))
+    assert weighted - plain == pytest.approx(4 * 2 * 10.0 / 512, rel=1e-3)  # 4 more times the BCE of 2 wrong voxels
+    for bad in ({"mimic_loss_weight": 0.0}, {"class_weights": {"vein": 0.0}}):
+        with pytest.raises(ValueError, match="above 0"):
+            train.PatchSampler(files, np.random.default_rng(0), patch=16, **bad)
+
+
+@pytest.mark.parametrize("args, message", [(["--mimic-weight", "vein=0"], "above 0"),
+                                           (["--mimic-weight", "veins=2"], "mimic class weights"),
+                                           (["--mix", "0.5", "0", "0", "0.5"], "--hard")])
+def test_fit_refusals_are_one_line_usage_errors(tmp_path, capsys, args, message) -> None:
+    _tiny_cache(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["fit", "--cache", str(tmp_path), "--run", str(tmp_path / "run"), "--patch", "16", *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_hard_negatives_get_the_fourth_share(tmp_path) -> None:
