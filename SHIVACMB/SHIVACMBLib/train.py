@@ -134,7 +134,8 @@ class PatchSampler:
                 points["hard"] = np.load(Path(hard) / f"{Path(path).stem}.npy")
             for key, where in points.items():
                 if len(where):
-                    self.sites.setdefault(key, []).append((n, where[:: max(1, len(where) // 4000)]))
+                    # a copy, so that the full list of voxels (a whole brain: tens of MB) is freed
+                    self.sites.setdefault(key, []).append((n, where[:: max(1, len(where) // 4000)].copy()))
         shares = list(MIX if mix is None else mix) + [0.0]
         cmb, mimic, brain, hard_share = shares[:4]
         if hard_share and "hard" not in self.sites:

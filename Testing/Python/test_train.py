@@ -55,6 +55,8 @@ def test_patch_sampler_centres_on_cmbs_and_mimics(tmp_path) -> None:
     assert images.shape == (8, 1, 16, 16, 16) and images.dtype == torch.float32 and weights is None
     assert all(t.sum() > 0 for t in targets)  # every CMB-centred patch holds CMB voxels
     assert 0 <= float(images.min()) and float(images.max()) <= 1
+    # the sampled centres own their memory: a view would keep every voxel of every brain alive
+    assert all(points.base is None for entries in sampler.sites.values() for _, points in entries)
 
 
 def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
