@@ -370,7 +370,7 @@ DESCRIPTION = ("DEMONSTRATION MODEL trained by the project on its own synthetic 
 
 
 def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dict] = None,
-                       threshold: float = 0.5) -> Path:
+                       threshold: float = 0.5, version: str = "1.0") -> Path:
     """One ONNX fold per training run (``fold0.onnx``, ``fold1.onnx``...) plus a ``model.json``
     (DESIGN: model descriptor) with their sha256 and each fold's training provenance.
 
@@ -398,7 +398,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
         folds.append({"file": onnx_path.name, "sha256": checksum([onnx_path])})
         training.append({"file": onnx_path.name, **provenance})
     descriptor = {
-        "name": folder.name, "version": "1.0", "target": "CMB", "modalities": ["swi", "t2s"],
+        "name": folder.name, "version": version, "target": "CMB", "modalities": ["swi", "t2s"],
         "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/train.py",
         "input": {"shape": list(BOX), "layout": "NCDHW", "spacing_mm": [1, 1, 1], "orientation": "RAS",
                   "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3}},
@@ -634,6 +634,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--model-dir", type=Path, required=True, help="model folder to write (foldN.onnx, model.json)")
     e.add_argument("--metrics", type=Path, help="JSON with the measured metrics to record in model.json")
     e.add_argument("--threshold", type=float, default=0.5, help="the model's probability threshold")
+    e.add_argument("--version", default="1.0", help="the model's version (raise it whenever the folds change)")
     c = steps.add_parser("calibrate", help="metrics per threshold on validation phantoms (to choose --threshold)")
     c.add_argument("--model-dir", type=Path, required=True)
     c.add_argument("--phantoms", type=Path, required=True, help="validation phantoms (never used in training)")
@@ -673,7 +674,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(calibration_table(calibrate(args.model_dir, args.phantoms, args.work, args.thresholds)))
     else:
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
-        folder = write_model_folder(args.run, args.model_dir, metrics, args.threshold)
+        folder = write_model_folder(args.run, args.model_dir, metrics, args.threshold, args.version)
         print(f"wrote {folder}")
     return 0
 

@@ -214,12 +214,13 @@ def test_export_writes_one_verified_fold_per_run(tmp_path) -> None:
     runs = [tmp_path / "run-a", tmp_path / "run-b"]
     train.fit(tmp_path, runs[0], steps=1, seed=1, patch=16)
     train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt", patch=16)
-    folder = train.write_model_folder(runs, tmp_path / "demo-model", {"precision": 0.5}, threshold=0.8)
+    folder = train.write_model_folder(runs, tmp_path / "demo-model", {"precision": 0.5}, threshold=0.8, version="2.1")
 
     from SHIVACMBLib.models import load_model
 
     model = load_model(str(folder))  # checks every fold's sha256
     assert [f.file for f in model.folds] == ["fold0.onnx", "fold1.onnx"] and model.threshold == 0.8
+    assert model.version == "2.1"
     training = json.loads((folder / "model.json").read_text(encoding="utf-8"))["training"]["folds"]
     assert [len(fold["phases"]) for fold in training] == [1, 2]  # run-b started from run-a's weights
     assert [fold["phases"][-1]["seed"] for fold in training] == [1, 2]
