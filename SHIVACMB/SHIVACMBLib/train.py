@@ -4,8 +4,9 @@ The steps, each resumable:
   prepare  phantoms -> model-box arrays, through the same read/mask/resample/normalise code
            that ``segment`` runs, so the network sees exactly what it will see at inference;
   mine     a model's false positives on those arrays (hard negatives for a later fit);
-  fit      patch training of the residual U-Net (32^3 patches or --patch, 4 per step, centred on CMBs, on mimics, on
-           mined false positives and at random in the brain), loss BCE + soft Dice, checkpoint every
+  fit      patch training of the residual U-Net (32^3 patches or ``--patch``, 4 per step, centred on
+           CMBs, on mimics, on mined false positives and at random in the brain), loss BCE (mimic
+           voxels weighted by ``--mimic-loss-weight``) + soft Dice, checkpoint every
            100 steps, exact resume; ``--init`` starts from a checkpoint or from an exported ONNX fold;
   export   one ONNX fold per run (opset 17, dynamic spatial axes) plus a parity check against torch;
   screen   every ensemble of some folds, per threshold, on prepared validation phantoms (model box);
@@ -166,16 +167,16 @@ class PatchSampler:
             sl = tuple(slice(a, a + self.patch) for a in lo)
             image = volume[sl].astype(np.float32)
             label = target[sl].astype(np.float32)
-            weight = np.where(self.mimics[scan][sl] > 0, np.float32(self.mimic_loss_weight), np.float32(1)) \
-                if self.mimics else label
+            arrays = [image, label]
+            if self.mimics:
+                arrays.append(np.where(self.mimics[scan][sl] > 0, self.mimic_loss_weight, 1.0).astype(np.float32))
             if self.rng.random() < 0.5:  # left-right mirror
-                image, label, weight = image[::-1], label[::-1], weight[::-1]
-            image = np.clip(image * self.rng.uniform(0.9, 1.1), 0, 1) ** self.rng.uniform(0.8, 1.25)
-            images.append(np.ascontiguousarray(image))
-            targets.append(np.ascontiguousarray(label))
-            weights.append(np.ascontiguousarray(weight))
-        weight_tensor = torch.from_numpy(np.stack(weights)[:, None]) if self.mimics else None
-        return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(targets)[:, None]), weight_tensor
+                arrays = [a[::-1] for a in arrays]
+            arrays[0] = np.clip(arrays[0] * self.rng.uniform(0.9, 1.1), 0, 1) ** self.rng.uniform(0.8, 1.25)
+            for kept, array in zip((images, targets, weights), arrays):
+                kept.append(np.ascontiguousarray(array))
+        images_t, targets_t = (torch.from_numpy(np.stack(a)[:, None]) for a in (images, targets))
+        return images_t, targets_t, torch.from_numpy(np.stack(weights)[:, None]) if weights else None
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -608,8 +609,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--batch", type=int, default=4)
     f.add_argument("--lr", type=float, default=LEARNING_RATE)
     f.add_argument("--patch", type=int, default=PATCH,
-                   help=f"edge of the cubic training patches in voxels, a multiple of 8 from 16 to 128 (default {PATCH}; "
-                        "larger patches show the network more of the context it sees in a whole scan)")
+                   help=f"edge of the cubic training patches in voxels, a multiple of 8 from 16 to 128 "
+                        f"(default {PATCH}; larger patches show the network more of the context it sees in a scan)")
     f.add_argument("--threads", type=int)
     f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
     f.add_argument("--init", type=Path, help="start from the weights of this checkpoint or ONNX fold (fine-tuning)")
