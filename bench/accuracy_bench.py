@@ -2,7 +2,7 @@
 
     python bench/accuracy_bench.py [--n 40] [--seed 900000] [--model NAME|DIR] [--out bench/out/accuracy]
 
-The phantoms (seeds SEED..SEED+N-1, never used in training: training used 1-120) mix SWI and
+The phantoms (seeds SEED..SEED+N-1, never used in training: training used 1-190, validation 800000-800039) mix SWI and
 T2*-GRE, isotropic 0.5-1 mm and anisotropic up to 1x1x3 mm, axial/coronal/sagittal and oblique
 grids, and hold 0-30 CMBs each plus veins, calcifications, iron, air-bone artefacts and flow
 voids. Phantoms are cached (a rerun reuses them); segmentations are redone every run. Prints
