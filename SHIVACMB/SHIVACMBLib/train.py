@@ -104,11 +104,15 @@ class PatchSampler:
     class. ``hard``: a folder of mined false positives (``mine``), sampled with the fourth share of ``mix``.
     ``mimic_loss_weight``: the loss weight of mimic voxels in the patches (others weigh 1), so that a
     calcification of a few voxels that the network calls a CMB costs more than a few background voxels.
+    ``cmb_by_lesion``: CMB patches pick a CMB (a 26-connected component, of any scan) first and a voxel
+    of it second, so that a 2 mm CMB of a few voxels is drawn as often as an 8 mm one of hundreds;
+    otherwise a scan with CMBs first and any of its CMB voxels second.
     """
 
     def __init__(self, files: Sequence[Path], rng: np.random.Generator, patch: int = PATCH,
                  mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None,
-                 class_weights: Optional[Dict[str, float]] = None, mimic_loss_weight: float = 1.0) -> None:
+                 class_weights: Optional[Dict[str, float]] = None, mimic_loss_weight: float = 1.0,
+                 cmb_by_lesion: bool = False) -> None:
         if mimic_loss_weight <= 0 or any(w <= 0 for w in (class_weights or {}).values()):
             raise ValueError("mimic class weights and the mimic loss weight must be above 0")
         self.rng = rng
@@ -124,7 +128,7 @@ class PatchSampler:
             self.targets.append(data["cmb"])
             if mimic_loss_weight != 1.0:
                 self.mimics.append(data["mimic"])
-            masks = {"cmb": data["cmb"] > 0, "brain": data["brain"] > 0}
+            masks = {"brain": data["brain"] > 0} if cmb_by_lesion else {"cmb": data["cmb"] > 0, "brain": data["brain"] > 0}
             if by_class:
                 for code in np.unique(data["mimic"][data["mimic"] > 0]).tolist():
                     masks[f"mimic:{MIMIC_CLASSES[code - 1]}"] = data["mimic"] == code
@@ -137,6 +141,8 @@ class PatchSampler:
                 if len(where):
                     # a copy, so that the full list of voxels (a whole brain: tens of MB) is freed
                     self.sites.setdefault(key, []).append((n, where[:: max(1, len(where) // 4000)].copy()))
+            if cmb_by_lesion:
+                self.sites.setdefault("cmb", []).extend((n, where) for where in lesion_voxels(data["cmb"] > 0))
         shares = list(MIX if mix is None else mix) + [0.0]
         cmb, mimic, brain, hard_share = shares[:4]
         if hard_share and "hard" not in self.sites:
@@ -179,6 +185,19 @@ class PatchSampler:
         return images_t, targets_t, torch.from_numpy(np.stack(weights)[:, None]) if weights else None
 
 
+def lesion_voxels(mask: np.ndarray) -> List[np.ndarray]:
+    """The voxel indices of each 26-connected component of ``mask``, one array per component."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(mask, np.ones((3, 3, 3), dtype=bool))
+    where = np.argwhere(labels)
+    if not len(where):
+        return []
+    ids = labels[tuple(where.T)]
+    order = np.argsort(ids, kind="stable")
+    return np.split(where[order], np.cumsum(np.bincount(ids)[1:])[:-1])
+
+
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """BCE (per-voxel ``weight`` when given) plus soft Dice over the whole batch (patches without
     CMBs do not make Dice undefined)."""
@@ -193,7 +212,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         init: Optional[Path] = None, mimics_by_class: bool = True,
         mix: Sequence[float] = MIX, hard: Optional[Path] = None,
         class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH,
-        mimic_loss_weight: float = 1.0) -> Path:
+        mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
@@ -202,7 +221,8 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
     rng = np.random.default_rng(seed)
     files = sorted(cache.glob("*.npz"))
     sampler = PatchSampler(files, rng, patch=patch, mix=mix, by_class=mimics_by_class, hard=hard,
-                           class_weights=class_weights, mimic_loss_weight=mimic_loss_weight)
+                           class_weights=class_weights, mimic_loss_weight=mimic_loss_weight,
+                           cmb_by_lesion=cmb_by_lesion)
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
@@ -229,7 +249,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
          "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
-         "mimic_loss_weight": mimic_loss_weight,
+         "mimic_loss_weight": mimic_loss_weight, "cmb_sampling": "lesion" if cmb_by_lesion else "voxel",
          "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
     model.train()
@@ -436,7 +456,7 @@ def training_phases(run: Path) -> List[Dict]:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
         keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "class_weights",
-                "mimic_loss_weight", "frozen_norms", "torch")
+                "mimic_loss_weight", "cmb_sampling", "frozen_norms", "torch")
         phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
         init = Path(config["init"]) if config.get("init") else None
         if init is not None and init.suffix == ".onnx":
@@ -620,6 +640,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--hard", type=Path, help="folder of mined false positives (the mine step)")
     f.add_argument("--mimic-sampling", choices=("class", "voxel"), default="class",
                    help="mimic patches: each class equally often, or each mimic voxel equally often")
+    f.add_argument("--cmb-sampling", choices=("voxel", "lesion"), default="voxel",
+                   help="CMB patches: each CMB voxel of a scan equally often (large CMBs dominate), or each "
+                        "CMB (lesion) equally often, then a voxel of it")
     f.add_argument("--mimic-weight", action="append", default=[], metavar="CLASS=W",
                    help="with class sampling, draw this mimic class W times as often as the others (repeatable)")
     f.add_argument("--mimic-loss-weight", type=float, default=1.0, metavar="W",
@@ -658,7 +681,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fit(args.cache, args.run, args.steps, args.seed, args.batch, args.lr, threads=args.threads,
                 until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class",
                 mix=tuple(args.mix), hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight),
-                patch=args.patch, mimic_loss_weight=args.mimic_loss_weight)
+                patch=args.patch, mimic_loss_weight=args.mimic_loss_weight,
+                cmb_by_lesion=args.cmb_sampling == "lesion")
         except ValueError as error:  # the sampler's refusals (unknown class, missing --hard, ...)
             parser.error(str(error))
     elif args.step == "mine":

@@ -76,6 +76,28 @@ def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
         train.PatchSampler(files, np.random.default_rng(0), patch=16, by_class=False, class_weights={"vein": 2.0})
 
 
+def test_cmb_patches_by_lesion_draw_small_cmbs_as_often_as_large_ones(tmp_path) -> None:
+    volume = np.random.default_rng(0).random((64, 64, 64)).astype(np.float16)
+    cmb = np.zeros(volume.shape, np.uint8)
+    cmb[10:17, 10:17, 10:17] = 1  # an 8 mm CMB: 343 voxels
+    cmb[50, 50, 50] = 1  # a 2 mm one: 1 voxel
+    zeros = np.zeros_like(cmb)
+    np.savez(tmp_path / "scan-a.npz", volume=volume, cmb=cmb, mimic=zeros, brain=np.ones_like(cmb))
+    np.savez(tmp_path / "scan-b.npz", volume=volume, cmb=zeros, mimic=zeros, brain=np.ones_like(cmb))
+    files = sorted(tmp_path.glob("*.npz"))
+
+    def small_share(sampler: train.PatchSampler) -> float:
+        centres = [sampler._centre() for _ in range(2000)]  # jitter: -6 to 5 voxels for a 16-voxel patch
+        return float(np.mean([np.abs(c - 50).max() <= 6 for _, c in centres]))
+
+    by_lesion = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(1.0, 0.0, 0.0), cmb_by_lesion=True)
+    assert sorted(len(points) for _, points in by_lesion.sites["cmb"]) == [1, 343]  # one entry per CMB
+    assert 0.45 < small_share(by_lesion) < 0.55
+    by_voxel = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(1.0, 0.0, 0.0))
+    assert small_share(by_voxel) < 0.01  # 1 voxel in 344
+    assert train.lesion_voxels(zeros > 0) == []
+
+
 def test_mimic_voxels_weigh_more_in_the_loss(tmp_path) -> None:
     _tiny_cache(tmp_path)
     files = sorted(tmp_path.glob("*.npz"))
