@@ -128,7 +128,9 @@ class PatchSampler:
             self.targets.append(data["cmb"])
             if mimic_loss_weight != 1.0:
                 self.mimics.append(data["mimic"])
-            masks = {"brain": data["brain"] > 0} if cmb_by_lesion else {"cmb": data["cmb"] > 0, "brain": data["brain"] > 0}
+            masks = {"brain": data["brain"] > 0}
+            if not cmb_by_lesion:  # by lesion: one site list per CMB, added below
+                masks["cmb"] = data["cmb"] > 0
             if by_class:
                 for code in np.unique(data["mimic"][data["mimic"] > 0]).tolist():
                     masks[f"mimic:{MIMIC_CLASSES[code - 1]}"] = data["mimic"] == code
