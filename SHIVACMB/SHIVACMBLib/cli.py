@@ -56,6 +56,32 @@ def _spacing(text: str) -> tuple:
     return values
 
 
+def _add_scan_options(parser: argparse.ArgumentParser) -> None:
+    """Options of how each scan is processed, shared by `segment` and `batch`."""
+    parser.add_argument("--model", metavar="NAME|DIR",
+                        help="installed model name or model folder (default: the embedded default model)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the network runs; a GPU that fails falls back to CPU; tensorrt builds engines "
+                             "once (minutes) and caches them (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp16: run the folds in half precision on NVIDIA GPUs (check it first with `shivacmb "
+                             "models verify --precision fp16`); CPUs always run fp32 (default: %(default)s)")
+    parser.add_argument("--threshold", type=_probability, metavar="T",
+                        help="probability threshold, 0-1 (default: the model's own, usually 0.5)")
+    parser.add_argument("--min-volume", type=_volume, default=0.0, metavar="MM3",
+                        help="drop CMBs smaller than this, in mm^3 on the model grid (default: keep all)")
+    parser.add_argument("--max-volume", type=_volume, metavar="MM3",
+                        help="drop CMBs larger than this, in mm^3 on the model grid (default: keep all)")
+    parser.add_argument("--no-location", action="store_true",
+                        help="skip the anatomical location (region, mars_area and side stay n/a)")
+    parser.add_argument("--save-probability", action="store_true",
+                        help="also write cmb_probability (ensemble probability on the scan's grid)")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
+                        help="bar: progress bar on stderr; json: one JSON object per line on stdout "
+                             "(for front ends); none (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shivacmb",
@@ -76,35 +102,46 @@ def build_parser() -> argparse.ArgumentParser:
                           "series folder; any orientation, spacing or obliquity")
     seg.add_argument("--mask", metavar="M", help="brain mask on any grid (voxels > 0 are brain); "
                                                  "computed from the scan when not given")
-    seg.add_argument("--model", metavar="NAME|DIR",
-                     help="installed model name or model folder (default: the embedded default model)")
     seg.add_argument("--out", metavar="DIR", default="shivacmb_output",
                      help="output folder; results go to DIR/<scan-id>/ (default: %(default)s)")
     seg.add_argument("--scan-id", metavar="ID", help="name of the result folder (default: input file name)")
-    seg.add_argument("--device", choices=DEVICES, default="auto",
-                     help="where the network runs; a GPU that fails falls back to CPU; tensorrt builds engines "
-                          "once (minutes) and caches them (default: %(default)s)")
-    seg.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                     help="fp16: run the folds in half precision on NVIDIA GPUs (check it first with `shivacmb "
-                          "models verify --precision fp16`); CPUs always run fp32 (default: %(default)s)")
-    seg.add_argument("--threshold", type=_probability, metavar="T",
-                     help="probability threshold, 0-1 (default: the model's own, usually 0.5)")
-    seg.add_argument("--min-volume", type=_volume, default=0.0, metavar="MM3",
-                     help="drop CMBs smaller than this, in mm^3 on the model grid (default: keep all)")
-    seg.add_argument("--max-volume", type=_volume, metavar="MM3",
-                     help="drop CMBs larger than this, in mm^3 on the model grid (default: keep all)")
     seg.add_argument("--parcellation", metavar="P",
                      help="FreeSurfer (aseg, aparc+aseg, wmparc) or SynthSeg label map on any grid, for the MARS "
                           "location of each CMB (default: the shipped MNI atlas, registered to the scan)")
-    seg.add_argument("--no-location", action="store_true",
-                     help="skip the anatomical location (region, mars_area and side stay n/a)")
-    seg.add_argument("--save-probability", action="store_true",
-                     help="also write cmb_probability (ensemble probability on the scan's grid)")
-    seg.add_argument("--no-report", action="store_true", help="do not write report.html")
-    seg.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
-                     help="bar: progress bar on stderr; json: one JSON object per line on stdout "
-                          "(for front ends); none (default: %(default)s)")
+    _add_scan_options(seg)
     seg.set_defaults(handler=_segment)
+
+    batch = commands.add_parser(
+        "batch", help="find the CMBs of a whole cohort (dask.distributed; resumable)",
+        description="Segment every scan of a folder, a BIDS dataset or a CSV list on a dask.distributed cluster "
+                    "(a local one sized to this machine by default). Each scan's outputs are those of `segment`, "
+                    "in OUT/<scan-id>/ (a BIDS input gives a BIDS derivatives dataset: sub-*/ses-*/anat/"
+                    "*_desc-cmb_*). Then OUT/cohort_summary.tsv (one row per scan), OUT/cohort_findings.tsv (every "
+                    "CMB) and OUT/report.html (cohort plots, scans table, a link to each scan's QC page). A rerun "
+                    "skips scans already done with the same input, model and settings; a scan that fails is "
+                    "recorded with its error and the others go on.",
+        epilog=EPILOG.replace("0 done,", "0 done, 1 finished with failed scans (see cohort_summary.tsv),"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("input", metavar="INPUT",
+                       help="a folder (image files and DICOM series folders, recursive), a BIDS dataset "
+                            "(*_T2starw, *_swi, *_GRE images) or a CSV/TSV with columns "
+                            "scan_id,image[,mask][,parcellation] (paths relative to the list's folder)")
+    batch.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    batch.add_argument("--bids-filter", action="append", default=[], metavar="ENTITY=VALUE[,VALUE]",
+                       help="BIDS input: keep images with these entity values (repeatable), e.g. ses=01, "
+                            "suffix=swi, acq=mag; phase/real/imaginary parts are left out unless part= is given")
+    batch.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run on this existing dask scheduler (tcp://host:8786; see docs/cohorts.md for SLURM, "
+                            "PBS, SGE) instead of a local cluster")
+    batch.add_argument("--workers", type=_count, metavar="N",
+                       help="local cluster: worker processes (default: one per NVIDIA GPU, else one per two "
+                            "cores and 4 GiB of memory)")
+    batch.add_argument("--threads", type=_count, metavar="N",
+                       help="threads of each worker's network and image filters (default: the local cores shared "
+                            "among the workers; every core of a worker's machine on an existing cluster)")
+    batch.add_argument("--retry-failed", action="store_true", help="rerun scans that failed in an earlier run")
+    _add_scan_options(batch)
+    batch.set_defaults(handler=_batch)
 
     phantom = commands.add_parser(
         "phantom", help="make synthetic scans with known CMBs and mimics",
@@ -384,6 +421,44 @@ def _summary(result: Any) -> str:
     return (f"{n} CMB{'s' if n != 1 else ''} found in {result.scan_id} "
             f"({result.run['inference']['provider']}, {result.run['timings_s']['total']:.1f} s) -> "
             f"{result.output_dir}{os.sep} ({', '.join(result.files)})")
+
+
+# --- batch --------------------------------------------------------------------------------
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import BatchSettings, ClusterSettings, discover, run_batch
+
+    cohort = discover(args.input, args.bids_filter)
+    settings = BatchSettings(model=args.model, device=args.device, precision=args.precision,
+                             threshold=args.threshold, min_volume_mm3=args.min_volume,
+                             max_volume_mm3=args.max_volume, save_probability=args.save_probability,
+                             location=not args.no_location, report=not args.no_report, threads=args.threads,
+                             retry_failed=args.retry_failed)
+    cluster = ClusterSettings(scheduler=args.scheduler, workers=args.workers)
+    if args.progress == "json":
+        result = run_batch(cohort, args.out, settings, cluster, progress=_batch_json)
+    elif args.progress == "bar" and sys.stderr.isatty():
+        from .progress import BatchBar
+
+        with BatchBar(len(cohort.jobs)) as bar:
+            result = run_batch(cohort, args.out, settings, cluster, progress=bar)
+    else:
+        result = run_batch(cohort, args.out, settings, cluster)
+    print(f"{result.total} scan(s): {result.done} done, {result.skipped} already done, {len(result.failed)} failed "
+          f"in {result.seconds:.0f} s -> {Path(args.out)}{os.sep} ({', '.join(p.name for p in result.files)})")
+    for scan_id, error in result.failed:
+        print(f"failed: {scan_id}: {error}")
+    return 0 if result.ok else 1
+
+
+def _batch_json(outcome: Dict[str, Any]) -> None:
+    """One line per finished scan: stage "batch", the fraction processed, and the counts."""
+    processed = outcome["total"] - outcome["remaining"]
+    print(json.dumps({"stage": "batch", "fraction": round(processed / max(1, outcome["total"]), 4),
+                      "message": f"{outcome['scan_id']}: {outcome['status']}", **{
+                          k: outcome[k] for k in ("scan_id", "status", "total", "done", "skipped", "failed",
+                                                  "remaining")}}), flush=True)
 
 
 # --- phantom and demo ---------------------------------------------------------------------

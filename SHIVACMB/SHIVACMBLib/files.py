@@ -39,7 +39,7 @@ def _temporary_sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _clean_stale_siblings(final: Path) -> None:
+def clean_stale_siblings(final: Path) -> None:
     """Tidy leftovers of processes (on this host) that died while writing ``final``.
 
     A staging folder is removed; a previous result that was being swapped out is put back
@@ -103,7 +103,7 @@ def staged_directory(final: PathLike) -> Iterator[Path]:
     parent = final.parent
     created = [p for p in [parent, *parent.parents] if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_siblings(final)
+    clean_stale_siblings(final)
     stage = _temporary_sibling(final, "partial")
     stage.mkdir()  # plain mkdir honours the umask, unlike mkdtemp's 0700
     old = None

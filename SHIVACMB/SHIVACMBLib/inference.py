@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -166,6 +167,7 @@ class FoldEnsemble:
         self.requested = plan
         self.warnings += notes
         self.sessions = self._open(plan)
+        self._running = threading.Lock()  # one scan at a time through the folds; others prepare meanwhile
 
     @property
     def provider(self) -> str:
@@ -245,6 +247,10 @@ class FoldEnsemble:
         Per fold, values below the fold floor become 0 before averaging.
         """
         feed = model_layout(volume, self.model.layout)
+        with self._running:
+            return self._predict(feed, progress)
+
+    def _predict(self, feed: np.ndarray, progress: Optional[ProgressFn]) -> Tuple[np.ndarray, List[np.ndarray]]:
         try:
             return self._run_all(feed, progress)
         except ModelError:

@@ -59,6 +59,7 @@ class SegmentOptions:
     report: bool = True
     parcellation: Optional[PathLike] = None  # FreeSurfer/SynthSeg labels; None = the registered MNI atlas
     location: bool = True  # MARS region and side of every CMB
+    batch: Optional[Dict[str, Any]] = None  # `shivacmb batch`: input fingerprint and run id, kept in run.json
 
 
 @dataclass
@@ -166,6 +167,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         "warnings": scan.warnings + model_input.warnings + ensemble.warnings + located.warnings,
         "started": started.isoformat(timespec="seconds"),
     }
+    if options.batch is not None:
+        run["batch"] = options.batch
 
     stage_reporter(progress, "write")(0.0, "writing results")
     with clock.stage("write"):

@@ -90,3 +90,28 @@ class BarReporter:
 
     def __call__(self, stage: str, fraction: float, message: str) -> None:
         self._progress.update(self._task, completed=fraction, message=f"{stage}: {message}" if message else stage)
+
+
+class BatchBar:
+    """A rich progress bar of a cohort on stderr: scans done, failed and remaining, and the time left."""
+
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("[bold]scans"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[counts]}"), TimeRemainingColumn(), transient=False)
+        self._total = total
+        self._task = None
+
+    def __enter__(self) -> "BatchBar":
+        self._progress.__enter__()
+        self._task = self._progress.add_task("scans", total=self._total, counts="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.__exit__(*exc)
+
+    def __call__(self, outcome: Dict[str, Any]) -> None:
+        counts = (f"done {outcome['done']}, already done {outcome['skipped']}, failed {outcome['failed']}, "
+                  f"remaining {outcome['remaining']}")
+        self._progress.update(self._task, completed=outcome["total"] - outcome["remaining"], counts=counts)

@@ -69,7 +69,6 @@ AI_STATUSES = ("unreviewed", "definite", "possible", "rejected")  # what a rater
 MARK_STATUSES = ("added", "definite", "possible", "rejected")  # ... and of a CMB they marked
 UNRATED, IN_PROGRESS, SUBMITTED, NOT_RATABLE = "unrated", "in progress", "submitted", "not ratable"
 DONE = (SUBMITTED, NOT_RATABLE)
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _now() -> _dt.datetime:
@@ -202,18 +201,11 @@ def scans_from(source: PathLike) -> List[Tuple[str, Path]]:
     it, and every folder of ``.dcm`` files, in path order; the scan id is the file name without
     extensions. Relative paths in a list are relative to the list's folder.
     """
-    from .scan import scan_id_from_path
+    from .scan import find_scans, scan_id_from_path
 
     source = Path(source)
     if source.is_dir():
-        found = [p for p in sorted(source.rglob("*")) if not any(part.startswith(".") for part in
-                                                                  p.relative_to(source).parts)]
-        images = [p for p in found if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
-        dicom = sorted({p.parent for p in found if p.is_file() and p.suffix.lower() == ".dcm"})
-        paths = sorted(images + dicom)
-        if not paths:
-            raise InputError(source, "no scans found (image files or DICOM folders)")
-        return [(scan_id_from_path(p), p) for p in paths]
+        return [(scan_id_from_path(p), p) for p in find_scans(source)]
     try:
         with open(source, newline="", encoding="utf-8") as stream:
             text = stream.read()

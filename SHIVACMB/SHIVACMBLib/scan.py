@@ -31,6 +31,7 @@ _FORMATS = {
     ".mha": ("metaimage", ".mha"),
     ".mhd": ("metaimage", ".mha"),
 }
+SCAN_SUFFIXES = tuple(_FORMATS)  # image files a folder search picks up
 _DICOM_POSITION_TAG = "0020|0032"
 _DICOM_ORIENTATION_TAG = "0020|0037"
 
@@ -66,6 +67,29 @@ def scan_id_from_path(path: PathLike) -> str:
     suffix = _suffix(path)
     name = path.name
     return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else path.stem or name
+
+
+def find_scans(folder: PathLike) -> List[Path]:
+    """Every image file below ``folder`` and every folder of ``.dcm`` files, in path order (hidden ones skipped)."""
+    folder = Path(folder)
+    found = [p for p in sorted(folder.rglob("*"))
+             if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    images = [p for p in found if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
+    dicom = sorted({p.parent for p in found if p.is_file() and p.suffix.lower() == ".dcm"})
+    paths = sorted(images + dicom)
+    if not paths:
+        raise InputError(folder, "no scans found (image files or DICOM folders)")
+    return paths
+
+
+def source_files(path: PathLike) -> List[Path]:
+    """The files a scan is read from: the file and a detached header's data file, or a folder's files."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not path.is_file():
+        raise InputError(path, "no such file or folder")
+    return [path] + _companion_files(path)
 
 
 def read_scan(path: PathLike) -> Scan:

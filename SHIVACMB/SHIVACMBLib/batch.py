@@ -1,0 +1,607 @@
+"""Cohort runs (`shivacmb batch`): find the scans, run them on dask.distributed, resume, summarise.
+
+Inputs are a folder (every image file and DICOM series folder below it), a BIDS dataset
+(``*_T2starw``, ``*_swi``, ``*_GRE`` images; outputs form a BIDS derivatives dataset) or a CSV
+with columns ``scan_id,image[,mask][,parcellation]``.
+
+A scan is *done* when its ``run.json`` holds the same fingerprint (checksums of its input
+files, the model's fold checksums and the settings that change results) and every file it
+lists exists; a rerun skips it. A scan that fails is recorded in ``.shivacmb-batch/failed/``
+with its error and is not retried unless asked (``retry_failed``); the others go on. Outputs
+of a scan appear whole or not at all (the pipeline's staged folder), so a batch killed at any
+moment leaves only complete results, and the cohort tables and report are written (atomically)
+only when every scan has been processed.
+
+Workers are long-lived processes: each keeps its model and onnxruntime sessions warm between
+scans, and runs two scans at a time so that one is read, preprocessed, located and written
+while the other is in the network (:class:`~.inference.FoldEnsemble` lets one scan at a time
+through the folds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from . import __version__
+from .errors import InputError, ShivaError, one_line
+from .files import atomic_write_text, checksum, clean_stale_siblings
+from .findings import COLUMNS as FINDING_COLUMNS
+from .findings import read_tsv
+from .location import AREAS, SIDES, UNKNOWN, boston_distribution
+from .models import ModelDescriptor, load_model
+from .pipeline import FINDINGS_NAME, LABELS_NAME, PROBABILITY_NAME, REPORT_NAME, RUN_NAME, SegmentOptions, segment
+from .scan import find_scans, scan_id_from_path, source_files
+
+PathLike = Union[str, Path]
+STATE_DIR = ".shivacmb-batch"  # failure records and the staging area of BIDS outputs, inside OUT
+LOG_NAME = "batch_log.jsonl"  # one line per scan outcome, every run appended
+SUMMARY_NAME = "cohort_summary.tsv"
+FINDINGS_TABLE = "cohort_findings.tsv"
+COHORT_REPORT = "report.html"
+BIDS_SUFFIXES = ("T2starw", "swi", "GRE")
+BIDS_SKIPPED_PARTS = ("phase", "real", "imag")  # CMBs are read on magnitude images
+BIDS_DESC = "cmb"
+AREA_COLUMNS = tuple(f"{area}_{side}" for area in AREAS for side in SIDES)
+SUMMARY_COLUMNS = ("scan_id", "status", "cmb_count") + AREA_COLUMNS + (
+    "location_unknown", "boston", "total_volume_mm3", "seconds_total", "seconds_inference", "provider", "model",
+    "model_version", "image", "output", "report", "error")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+# --- what to run -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scan of the cohort and where its outputs go (``folder`` relative to the output root)."""
+
+    scan_id: str
+    image: Path
+    mask: Optional[Path] = None
+    parcellation: Optional[Path] = None
+    folder: str = ""  # default: the scan id
+    prefix: str = ""  # BIDS: file names start with it and use BIDS suffixes
+
+    @property
+    def output_folder(self) -> str:
+        return self.folder or self.scan_id
+
+    def output_name(self, name: str) -> str:
+        """Name of one of the pipeline's output files for this scan (BIDS names when there is a prefix)."""
+        if not self.prefix:
+            return name
+        for stem, suffix in ((LABELS_NAME, "dseg"), (PROBABILITY_NAME, "probseg"), ("cmb.seg", "dseg.seg")):
+            if name.startswith(stem + "."):
+                return f"{self.prefix}{suffix}{name[len(stem):]}"
+        return self.prefix + name
+
+    def output(self, out: Path, name: str) -> Path:
+        return out / self.output_folder / self.output_name(name)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The scans of one batch and the kind of input they came from."""
+
+    jobs: Tuple[Job, ...]
+    source: Path
+    bids: bool = False
+
+
+def discover(source: PathLike, bids_filters: Sequence[str] = ()) -> Cohort:
+    """The jobs of a folder, a BIDS dataset or a CSV file; refuses an input that names no scan."""
+    source = Path(source)
+    if not source.exists():
+        raise InputError(source, "no such file or folder")
+    if source.is_file():
+        if bids_filters:
+            raise InputError(source, "--bids-filter applies to a BIDS dataset, not to a CSV file")
+        jobs = _csv_jobs(source)
+    elif (source / "dataset_description.json").is_file():
+        return Cohort(_bids_jobs(source, _parse_filters(bids_filters)), source, bids=True)
+    else:
+        if bids_filters:
+            raise InputError(source, "--bids-filter needs a BIDS dataset (no dataset_description.json here)")
+        jobs = _folder_jobs(source)
+    return Cohort(tuple(jobs), source)
+
+
+def _csv_jobs(path: Path) -> List[Job]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read scan list: {err}") from None
+    rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if "\t" in text.split("\n", 1)[0] else ","))
+    if not rows or not {"scan_id", "image"} <= set(rows[0]):
+        raise InputError(path, "a scan list needs a header line with columns scan_id,image[,mask][,parcellation]")
+    jobs = []
+    for number, row in enumerate(rows, start=2):
+        scan_id, image = (row.get("scan_id") or "").strip(), (row.get("image") or "").strip()
+        if not scan_id or not image:
+            raise InputError(path, f"line {number}: scan_id and image are both needed")
+        if not _SAFE_ID.match(scan_id):
+            raise InputError(path, f"line {number}: scan_id '{scan_id}' must be letters, digits, '.', '_', '+', '-' "
+                                   "(it names the output folder)")
+        jobs.append(Job(scan_id, _relative_to(path, image), _relative_to(path, row.get("mask")),
+                        _relative_to(path, row.get("parcellation"))))
+    _check_unique([j.scan_id for j in jobs], path, "scan_id")
+    return jobs
+
+
+def _relative_to(listing: Path, value: Optional[str]) -> Optional[Path]:
+    """A path from a scan list: absolute, or relative to the list's folder; None when empty."""
+    if not (value or "").strip():
+        return None
+    path = Path(value.strip()).expanduser()
+    return path if path.is_absolute() else listing.parent / path
+
+
+def _folder_jobs(folder: Path) -> List[Job]:
+    """Scan id = file name without extensions; where two files share it, their relative paths tell them apart."""
+    paths = find_scans(folder)
+    ids = [scan_id_from_path(p) for p in paths]
+    if len(set(ids)) < len(ids):
+        ids = ["_".join(p.relative_to(folder).parent.parts + (scan_id_from_path(p),)) for p in paths]
+        _check_unique(ids, folder, "scan id")
+    return [Job(scan_id, path) for scan_id, path in zip(ids, paths)]
+
+
+def _check_unique(ids: Sequence[str], source: Path, what: str) -> None:
+    seen = set()
+    for value in ids:
+        if value in seen:
+            raise InputError(source, f"{what} '{value}' appears twice; every scan needs its own")
+        seen.add(value)
+
+
+def _parse_filters(filters: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
+    """``--bids-filter ENTITY=VALUE[,VALUE]`` (``suffix`` selects the image type) -> entity -> values."""
+    parsed: Dict[str, Tuple[str, ...]] = {}
+    for text in filters:
+        key, sep, values = text.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise InputError(None, f"--bids-filter '{text}': write ENTITY=VALUE[,VALUE...], e.g. ses=01 or "
+                                   "suffix=swi")
+        parsed[key.strip()] = tuple(v.strip() for v in values.split(",") if v.strip())
+    return parsed
+
+
+def bids_entities(name: str) -> Tuple[List[Tuple[str, str]], str]:
+    """``sub-01_ses-1_acq-x_swi.nii.gz`` -> ([("sub", "01"), ("ses", "1"), ("acq", "x")], "swi")."""
+    stem = scan_id_from_path(name)
+    *pairs, suffix = stem.split("_")
+    entities = []
+    for pair in pairs:
+        key, sep, value = pair.partition("-")
+        if not sep:
+            return [], ""
+        entities.append((key, value))
+    return entities, suffix
+
+
+def _bids_jobs(root: Path, filters: Dict[str, Tuple[str, ...]]) -> List[Job]:
+    jobs = []
+    for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
+        for image in sorted(subject.rglob("*.nii*")):
+            if not image.name.endswith((".nii", ".nii.gz")) or any(part.startswith(".") for part in image.parts):
+                continue
+            entities, suffix = bids_entities(image.name)
+            if suffix not in BIDS_SUFFIXES or not entities or entities[0][0] != "sub":
+                continue
+            values = dict(entities, suffix=suffix)
+            if "part" not in filters and values.get("part") in BIDS_SKIPPED_PARTS:
+                continue
+            if any(values.get(key) not in allowed for key, allowed in filters.items()):
+                continue
+            prefix = "_".join(f"{k}-{v}" for k, v in entities) + f"_desc-{BIDS_DESC}_"
+            jobs.append(Job(scan_id_from_path(image), image, folder=image.parent.relative_to(root).as_posix(),
+                            prefix=prefix))
+    if not jobs:
+        wanted = ", ".join(f"*_{s}" for s in BIDS_SUFFIXES)
+        raise InputError(root, f"no {wanted} NIfTI image in this BIDS dataset"
+                               + (" matches the --bids-filter" if filters else ""))
+    places = [f"{j.folder}/{j.prefix}" for j in jobs]
+    for place in set(places):
+        clashing = [j.image.name for j in jobs if f"{j.folder}/{j.prefix}" == place]
+        if len(clashing) > 1:
+            raise InputError(root, f"{' and '.join(clashing[:2])} would share output names; choose one with "
+                                   "--bids-filter (e.g. suffix=swi)")
+    return jobs
+
+
+# --- settings, fingerprints and records --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The options of `shivacmb batch` that each scan runs with."""
+
+    model: Optional[str] = None
+    device: str = "auto"
+    precision: str = "fp32"
+    threshold: Optional[float] = None
+    min_volume_mm3: float = 0.0
+    max_volume_mm3: Optional[float] = None
+    save_probability: bool = False
+    location: bool = True
+    report: bool = True
+    threads: Optional[int] = None  # onnxruntime and SimpleITK threads per worker (None: every core)
+    retry_failed: bool = False
+
+    def result_settings(self, model: ModelDescriptor) -> Dict[str, Any]:
+        """What changes a scan's results (the device does not: a GPU and a CPU give the same CMBs)."""
+        return {"model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},
+                "threshold": model.threshold if self.threshold is None else self.threshold,
+                "precision": self.precision, "min_volume_mm3": self.min_volume_mm3,
+                "max_volume_mm3": self.max_volume_mm3, "save_probability": self.save_probability,
+                "location": self.location, "report": self.report}
+
+
+def fingerprint(job: Job, model: ModelDescriptor, settings: BatchSettings) -> Dict[str, Any]:
+    """Checksums of the scan's input files and the settings its results depend on."""
+    inputs = {"image": checksum(source_files(job.image))}
+    for name in ("mask", "parcellation"):
+        path = getattr(job, name)
+        inputs[name] = checksum(source_files(path)) if path is not None else None
+    return {"inputs": inputs, **settings.result_settings(model)}
+
+
+def done_run(job: Job, out: Path, expected: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The scan's run.json when it is done with these inputs and settings and all its files exist."""
+    try:
+        run = json.loads(job.output(out, RUN_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(run, dict) or run.get("batch", {}).get("fingerprint") != expected:
+        return None
+    files = run.get("results", {}).get("files", [])
+    return run if all(job.output(out, name).is_file() for name in files) else None
+
+
+def failure_path(out: Path, job: Job) -> Path:
+    return out / STATE_DIR / "failed" / f"{job.scan_id}.json"
+
+
+def record_failure(out: Path, job: Job, error: str, expected: Optional[Dict[str, Any]], run_id: str) -> None:
+    path = failure_path(out, job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"scan_id": job.scan_id, "image": str(job.image), "error": error,
+                                        "fingerprint": expected, "run_id": run_id, "time": _now()}, indent=2))
+
+
+def read_failure(out: Path, job: Job) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(failure_path(out, job).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- one scan, on a worker ---------------------------------------------------------------
+
+_MODELS: Dict[Optional[str], ModelDescriptor] = {}
+
+
+def _worker_model(name: Optional[str]) -> ModelDescriptor:
+    """The model, read once per worker process (its sessions are cached by inference.get_ensemble)."""
+    if name not in _MODELS:
+        _MODELS[name] = load_model(name, verify=False)
+    return _MODELS[name]
+
+
+def process(job: Job, out: str, settings: BatchSettings, run_id: str) -> Dict[str, Any]:
+    """Run one scan unless it is done (or failed before and no retry is asked); never raises for the scan's own
+    problems: the outcome says ``done``, ``skipped`` or ``failed`` with the error."""
+    started = time.perf_counter()
+    root = Path(out)
+    outcome: Dict[str, Any] = {"scan_id": job.scan_id, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    expected = None
+    try:
+        model = _worker_model(settings.model)
+        expected = fingerprint(job, model, settings)
+        if done_run(job, root, expected) is not None:
+            return dict(outcome, status="skipped", seconds=time.perf_counter() - started)
+        failed = read_failure(root, job)
+        if failed and failed.get("fingerprint") == expected and not settings.retry_failed:
+            return dict(outcome, status="failed", error=failed["error"], previous=True,
+                        seconds=time.perf_counter() - started)
+        _run_scan(job, root, model, settings, {"fingerprint": expected, "run_id": run_id})
+    except ShivaError as err:
+        error = str(err)
+    except Exception as err:  # noqa: BLE001 - one scan's failure must not stop the cohort
+        error = f"internal error: {type(err).__name__}: {one_line(err)}"
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            failure_path(root, job).unlink()
+        return dict(outcome, status="done", seconds=time.perf_counter() - started)
+    record_failure(root, job, error, expected, run_id)
+    return dict(outcome, status="failed", error=error, seconds=time.perf_counter() - started)
+
+
+def _run_scan(job: Job, root: Path, model: ModelDescriptor, settings: BatchSettings, batch: Dict[str, Any]) -> None:
+    from .inference import get_ensemble
+
+    if settings.threads:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
+    options = SegmentOptions(model=settings.model, mask=job.mask, device=settings.device,
+                             precision=settings.precision, threshold=settings.threshold,
+                             save_probability=settings.save_probability, min_volume_mm3=settings.min_volume_mm3,
+                             max_volume_mm3=settings.max_volume_mm3, scan_id=job.scan_id, report=settings.report,
+                             parcellation=job.parcellation, location=settings.location, batch=batch)
+    ensemble = get_ensemble(model, settings.device, settings.threads, settings.precision)
+    if not job.prefix:
+        segment(job.image, root, options, model=model, ensemble=ensemble)
+        return
+    staging = root / STATE_DIR / "bids"
+    result = segment(job.image, staging, options, model=model, ensemble=ensemble)
+    _place_bids_files(job, root, result.output_dir, result.files)
+
+
+def _place_bids_files(job: Job, root: Path, staged: Path, files: Sequence[str]) -> None:
+    """Move a finished scan's files to their BIDS names, run.json (the mark of a done scan) last."""
+    target = root / job.output_folder
+    target.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        job.output(root, RUN_NAME).unlink()  # an older result stops counting as done before its files change
+    for name in sorted(files, key=lambda n: n == RUN_NAME):
+        os.replace(staged / name, target / job.output_name(name))
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+# --- the batch ---------------------------------------------------------------------------
+
+Progress = Callable[[Dict[str, Any]], None]
+
+
+@dataclass
+class BatchResult:
+    """Counts of the batch and where its cohort outputs are."""
+
+    total: int
+    done: int = 0
+    skipped: int = 0
+    failed: List[Tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    files: List[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the scans run: an existing scheduler, or a local cluster sized to this machine."""
+
+    scheduler: Optional[str] = None
+    workers: Optional[int] = None
+    threads_per_worker: int = 2  # scans in flight per worker (one in the network, one around it)
+
+
+def run_batch(cohort: Cohort, out: PathLike, settings: BatchSettings = BatchSettings(),
+              cluster: ClusterSettings = ClusterSettings(), progress: Optional[Progress] = None) -> BatchResult:
+    """Run every scan of ``cohort`` into ``out`` and write the cohort tables and report when all are processed."""
+    out = Path(out)
+    model = load_model(settings.model)  # verified once here: a broken model stops the batch before it starts
+    out.mkdir(parents=True, exist_ok=True)
+    if cohort.bids:
+        _write_dataset_description(out, cohort.source, model)
+    _tidy(out, cohort.jobs)
+    run_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    result = BatchResult(total=len(cohort.jobs))
+    started = time.perf_counter()
+    with _client(cluster, settings) as (client, threads):
+        worker_settings = settings if settings.threads or threads is None else _replace(settings, threads=threads)
+        futures = {client.submit(process, job, str(out), worker_settings, run_id, pure=False,
+                                 key=f"scan-{index}-{run_id}"): job for index, job in enumerate(cohort.jobs)}
+        from distributed import as_completed
+
+        with open(out / LOG_NAME, "a", encoding="utf-8") as log:
+            for future in as_completed(futures):
+                job = futures[future]
+                outcome = _outcome(future, job, out, run_id)
+                log.write(json.dumps(dict(outcome, run_id=run_id, time=_now())) + "\n")
+                log.flush()
+                _count(result, outcome)
+                if progress:
+                    progress(dict(outcome, total=result.total, done=result.done, skipped=result.skipped,
+                                  failed=len(result.failed),
+                                  remaining=result.total - result.done - result.skipped - len(result.failed)))
+    result.seconds = time.perf_counter() - started
+    result.files = write_cohort_outputs(cohort, out)
+    return result
+
+
+def _replace(settings: BatchSettings, **changes: Any) -> BatchSettings:
+    return BatchSettings(**{**asdict(settings), **changes})
+
+
+def _outcome(future: Any, job: Job, out: Path, run_id: str) -> Dict[str, Any]:
+    """The task's outcome; a worker that died on the scan (crash, out of memory) makes it a failed scan."""
+    try:
+        return future.result()
+    except Exception as err:  # noqa: BLE001 - KilledWorker and the like: record, go on
+        error = f"worker lost while running this scan ({type(err).__name__}: {one_line(err)})"
+        record_failure(out, job, error, None, run_id)
+        return {"scan_id": job.scan_id, "status": "failed", "error": error}
+
+
+def _count(result: BatchResult, outcome: Dict[str, Any]) -> None:
+    if outcome["status"] == "done":
+        result.done += 1
+    elif outcome["status"] == "skipped":
+        result.skipped += 1
+    else:
+        result.failed.append((outcome["scan_id"], outcome.get("error", "")))
+
+
+def _tidy(out: Path, jobs: Sequence[Job]) -> None:
+    """Remove what processes killed on this host left half-made (staging folders of scans)."""
+    staging = out / STATE_DIR / "bids"
+    for job in jobs:
+        final = staging / job.scan_id if job.prefix else out / job.output_folder
+        if final.parent.is_dir():
+            clean_stale_siblings(final)
+
+
+def _write_dataset_description(out: Path, source: Path, model: ModelDescriptor) -> None:
+    description = {"Name": "SHIVA-CMB cerebral microbleeds", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                   "GeneratedBy": [{"Name": "shivacmb", "Version": __version__,
+                                    "Description": f"model {model.name} {model.version}"}],
+                   "SourceDatasets": [{"URL": source.resolve().as_uri()}]}
+    atomic_write_text(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _client(cluster: ClusterSettings, settings: BatchSettings) -> Iterator[Tuple[Any, Optional[int]]]:
+    """A dask client, and the threads each local worker's network may use (None for an existing cluster)."""
+    import dask
+
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ShivaError("shivacmb batch needs dask.distributed: pip install 'shivacmb[batch]'") from None
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        if cluster.scheduler:
+            with Client(cluster.scheduler, timeout="30s") as client:
+                yield client, None
+            return
+        local, threads = local_cluster(cluster, settings.device)
+        with local, Client(local) as client:
+            yield client, threads
+
+
+def worker_plan(cores: int, gpus: int, workers: Optional[int] = None,
+                memory_gib: Optional[float] = None) -> Tuple[List[Dict[str, str]], int]:
+    """Environment of each local worker and the threads of each worker's network: one worker per GPU
+    (``CUDA_VISIBLE_DEVICES`` set to it) when there are GPUs, else CPU workers sharing the cores."""
+    if gpus and not workers:
+        return [{"CUDA_VISIBLE_DEVICES": str(index)} for index in range(gpus)], max(1, cores // gpus)
+    workers = workers or default_workers(cores, memory_gib)
+    return [{} for _ in range(workers)], max(1, cores // workers)
+
+
+def local_cluster(cluster: ClusterSettings, device: str) -> Tuple[Any, int]:
+    """A local dask cluster planned by :func:`worker_plan`, and the threads each worker's network gets."""
+    import logging
+
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from .inference import available_cores
+
+    gpus = gpu_count() if device in ("auto", "cuda", "tensorrt") else 0
+    envs, threads = worker_plan(available_cores(), gpus, cluster.workers)
+    specs = {f"worker-{index}": {"cls": Nanny, "options": {"nthreads": cluster.threads_per_worker, "env": env,
+                                                            "silence_logs": logging.ERROR}}
+             for index, env in enumerate(envs)}
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+                       silence_logs=logging.ERROR), threads
+
+
+def default_workers(cores: int, memory_gib: Optional[float] = None) -> int:
+    """CPU workers for this machine: one per two cores, at most one per 4 GiB of memory."""
+    if memory_gib is None:
+        import psutil
+
+        memory_gib = psutil.virtual_memory().total / 2 ** 30
+    return max(1, min(cores // 2, int(memory_gib // 4)))
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs onnxruntime could use here (0 without the CUDA provider or nvidia-smi)."""
+    from .inference import CUDA, onnxruntime_module
+
+    if CUDA not in onnxruntime_module().get_available_providers():
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+
+
+# --- cohort outputs ----------------------------------------------------------------------
+
+
+def summary_rows(cohort: Cohort, out: Path) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+    """One row per scan (its state on disk now) and one row per CMB of the scans that are done."""
+    rows, findings_rows = [], []
+    for job in cohort.jobs:
+        row = {name: "" for name in SUMMARY_COLUMNS}
+        row.update(scan_id=job.scan_id, image=str(job.image))
+        run = _read_json(job.output(out, RUN_NAME))
+        failed = read_failure(out, job)  # removed when the scan succeeds, so it is the latest word
+        if failed or run is None:
+            row.update(status="failed" if failed else "missing", error=(failed or {}).get("error", ""))
+            rows.append(row)
+            continue
+        findings = read_tsv(job.output(out, FINDINGS_NAME))
+        row.update(_scan_row(job, run, findings))
+        rows.append(row)
+        findings_rows += [{"scan_id": job.scan_id, **{k: str(v) for k, v in asdict(f).items()}} for f in findings]
+    return rows, findings_rows
+
+
+def _scan_row(job: Job, run: Dict[str, Any], findings: Sequence[Any]) -> Dict[str, str]:
+    kept = [f for f in findings if f.status != "rejected"]
+    counts = {name: 0 for name in AREA_COLUMNS}
+    unknown = 0
+    for f in kept:
+        key = f"{f.mars_area}_{f.side}"
+        if key in counts:
+            counts[key] += 1
+        else:
+            unknown += 1
+    timings = run.get("timings_s", {})
+    files = run.get("results", {}).get("files", [])
+    return {"status": "done", "cmb_count": str(len(kept)), **{k: str(v) for k, v in counts.items()},
+            "location_unknown": str(unknown), "boston": str(boston_distribution(kept)) if run.get("location", {}).get(
+                "source") not in (None, "not computed") else "",
+            "total_volume_mm3": f"{sum(f.volume_mm3 for f in kept):.2f}",
+            "seconds_total": f"{timings.get('total', 0):.2f}", "seconds_inference": f"{timings.get('inference', 0):.2f}",
+            "provider": run.get("inference", {}).get("provider", ""), "model": run.get("model", {}).get("name", ""),
+            "model_version": run.get("model", {}).get("version", ""), "output": job.output_folder,
+            "report": f"{job.output_folder}/{job.output_name(REPORT_NAME)}" if REPORT_NAME in files else ""}
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _tsv(rows: Sequence[Dict[str, str]], columns: Sequence[str]) -> str:
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(" ".join(str(row.get(c, "")).split()) for c in columns) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_cohort_outputs(cohort: Cohort, out: Path) -> List[Path]:
+    """cohort_summary.tsv, cohort_findings.tsv and report.html from the scans' outputs on disk."""
+    from .cohortreport import write_cohort_report
+
+    rows, findings_rows = summary_rows(cohort, out)
+    atomic_write_text(out / SUMMARY_NAME, _tsv(rows, SUMMARY_COLUMNS))
+    atomic_write_text(out / FINDINGS_TABLE, _tsv(findings_rows, ("scan_id",) + FINDING_COLUMNS))
+    write_cohort_report(out / COHORT_REPORT, rows, findings_rows)
+    return [out / SUMMARY_NAME, out / FINDINGS_TABLE, out / COHORT_REPORT]
