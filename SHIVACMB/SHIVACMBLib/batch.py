@@ -103,7 +103,7 @@ class Cohort:
 
 def discover(source: PathLike, bids_filters: Sequence[str] = ()) -> Cohort:
     """The jobs of a folder, a BIDS dataset or a CSV file; refuses an input that names no scan."""
-    source = Path(source)
+    source = Path(source).absolute()  # workers may run elsewhere: every path they get is absolute
     if not source.exists():
         raise InputError(source, "no such file or folder")
     if source.is_file():
@@ -261,11 +261,8 @@ def fingerprint(job: Job, model: ModelDescriptor, settings: BatchSettings) -> Di
 
 def done_run(job: Job, out: Path, expected: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The scan's run.json when it is done with these inputs and settings and all its files exist."""
-    try:
-        run = json.loads(job.output(out, RUN_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(run, dict) or run.get("batch", {}).get("fingerprint") != expected:
+    run = _read_json(job.output(out, RUN_NAME))
+    if run is None or run.get("batch", {}).get("fingerprint") != expected:
         return None
     files = run.get("results", {}).get("files", [])
     return run if all(job.output(out, name).is_file() for name in files) else None
@@ -283,10 +280,7 @@ def record_failure(out: Path, job: Job, error: str, expected: Optional[Dict[str,
 
 
 def read_failure(out: Path, job: Job) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads(failure_path(out, job).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return _read_json(failure_path(out, job))
 
 
 def _now() -> str:
@@ -399,8 +393,10 @@ class ClusterSettings:
 def run_batch(cohort: Cohort, out: PathLike, settings: BatchSettings = BatchSettings(),
               cluster: ClusterSettings = ClusterSettings(), progress: Optional[Progress] = None) -> BatchResult:
     """Run every scan of ``cohort`` into ``out`` and write the cohort tables and report when all are processed."""
-    out = Path(out)
+    out = Path(out).absolute()
     model = load_model(settings.model)  # verified once here: a broken model stops the batch before it starts
+    if settings.model and Path(settings.model).is_dir():
+        settings = _replace(settings, model=str(Path(settings.model).absolute()))
     out.mkdir(parents=True, exist_ok=True)
     if cohort.bids:
         _write_dataset_description(out, cohort.source, model)
@@ -512,7 +508,7 @@ def local_cluster(cluster: ClusterSettings, device: str) -> Tuple[Any, int]:
     specs = {f"worker-{index}": {"cls": Nanny, "options": {"nthreads": cluster.threads_per_worker, "env": env,
                                                             "silence_logs": logging.ERROR}}
              for index, env in enumerate(envs)}
-    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
                        silence_logs=logging.ERROR), threads
 
 

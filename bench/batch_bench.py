@@ -1,0 +1,104 @@
+"""Scans per hour of `shivacmb batch` against `shivacmb segment` run once per scan in a shell loop.
+
+    python bench/batch_bench.py [--n 12] [--seed 700000] [--workers 1 2] [--rounds 1] [--model NAME|DIR]
+
+Makes (once, cached in bench/out/batch/) N phantom head scans with `shivacmb phantom`, then, on the
+same scans in the same run, each in a fresh output folder:
+
+- ``loop``: ``for f in scans/*.nii.gz; do shivacmb segment "$f" --out DIR; done`` (a new process per
+  scan: imports, model sessions, the scan);
+- ``batch-wN``: ``shivacmb batch scans --out DIR --workers N`` for each N of ``--workers`` (a local
+  dask cluster; its start is counted);
+- ``batch-default``: ``shivacmb batch`` with the worker count it picks for this machine.
+
+Prints wall time, scans per hour and the ratio to the loop, and checks that every mode found the
+same CMBs (count per scan). ``--rounds`` runs the modes in turn that many times and keeps each one's
+best, so a machine shared with other work slows every mode alike. Never asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out" / "batch"
+SHIVACMB = [sys.executable, "-m", "SHIVACMBLib.cli"]
+
+
+def phantoms(n: int, seed: int) -> Path:
+    """N phantom scans (random contrast and voxel size per seed), made once."""
+    folder = OUT / f"phantoms-{seed}-{n}"
+    if len(list(folder.glob("*.nii.gz"))) < n:
+        subprocess.run(SHIVACMB + ["phantom", "--out", str(folder), "--n", str(n), "--seed", str(seed)], check=True)
+    return folder
+
+
+def run_mode(mode: str, scans: Path, model: Optional[str]) -> Dict[str, object]:
+    """One mode from a fresh output folder: wall seconds and CMB count per scan."""
+    out = OUT / "results" / mode
+    shutil.rmtree(out, ignore_errors=True)
+    extra = ["--model", model] if model else []
+    started = time.perf_counter()
+    if mode == "loop":
+        for scan in sorted(scans.glob("*.nii.gz")):
+            subprocess.run(SHIVACMB + ["segment", str(scan), "--out", str(out), "--progress", "none"] + extra,
+                           check=True, capture_output=True)
+    else:
+        workers = [] if mode == "batch-default" else ["--workers", mode.rsplit("w", 1)[1]]
+        subprocess.run(SHIVACMB + ["batch", str(scans), "--out", str(out), "--progress", "none"] + workers + extra,
+                       check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    counts = {p.parent.name: len(p.read_text().splitlines()) - 1 for p in sorted(out.glob("*/findings.tsv"))}
+    return {"mode": mode, "seconds": seconds, "counts": counts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=12, help="scans (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=700000, help="seed of the first phantom (default: %(default)s)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts of the scaling curve")
+    parser.add_argument("--rounds", type=int, default=1, help="times every mode runs, in turn; best kept")
+    parser.add_argument("--model", help="model name or folder (default: the embedded default model)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    args = parser.parse_args()
+    scans = phantoms(args.n, args.seed)
+    modes = ["loop"] + [f"batch-w{w}" for w in args.workers] + ["batch-default"]
+    best: Dict[str, Dict[str, object]] = {}
+    for number in range(args.rounds):
+        for mode in modes:
+            row = run_mode(mode, scans, args.model)
+            print(f"round {number + 1}, {mode}: {row['seconds']:.1f} s", flush=True)
+            if mode not in best or row["seconds"] < best[mode]["seconds"]:
+                best[mode] = row
+    loop = best["loop"]
+    print(f"\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"- machine: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), Python "
+          f"{platform.python_version()}, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"- scans: {args.n} phantoms (seeds {args.seed}..{args.seed + args.n - 1}), model "
+          f"{args.model or 'default'}; best of {args.rounds} round(s)\n")
+    print("| mode | wall s | s per scan | scans per hour | x loop | same CMB counts as loop |")
+    print("|---|---:|---:|---:|---:|---|")
+    rows: List[Dict[str, object]] = []
+    for mode in modes:
+        row = best[mode]
+        seconds = float(row["seconds"])
+        rows.append(dict(row, scans_per_hour=3600 * args.n / seconds, ratio=float(loop["seconds"]) / seconds))
+        print(f"| {mode} | {seconds:.1f} | {seconds / args.n:.2f} | {3600 * args.n / seconds:.0f} | "
+              f"{float(loop['seconds']) / seconds:.2f} | {'yes' if row['counts'] == loop['counts'] else 'NO'} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2,
+                                        default=str) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
