@@ -224,10 +224,10 @@ def _area_bars(plt: Any, locator: Any, done: Sequence[Dict[str, str]]) -> Tuple[
     bottom[-1] = unknown
     for x, total in enumerate(bottom):
         axes.annotate(str(total), (x, total), ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
-    axes.set_ylim(0, max(1, max(bottom)) * 1.15)
+    axes.set_ylim(0, max(1, max(bottom)) * 1.4)  # headroom: the legend sits in one row above the bars
     axes.yaxis.set_major_locator(locator(integer=True))
     if any(bottom):
-        axes.legend(title="side", loc="best", fontsize=8)
+        axes.legend(title="side", loc="upper center", ncol=len(SIDES), fontsize=8)
     else:
         axes.text(0.5, 0.6, "no CMB in this cohort", transform=axes.transAxes, ha="center", fontsize=12)
     axes.set_ylabel("CMBs")

@@ -273,3 +273,42 @@ def test_batch_command_refuses_an_input_without_scans(tmp_path):
     assert done.stderr.strip().splitlines() == [f"shivacmb: error: {tmp_path / 'empty'}: no scans found "
                                                 "(image files or DICOM folders)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_one_scan_at_a_time_goes_through_the_network_while_others_prepare(model_dir, monkeypatch):
+    """A worker runs two scans at once; the ensemble lets one of them through the folds at a time."""
+    import threading
+
+    from SHIVACMBLib.inference import FoldEnsemble
+    from SHIVACMBLib.models import load_model
+
+    ensemble = FoldEnsemble(load_model(str(model_dir)), "cpu")
+    inside, most = [0], [0]
+    real = ensemble._run_all
+
+    def counted(feed, progress):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        try:
+            return real(feed, progress)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(ensemble, "_run_all", counted)
+    volume = np.zeros(ensemble.model.shape[::-1], np.float32)
+    threads = [threading.Thread(target=ensemble.predict, args=(volume,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+
+
+def test_batch_bar_counts_scans():
+    from SHIVACMBLib.progress import BatchBar
+
+    with BatchBar(3) as bar:
+        bar({"total": 3, "done": 1, "skipped": 0, "failed": 1, "remaining": 1})
+        task = bar._progress.tasks[0]
+        assert task.completed == 2 and task.fields["counts"] == "done 1, already done 0, failed 1, remaining 1"
