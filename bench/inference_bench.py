@@ -29,6 +29,10 @@ of the fold-mean probability, voxels thresholded differently outside the +-1e-3 
 against ONNX parity of every fold is the install's, recorded in model.json and printed. ``--rounds`` runs the backends in turn that many times and keeps
 each one's best warm scan, so a machine shared with other work slows both sides alike. Never
 asserts timings.
+
+Every child process starts as the ``shivacmb`` command does (``release_freed_memory``: glibc serves
+allocations over 1 MiB by mmap, so freed volumes leave the process); the TF rows run under the same
+setting, so that both sides are measured alike.
 """
 
 from __future__ import annotations
@@ -333,6 +337,9 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        from SHIVACMBLib.cli import release_freed_memory
+
+        release_freed_memory()  # as the `shivacmb` command starts; every row, TF included, runs so
         print(json.dumps(child(Path(args.child[0]), args.child[1], args.repeat, args.check)))
         return
     started = time.perf_counter()

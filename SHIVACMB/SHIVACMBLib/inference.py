@@ -108,6 +108,12 @@ def create_session(model: Union[str, bytes], providers: Sequence[str], threads: 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False  # give each fold's working memory back: folds run one after another
+    if providers[0] == CPU:
+        # The memory pattern (one block per run, laid out once) stays, but without the planner's
+        # buffer reuse: reuse makes early full-size buffers live until the decoder takes them over,
+        # and the pattern of a SHIVA-sized fold then needs 1.56 GiB instead of the 1.08 GiB its
+        # tensors need at once (docs/performance.md). Same kernels, same numbers; GPUs unmeasured.
+        options.enable_mem_reuse = False
     tuned = [(p, provider_options(p, precision)) for p in providers]
     return ort.InferenceSession(model, sess_options=options, providers=tuned)
 

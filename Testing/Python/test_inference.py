@@ -237,6 +237,26 @@ def test_threads_follow_the_available_cores(tmp_path):
     assert runner.summary()["provider"] == CPU
 
 
+def test_cpu_sessions_plan_memory_without_buffer_reuse(tmp_path, volume, monkeypatch):
+    """The planner's buffer reuse made a SHIVA-sized fold's memory pattern 1.56 GiB instead of the
+    1.08 GiB its tensors need at once (docs/performance.md): CPU sessions keep the pattern, no reuse,
+    no arena, and compute exactly what onnxruntime's defaults compute."""
+    model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE))
+    options = inference.create_session(str(model.folds[0].path), [CPU], 1).get_session_options()
+    assert options.enable_mem_reuse is False
+    assert options.enable_mem_pattern is True and options.enable_cpu_mem_arena is False
+    runner = FoldEnsemble(model, "cpu")
+    assert all(s.get_session_options().enable_mem_reuse is False for s in runner.sessions)
+    feed = inference.model_layout(volume, model.layout)
+    default = ort.InferenceSession(str(model.folds[0].path), providers=[CPU]).run(None, {"image": feed})[0]
+    assert np.array_equal(runner.raw_outputs(feed)[0], default)
+
+    seen = []  # GPU sessions (not measured) keep onnxruntime's default planning
+    monkeypatch.setattr(ort, "InferenceSession", lambda model, sess_options, providers: seen.append(sess_options))
+    inference.create_session("fold.onnx", [CUDA, CPU], 1)
+    assert seen[0].enable_mem_reuse is True
+
+
 def test_provider_failure_reason_from_onnxruntime_gpu_output():
     """What onnxruntime-gpu 1.31 printed on this machine (no CUDA libraries), colours included."""
     printed = (
