@@ -9,7 +9,8 @@ same scans in the same run, each in a fresh output folder:
   scan: imports, model sessions, the scan);
 - ``batch-wN``: ``shivacmb batch scans --out DIR --workers N`` for each N of ``--workers`` (a local
   dask cluster; its start is counted);
-- ``batch-default``: ``shivacmb batch`` with the worker count it picks for this machine.
+- ``batch-default``: ``shivacmb batch`` with the worker count it picks for this machine (left out when
+  that count is one of ``--workers``).
 
 Prints wall time, scans per hour and the ratio to the loop, and checks that every mode found the
 same CMBs (count per scan). ``--rounds`` runs the modes in turn that many times and keeps each one's
@@ -47,6 +48,7 @@ def run_mode(mode: str, scans: Path, model: Optional[str]) -> Dict[str, object]:
     """One mode from a fresh output folder: wall seconds and CMB count per scan."""
     out = OUT / "results" / mode
     shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     extra = ["--model", model] if model else []
     started = time.perf_counter()
     if mode == "loop":
@@ -54,9 +56,13 @@ def run_mode(mode: str, scans: Path, model: Optional[str]) -> Dict[str, object]:
             subprocess.run(SHIVACMB + ["segment", str(scan), "--out", str(out), "--progress", "none"] + extra,
                            check=True, capture_output=True)
     else:
+        listing = out.parent / "scans.csv"  # the scans only (the phantoms' folder also holds their truth maps)
+        listing.write_text("scan_id,image\n" + "".join(f"{p.name[:-7]},{p}\n" for p in sorted(scans.glob("*.nii.gz"))))
         workers = [] if mode == "batch-default" else ["--workers", mode.rsplit("w", 1)[1]]
-        subprocess.run(SHIVACMB + ["batch", str(scans), "--out", str(out), "--progress", "none"] + workers + extra,
-                       check=True, capture_output=True)
+        done = subprocess.run(SHIVACMB + ["batch", str(listing), "--out", str(out), "--progress", "none"] + workers
+                              + extra, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{mode}: {done.stderr.strip() or done.stdout.strip()}")
     seconds = time.perf_counter() - started
     counts = {p.parent.name: len(p.read_text().splitlines()) - 1 for p in sorted(out.glob("*/findings.tsv"))}
     return {"mode": mode, "seconds": seconds, "counts": counts}
@@ -72,7 +78,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     scans = phantoms(args.n, args.seed)
-    modes = ["loop"] + [f"batch-w{w}" for w in args.workers] + ["batch-default"]
+    sys.path.insert(0, str(HERE.parent / "SHIVACMB"))
+    from SHIVACMBLib.batch import default_workers
+    from SHIVACMBLib.inference import available_cores
+
+    default = default_workers(available_cores())  # what `batch` picks here without a GPU
+    modes = ["loop"] + [f"batch-w{w}" for w in args.workers] + ([] if default in args.workers else ["batch-default"])
     best: Dict[str, Dict[str, object]] = {}
     for number in range(args.rounds):
         for mode in modes:
@@ -86,6 +97,7 @@ def main() -> None:
           f"{platform.python_version()}, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"- scans: {args.n} phantoms (seeds {args.seed}..{args.seed + args.n - 1}), model "
           f"{args.model or 'default'}; best of {args.rounds} round(s)\n")
+    print(f"- `shivacmb batch` without --workers runs {default} worker(s) here\n")
     print("| mode | wall s | s per scan | scans per hour | x loop | same CMB counts as loop |")
     print("|---|---:|---:|---:|---:|---|")
     rows: List[Dict[str, object]] = []

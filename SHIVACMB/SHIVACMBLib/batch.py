@@ -406,8 +406,10 @@ def run_batch(cohort: Cohort, out: PathLike, settings: BatchSettings = BatchSett
     started = time.perf_counter()
     with _client(cluster, settings) as (client, threads):
         worker_settings = settings if settings.threads or threads is None else _replace(settings, threads=threads)
-        futures = {client.submit(process, job, str(out), worker_settings, run_id, pure=False,
-                                 key=f"scan-{index}-{run_id}"): job for index, job in enumerate(cohort.jobs)}
+        sizes = [input_bytes(job) for job in cohort.jobs]  # largest scans first: the last ones to finish are short
+        futures = {client.submit(process, job, str(out), worker_settings, run_id, pure=False, priority=size,
+                                 key=f"scan-{index}-{run_id}"): job
+                   for index, (job, size) in enumerate(zip(cohort.jobs, sizes))}
         from distributed import as_completed
 
         with open(out / LOG_NAME, "a", encoding="utf-8") as log:
@@ -424,6 +426,14 @@ def run_batch(cohort: Cohort, out: PathLike, settings: BatchSettings = BatchSett
     result.seconds = time.perf_counter() - started
     result.files = write_cohort_outputs(cohort, out)
     return result
+
+
+def input_bytes(job: Job) -> int:
+    """Size of a scan's files on disk (0 when they cannot be listed: the scan will fail and say why)."""
+    try:
+        return sum(path.stat().st_size for path in source_files(job.image))
+    except (OSError, ShivaError):
+        return 0
 
 
 def _replace(settings: BatchSettings, **changes: Any) -> BatchSettings:
@@ -513,12 +523,13 @@ def local_cluster(cluster: ClusterSettings, device: str) -> Tuple[Any, int]:
 
 
 def default_workers(cores: int, memory_gib: Optional[float] = None) -> int:
-    """CPU workers for this machine: one per two cores, at most one per 4 GiB of memory."""
+    """CPU workers for this machine: one per core (single-threaded networks use the cores best: see
+    docs/performance.md), at most one per 4 GiB of memory."""
     if memory_gib is None:
         import psutil
 
         memory_gib = psutil.virtual_memory().total / 2 ** 30
-    return max(1, min(cores // 2, int(memory_gib // 4)))
+    return max(1, min(cores, int(memory_gib // 4)))
 
 
 def gpu_count() -> int:

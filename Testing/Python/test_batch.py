@@ -137,8 +137,8 @@ def test_bids_names_of_the_outputs():
 def test_worker_plan_one_worker_per_gpu_else_cores_and_memory():
     envs, threads = batch.worker_plan(16, 2)
     assert envs == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}] and threads == 8
-    assert batch.worker_plan(16, 0, memory_gib=64) == ([{}] * 8, 2)
-    assert batch.worker_plan(16, 0, memory_gib=10)[0] == [{}] * 2  # 4 GiB per worker
+    assert batch.worker_plan(16, 0, memory_gib=128) == ([{}] * 16, 1)
+    assert batch.worker_plan(16, 0, memory_gib=10) == ([{}] * 2, 8)  # 4 GiB per worker
     assert batch.worker_plan(2, 0, workers=2, memory_gib=64) == ([{}, {}], 1)
     assert batch.worker_plan(1, 0, memory_gib=1) == ([{}], 1)
 
