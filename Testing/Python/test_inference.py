@@ -73,6 +73,28 @@ def test_provider_plan():
     assert plan == [CUDA, CPU] and "no TensorRT provider" in notes[0]
     with pytest.raises(ValueError):
         provider_plan("tpu", [CPU])
+    openvino = inference.OPENVINO  # onnxruntime-openvino: Intel's CPU kernels before onnxruntime's own
+    assert provider_plan("cpu", [openvino, CPU]) == ([openvino, CPU], [])
+    assert provider_plan("auto", [CUDA, openvino, CPU]) == ([CUDA, openvino, CPU], [])
+    assert provider_plan("cuda", [CUDA, openvino, CPU]) == ([CUDA, CPU], [])
+
+
+def test_openvino_runs_fp32_with_the_session_threads_and_falls_back_to_cpu(tmp_path, volume, monkeypatch):
+    assert inference.provider_options(inference.OPENVINO, "fp16", 3) == {
+        "device_type": "CPU", "precision": "FP32", "num_of_threads": "3"}
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [inference.OPENVINO, CPU])
+    real = inference.create_session
+
+    def create(path, providers, threads, precision="fp32"):
+        if providers[0] == inference.OPENVINO:
+            raise RuntimeError("Exception from src/inference/src/core.cpp: no CPU plugin")
+        return real(path, providers, threads)
+
+    monkeypatch.setattr(inference, "create_session", create)
+    runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE)), "cpu")
+    assert runner.requested == [inference.OPENVINO, CPU] and runner.provider == CPU
+    assert any("no CPU plugin" in w and "running on CPU" in w for w in runner.warnings)
+    assert runner.predict(volume)[0][10, 14, 12] > 0.9
 
 
 def pretend_gpu(monkeypatch):
