@@ -31,7 +31,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -39,10 +39,11 @@ from . import __version__
 from .errors import InputError, ShivaError, one_line
 from .files import atomic_write_text, checksum, clean_stale_siblings
 from .findings import COLUMNS as FINDING_COLUMNS
-from .findings import read_tsv
-from .location import AREAS, SIDES, UNKNOWN, boston_distribution
+from .findings import Finding, read_tsv, to_text_rows
+from .location import AREAS, SIDES, UNKNOWN, count_locations
 from .models import ModelDescriptor, load_model
 from .pipeline import FINDINGS_NAME, LABELS_NAME, PROBABILITY_NAME, REPORT_NAME, RUN_NAME, SegmentOptions, segment
+from .review import tsv_text
 from .scan import find_scans, scan_id_from_path, source_files
 
 PathLike = Union[str, Path]
@@ -396,7 +397,7 @@ def run_batch(cohort: Cohort, out: PathLike, settings: BatchSettings = BatchSett
     out = Path(out).absolute()
     model = load_model(settings.model)  # verified once here: a broken model stops the batch before it starts
     if settings.model and Path(settings.model).is_dir():
-        settings = _replace(settings, model=str(Path(settings.model).absolute()))
+        settings = replace(settings, model=str(Path(settings.model).absolute()))
     out.mkdir(parents=True, exist_ok=True)
     if cohort.bids:
         _write_dataset_description(out, cohort.source, model)
@@ -405,7 +406,7 @@ def run_batch(cohort: Cohort, out: PathLike, settings: BatchSettings = BatchSett
     result = BatchResult(total=len(cohort.jobs))
     started = time.perf_counter()
     with _client(cluster, settings) as (client, threads):
-        worker_settings = settings if settings.threads or threads is None else _replace(settings, threads=threads)
+        worker_settings = settings if settings.threads or threads is None else replace(settings, threads=threads)
         sizes = [input_bytes(job) for job in cohort.jobs]  # largest scans first: the last ones to finish are short
         futures = {client.submit(process, job, str(out), worker_settings, run_id, pure=False, priority=size,
                                  key=f"scan-{index}-{run_id}"): job
@@ -434,10 +435,6 @@ def input_bytes(job: Job) -> int:
         return sum(path.stat().st_size for path in source_files(job.image))
     except (OSError, ShivaError):
         return 0
-
-
-def _replace(settings: BatchSettings, **changes: Any) -> BatchSettings:
-    return BatchSettings(**{**asdict(settings), **changes})
 
 
 def _outcome(future: Any, job: Job, out: Path, run_id: str) -> Dict[str, Any]:
@@ -563,25 +560,20 @@ def summary_rows(cohort: Cohort, out: Path) -> Tuple[List[Dict[str, str]], List[
         findings = read_tsv(job.output(out, FINDINGS_NAME))
         row.update(_scan_row(job, run, findings))
         rows.append(row)
-        findings_rows += [{"scan_id": job.scan_id, **{k: str(v) for k, v in asdict(f).items()}} for f in findings]
+        findings_rows += [{"scan_id": job.scan_id, **row} for row in to_text_rows(findings)]
     return rows, findings_rows
 
 
-def _scan_row(job: Job, run: Dict[str, Any], findings: Sequence[Any]) -> Dict[str, str]:
+def _scan_row(job: Job, run: Dict[str, Any], findings: Sequence[Finding]) -> Dict[str, str]:
+    counts = count_locations(findings)  # CMBs not rejected
+    table = counts["by_area_side"]
     kept = [f for f in findings if f.status != "rejected"]
-    counts = {name: 0 for name in AREA_COLUMNS}
-    unknown = 0
-    for f in kept:
-        key = f"{f.mars_area}_{f.side}"
-        if key in counts:
-            counts[key] += 1
-        else:
-            unknown += 1
     timings = run.get("timings_s", {})
     files = run.get("results", {}).get("files", [])
-    return {"status": "done", "cmb_count": str(len(kept)), **{k: str(v) for k, v in counts.items()},
-            "location_unknown": str(unknown), "boston": str(boston_distribution(kept)) if run.get("location", {}).get(
-                "source") not in (None, "not computed") else "",
+    located = run.get("location", {}).get("source") not in (None, "not computed")
+    return {"status": "done", "cmb_count": str(len(kept)),
+            **{f"{area}_{side}": str(table[area][side]) for area in AREAS for side in SIDES},
+            "location_unknown": str(table[UNKNOWN]["count"]), "boston": str(counts["boston"]) if located else "",
             "total_volume_mm3": f"{sum(f.volume_mm3 for f in kept):.2f}",
             "seconds_total": f"{timings.get('total', 0):.2f}", "seconds_inference": f"{timings.get('inference', 0):.2f}",
             "provider": run.get("inference", {}).get("provider", ""), "model": run.get("model", {}).get("name", ""),
@@ -597,18 +589,12 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
-def _tsv(rows: Sequence[Dict[str, str]], columns: Sequence[str]) -> str:
-    lines = ["\t".join(columns)]
-    lines += ["\t".join(" ".join(str(row.get(c, "")).split()) for c in columns) for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_cohort_outputs(cohort: Cohort, out: Path) -> List[Path]:
     """cohort_summary.tsv, cohort_findings.tsv and report.html from the scans' outputs on disk."""
     from .cohortreport import write_cohort_report
 
     rows, findings_rows = summary_rows(cohort, out)
-    atomic_write_text(out / SUMMARY_NAME, _tsv(rows, SUMMARY_COLUMNS))
-    atomic_write_text(out / FINDINGS_TABLE, _tsv(findings_rows, ("scan_id",) + FINDING_COLUMNS))
+    atomic_write_text(out / SUMMARY_NAME, tsv_text(rows, SUMMARY_COLUMNS))
+    atomic_write_text(out / FINDINGS_TABLE, tsv_text(findings_rows, ("scan_id",) + FINDING_COLUMNS))
     write_cohort_report(out / COHORT_REPORT, rows, findings_rows)
     return [out / SUMMARY_NAME, out / FINDINGS_TABLE, out / COHORT_REPORT]

@@ -82,11 +82,13 @@ def _parse(name: str, text: str) -> Any:
     return text
 
 
+def to_text_rows(findings: Iterable[Finding]) -> List[Dict[str, str]]:
+    """Findings as the cells findings.tsv holds (fixed decimals, ``n/a`` for unknown values)."""
+    return [{c: _format(c, value) for c, value in asdict(f).items()} for f in findings]
+
+
 def to_tsv(findings: Iterable[Finding]) -> str:
-    lines = ["\t".join(COLUMNS)]
-    for f in findings:
-        row = asdict(f)
-        lines.append("\t".join(_format(c, row[c]) for c in COLUMNS))
+    lines = ["\t".join(COLUMNS)] + ["\t".join(row[c] for c in COLUMNS) for row in to_text_rows(findings)]
     return "\n".join(lines) + "\n"
 
 

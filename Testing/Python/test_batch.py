@@ -168,7 +168,10 @@ def test_batch_on_two_workers_runs_every_scan_records_the_corrupt_one_and_resume
     assert rows["broken"]["status"] == "failed" and "cannot read image" in rows["broken"]["error"]
     assert rows["scan3"]["status"] == "done" and rows["scan3"]["cmb_count"] == "6"
     assert rows["scan3"]["report"] == "scan3/report.html"
-    assert len((out / batch.FINDINGS_TABLE).read_text().splitlines()) == 1 + 36
+    cohort_findings = (out / batch.FINDINGS_TABLE).read_text().splitlines()
+    assert len(cohort_findings) == 1 + 36
+    scan3 = [line.split("\t", 1)[1] for line in cohort_findings if line.startswith("scan3\t")]
+    assert scan3 == (out / "scan3" / "findings.tsv").read_text().splitlines()[1:]  # the same cells as findings.tsv
     before = _results(out, scan_ids)
 
     again = run_batch(cohort, out, settings, ClusterSettings(workers=1))
