@@ -1,6 +1,7 @@
 """Accuracy of a model on a fresh held-out phantom set, by both matching rules, with mimic rates.
 
-    python bench/accuracy_bench.py [--n 40] [--seed 900000] [--model NAME|DIR] [--out bench/out/accuracy]
+    python bench/accuracy_bench.py [--n 40] [--seed 900000] [--model NAME|DIR] [--precision P]
+                                   [--out bench/out/accuracy]
 
 The phantoms (seeds SEED..SEED+N-1, never used in training: training used 1-190, validation 800000-800039) mix SWI and
 T2*-GRE, isotropic 0.5-1 mm and anisotropic up to 1x1x3 mm, axial/coronal/sagittal and oblique
@@ -8,6 +9,8 @@ grids, and hold 0-30 CMBs each plus veins, calcifications, iron, air-bone artefa
 voids. Phantoms are cached (a rerun reuses them); segmentations are redone every run. Prints
 per-rule pooled metrics beside the issue's targets and the SHIVA-CMB paper's figures on real scans
 (phantoms are far easier: the comparison is context, not a claim), and writes metrics.json.
+``--precision bf16`` (with the `openvino` extra) or ``fp16`` (NVIDIA GPU) measures what a reduced
+precision does to the detections; its results and metrics get their own names.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SHIVACMB"))
 
 from SHIVACMBLib.cli import release_freed_memory  # noqa: E402
 from SHIVACMBLib.evaluate import evaluate_folders  # noqa: E402
-from SHIVACMBLib.inference import get_ensemble  # noqa: E402
+from SHIVACMBLib.inference import PRECISIONS, get_ensemble  # noqa: E402
 from SHIVACMBLib.models import load_model  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
 from SHIVACMBLib.synthetic import generate  # noqa: E402
@@ -37,6 +40,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--seed", type=int, default=900000)
     parser.add_argument("--model", help="model name or folder (default: the embedded default model)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "accuracy")
     args = parser.parse_args()
     release_freed_memory()
@@ -48,25 +52,29 @@ def main() -> int:
     print(f"\rphantoms: {args.n} in {phantoms} ({time.perf_counter() - started:.0f} s)")
 
     model = load_model(args.model)
-    ensemble = get_ensemble(model, "auto")
-    results = args.out / f"results-{model.name}"
+    ensemble = get_ensemble(model, "auto", precision=args.precision)
+    for note in ensemble.warnings:
+        print(f"warning: {note}")
+    tag = model.name + ("" if args.precision == "fp32" else f"-{args.precision}")
+    results = args.out / f"results-{tag}"
     seconds = []
     for number, info in enumerate(index, start=1):
         scan = phantoms / f"{info['scan_id']}.nii.gz"
         tic = time.perf_counter()
-        options = SegmentOptions(model=str(model.path), report=False, location=False)  # location changes no detection
+        options = SegmentOptions(model=str(model.path), precision=args.precision, report=False, location=False)  # location changes no detection
         segment(scan, results, options, model=model, ensemble=ensemble)
         seconds.append(time.perf_counter() - tic)
         print(f"\rsegmented {number}/{len(index)}", end="", flush=True)
     print(f"\rsegmented {len(index)} scans, {sum(seconds) / len(seconds):.1f} s per scan on "
-          f"{ensemble.provider}")
+          f"{ensemble.provider} {ensemble.running_precision}")
 
     metrics = evaluate_folders(results, phantoms)
     metrics["model"] = model.summary()
     metrics["phantoms"] = {"n": args.n, "seed": args.seed, "cmbs": sum(int(i["n_cmb"]) for i in index),
                            "modalities": sorted({str(i["modality"]) for i in index})}
     metrics["seconds_per_scan"] = round(sum(seconds) / len(seconds), 2)
-    (args.out / f"metrics-{model.name}.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    metrics["inference"] = ensemble.summary()
+    (args.out / f"metrics-{tag}.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     print(f"\nmodel {model.name} {model.version}; {args.n} phantoms, {metrics['phantoms']['cmbs']} CMBs "
           f"(seeds {args.seed}-{args.seed + args.n - 1})")

@@ -11,12 +11,13 @@ in its own fresh process on the same normalised phantom box:
 
 - ``tf-cpu`` / ``tf-gpu``: each fold loaded with Keras (``compile=False``) and run by
   ``model.predict`` (batch of one), the mean of the folds: what the SHiVAi pipeline runs;
-- ``ort-cpu``, and with onnxruntime-gpu ``ort-cuda``, ``ort-cuda-fp16``, ``ort-tensorrt``:
-  :class:`FoldEnsemble` as ``shivacmb segment`` uses it;
+- ``ort-cpu`` (onnxruntime's own CPU kernels), with onnxruntime-openvino ``ort-openvino`` and
+  ``ort-openvino-bf16`` (Intel's kernels, fp32 and bfloat16), with onnxruntime-gpu ``ort-cuda``,
+  ``ort-cuda-fp16``, ``ort-tensorrt``: :class:`FoldEnsemble` as ``shivacmb segment`` uses it;
 - ``ort-cpu-int8``, ``ort-cpu-fp16`` (asked for by name): candidate CPU precisions, each fold
   quantized by onnxruntime's dynamic int8 quantization or narrowed to fp16, with the ensemble rule
   of ``segment``; `segment` offers neither (see docs/performance.md);
-- ``segment-cpu`` / ``segment-gpu``: the whole ``segment`` of a 1 mm phantom scan (read, mask,
+- ``segment-cpu`` / ``segment-cpu-bf16`` / ``segment-gpu``: the whole ``segment`` of a 1 mm phantom scan (read, mask,
   preprocess, network, postprocess, location, write) with the installed model, sessions kept.
 
 Per backend: the first scan (model loading, session start, engine build included), the best of
@@ -25,7 +26,8 @@ backend's own part of it (that peak less the resident memory when the input was 
 model, working memory), the rise of GPU memory for GPU runs, and the ratios to TF in the same run
 (time: TF's warm scan over the backend's; memory: the backend's own peak over TF's). ONNX rows
 other than ``ort-cpu`` are compared with ONNX CPU fp32 in the first round (largest difference
-of the fold-mean probability, voxels thresholded differently outside the +-1e-3 band); the TF
+of the fold-mean probability, voxels thresholded differently outside the +-1e-3 band, +-1e-2 for
+reduced precisions, whose components above threshold are paired with fp32's too); the TF
 against ONNX parity of every fold is the install's, recorded in model.json and printed. ``--rounds`` runs the backends in turn that many times and keeps
 each one's best warm scan, so a machine shared with other work slows both sides alike. Never
 asserts timings.
@@ -54,10 +56,13 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
 sys.path.insert(0, str(REPO / "SHIVACMB"))
 OUT = HERE / "out" / "inference"
-ORT = {"ort-cpu": ("cpu", "fp32"), "ort-cuda": ("cuda", "fp32"), "ort-cuda-fp16": ("cuda", "fp16"),
-       "ort-tensorrt": ("tensorrt", "fp32")}
+ORT = {"ort-cpu": ("cpu", "fp32", ["CPUExecutionProvider"]),  # device, precision, providers (None: the device's plan)
+       "ort-openvino": ("cpu", "fp32", ["OpenVINOExecutionProvider", "CPUExecutionProvider"]),
+       "ort-openvino-bf16": ("cpu", "bf16", ["OpenVINOExecutionProvider", "CPUExecutionProvider"]),
+       "ort-cuda": ("cuda", "fp32", None), "ort-cuda-fp16": ("cuda", "fp16", None),
+       "ort-tensorrt": ("tensorrt", "fp32", None)}
 CPU_CANDIDATES = ("ort-cpu-int8", "ort-cpu-fp16")  # measured to decide, not offered by `segment`
-SEGMENT = {"segment-cpu": "cpu", "segment-gpu": "auto"}
+SEGMENT = {"segment-cpu": ("cpu", "fp32"), "segment-cpu-bf16": ("cpu", "bf16"), "segment-gpu": ("auto", "fp32")}
 PHANTOM_SEED = 424243  # a 1 mm SWI phantom for the `segment` rows
 
 
@@ -105,7 +110,7 @@ def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
     elif backend in CPU_CANDIDATES:
         run, provider = _cpu_candidate(model, volume, backend.rsplit("-", 1)[1])
     else:
-        run, provider = _segment(model, SEGMENT[backend])
+        run, provider = _segment(model, *SEGMENT[backend])
     times = []
     for _ in range(repeat + 1):
         started = time.perf_counter()
@@ -117,11 +122,16 @@ def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
     if backend in SEGMENT:
         row["stages_s"] = result.run["timings_s"]  # of the last warm scan
     elif check and result is not None and backend != "ort-cpu":
-        from SHIVACMBLib.inference import FoldEnsemble
-        from SHIVACMBLib.parity import FP32_TOLERANCE, compare
+        from SHIVACMBLib.inference import CPU, FoldEnsemble
+        from SHIVACMBLib.parity import FP32_TOLERANCE, REDUCED_TOLERANCE, compare
 
-        parity = compare(FoldEnsemble(model, "cpu").predict(volume)[0], result, model.threshold, FP32_TOLERANCE)
+        reduced = ORT.get(backend, ("", backend.rsplit("-", 1)[1]))[1] != "fp32"
+        reference = FoldEnsemble(model, "cpu", providers=[CPU]).predict(volume)[0]
+        parity = compare(reference, result, model.threshold, REDUCED_TOLERANCE if reduced else FP32_TOLERANCE,
+                         detections=reduced)
         row.update(max_diff_vs_fp32=parity.max_abs_diff, differing_outside_band=parity.differing_outside_band)
+        if parity.detections:
+            row["detections"] = parity.detections.text()
     return row
 
 
@@ -160,7 +170,7 @@ def _keras_predict(model_dir: Path, volume, gpu: bool):
     return run, lambda: f"TensorFlow {tf.__version__} {'GPU' if gpu else 'CPU'}"
 
 
-def _onnxruntime(model, volume, device: str, precision: str):
+def _onnxruntime(model, volume, device: str, precision: str, providers: Optional[List[str]]):
     """One scan through the fold ensemble `segment` uses (sessions opened by the first scan)."""
     from SHIVACMBLib.inference import FoldEnsemble
 
@@ -168,7 +178,7 @@ def _onnxruntime(model, volume, device: str, precision: str):
 
     def run():
         if not ensemble:
-            ensemble.append(FoldEnsemble(model, device, precision=precision))
+            ensemble.append(FoldEnsemble(model, device, precision=precision, providers=providers))
         return ensemble[0].predict(volume)[0]
 
     return run, lambda: f"{ensemble[0].provider} {ensemble[0].running_precision}"
@@ -196,7 +206,7 @@ def _cpu_candidate(model, volume, precision: str):
 
     def run():
         if not ensemble:
-            cpu = FoldEnsemble(model, "cpu")
+            cpu = FoldEnsemble(model, "cpu", providers=[CPU])
             cpu.sessions = [create_session(narrowed(fold.path), [CPU], cpu.threads) for fold in model.folds]
             ensemble.append(cpu)
         return ensemble[0].predict(volume)[0]
@@ -204,7 +214,7 @@ def _cpu_candidate(model, volume, precision: str):
     return run, lambda: f"{CPU} {precision}"
 
 
-def _segment(model, device: str):
+def _segment(model, device: str, precision: str):
     """The whole `segment` of a 1 mm phantom scan (sessions kept by the process between scans)."""
     from SHIVACMBLib.inference import get_ensemble
     from SHIVACMBLib.pipeline import SegmentOptions, segment
@@ -216,9 +226,13 @@ def _segment(model, device: str):
     out = OUT / "segment-results"
 
     def run():
-        return segment(scan, out, SegmentOptions(device=device), model=model)
+        return segment(scan, out, SegmentOptions(device=device, precision=precision), model=model)
 
-    return run, lambda: "segment on " + get_ensemble(model, device).provider
+    def provider() -> str:
+        ensemble = get_ensemble(model, device, precision=precision)
+        return f"segment on {ensemble.provider} {ensemble.running_precision}"
+
+    return run, provider
 
 
 class GpuPeak:
@@ -255,17 +269,23 @@ def backends() -> List[str]:
 
     providers = onnxruntime.get_available_providers()
     found = ["tf-cpu", "ort-cpu"]
+    if "OpenVINOExecutionProvider" in providers:
+        found += ["ort-openvino", "ort-openvino-bf16"]
     if "CUDAExecutionProvider" in providers:
         found += ["tf-gpu", "ort-cuda", "ort-cuda-fp16"]
     if "TensorrtExecutionProvider" in providers:
         found.append("ort-tensorrt")
-    return found + ["segment-cpu"] + (["segment-gpu"] if "CUDAExecutionProvider" in providers else [])
+    found.append("segment-cpu")
+    if "OpenVINOExecutionProvider" in providers:
+        found.append("segment-cpu-bf16")
+    return found + (["segment-gpu"] if "CUDAExecutionProvider" in providers else [])
 
 
 def machine() -> Dict[str, str]:
     """Date, device and versions for the table's header."""
     versions = {}
-    for name in ("tensorflow", "keras", "tf2onnx", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy"):
+    for name in ("tensorflow", "keras", "tf2onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnx",
+                 "numpy"):
         try:
             from importlib.metadata import version
 
@@ -315,6 +335,8 @@ def table(rows: List[dict], say: Callable[[str], None] = print) -> None:
         memory = f"{r['own_mib'] / by['tf-cpu']['own_mib']:.2f}" if "tf-cpu" in by else "-"
         differs = (f"{r['max_diff_vs_fp32']:.1e} ({r['differing_outside_band']} vx)" if "max_diff_vs_fp32" in r
                    else "-")
+        if "detections" in r:
+            differs += f"; {r['detections']}"
         say(f"| {r['backend']} | {r['provider']} | {r['first_s']:.2f} | {r['warm_s']:.2f} | {speed['tf-cpu']} | "
             f"{speed['tf-gpu']} | {r['peak_rss_mib']:.0f} | {r['own_mib']:.0f} | {memory} | {r['gpu_mib']:.0f} | "
             f"{differs} |")
@@ -329,9 +351,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="warm scans after the first")
     parser.add_argument("--rounds", type=int, default=2, help="times every backend runs, in turn; best kept")
     parser.add_argument("--backends", nargs="+", metavar="B",
-                        help="subset to run (default: all this machine can: tf-cpu ort-cpu [tf-gpu ort-cuda "
-                             "ort-cuda-fp16 ort-tensorrt] segment-cpu [segment-gpu]; by name only: ort-cpu-int8 "
-                             "ort-cpu-fp16)")
+                        help="subset to run (default: all this machine can: tf-cpu ort-cpu [ort-openvino "
+                             "ort-openvino-bf16] [tf-gpu ort-cuda ort-cuda-fp16 ort-tensorrt] segment-cpu "
+                             "[segment-gpu]; by name only: ort-cpu-int8 ort-cpu-fp16)")
     parser.add_argument("--json", type=Path, help="also write the machine and the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)

@@ -64,8 +64,9 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
                         help="where the network runs; a GPU that fails falls back to CPU; tensorrt builds engines "
                              "once (minutes) and caches them (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16: run the folds in half precision on NVIDIA GPUs (check it first with `shivacmb "
-                             "models verify --precision fp16`); CPUs always run fp32 (default: %(default)s)")
+                        help="fp16: half precision on NVIDIA GPUs; bf16: bfloat16 on CPUs through OpenVINO (extra "
+                             "`openvino`; AMX or AVX-512 BF16 CPUs); check either first with `shivacmb models "
+                             "verify --precision P`; elsewhere fp32 runs (default: %(default)s)")
     parser.add_argument("--threshold", type=_probability, metavar="T",
                         help="probability threshold, 0-1 (default: the model's own, usually 0.5)")
     parser.add_argument("--min-volume", type=_volume, default=0.0, metavar="MM3",
@@ -186,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run each converted fold and its TF original on a phantom scan and compare "
                              "(needs the `convert` extra)")
     verify.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16: also compare fp16 inference on --device with fp32 (default: %(default)s)")
-    verify.add_argument("--device", choices=DEVICES, default="auto", help="device of the fp16 check (default: %(default)s)")
+                        help="fp16/bf16: also run that precision on --device and compare with fp32: the same "
+                             "detections, probability differences reported (default: %(default)s)")
+    verify.add_argument("--device", choices=DEVICES, default="auto",
+                        help="device of the precision check (default: %(default)s)")
     verify.add_argument("--scan", metavar="FILE", type=Path, help="scan for the checks (default: a phantom SWI scan)")
     verify.set_defaults(handler=_models_verify)
     install = actions.add_parser(
@@ -538,13 +541,13 @@ def _models_verify(args: argparse.Namespace) -> int:
 
 
 def _models_verify_numbers(args: argparse.Namespace, model: Any) -> int:
-    """The --parity and --precision fp16 checks of one model; the number of failed checks."""
+    """The --parity and --precision checks of one model; the number of failed checks."""
     from .official import precision_parity, verify_parity
 
     say = lambda line: print(f"        {line}")  # noqa: E731
     results = verify_parity(model, args.scan, say) if args.parity else []
-    if args.precision == "fp16":
-        results.append(precision_parity(model, args.device, args.scan, say))
+    if args.precision != "fp32":
+        results.append(precision_parity(model, args.device, args.precision, args.scan, say))
     return sum(not r.passed for r in results)
 
 

@@ -55,6 +55,7 @@ from scipy.optimize import linear_sum_assignment
 from .errors import InputError
 from .findings import Finding, read_findings
 from .geometry import Geometry, resample
+from .postprocess import CONNECT_26
 from .scan import read_label_image, scan_id_from_path
 
 RULES = ("overlap", "centroid5mm")
@@ -62,7 +63,6 @@ MATCH_DISTANCE_MM = 5.0
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABELS_STEM = "cmb_labels"
 FINDINGS_NAME = "findings.tsv"
-_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 _CONNECTIVITY_6 = ndimage.generate_binary_structure(3, 1)
 
 PathLike = Union[str, Path]
@@ -153,7 +153,7 @@ def _instances(pred: Union[sitk.Image, List[Finding]]) -> Instances:
     labels = _label_array(pred)
     present = np.unique(labels[labels > 0])
     if np.array_equal(present, [1]):
-        labels = ndimage.label(labels > 0, structure=_CONNECTIVITY_26)[0]
+        labels = ndimage.label(labels > 0, structure=CONNECT_26)[0]
     else:  # renumber 1..n so ids are dense
         dense = np.zeros(labels.shape, dtype=np.int32)
         inside = labels > 0

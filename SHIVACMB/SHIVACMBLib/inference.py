@@ -10,13 +10,17 @@ error), is dropped for CPU with a warning; the provider that really ran is repor
 
 On CUDA/TensorRT the input is copied to the GPU once and every fold reads it there (IO binding);
 cuDNN picks its fastest convolution algorithms once per session (exhaustive search). With
-``precision="fp16"`` GPU sessions run an fp16 copy of each fold (fp32 inputs and outputs); on
-CPU fp16 is no faster than fp32 and dynamic int8 is slower and off by 5e-3 (measured:
-docs/performance.md), so CPUs run fp32. CPU sessions use every available core.
+``precision="fp16"`` GPU sessions run an fp16 copy of each fold (fp32 inputs and outputs). With
+``precision="bf16"`` OpenVINO runs the folds in bfloat16 on CPUs that have it (AMX or AVX-512
+BF16: three times its fp32 speed on a Sapphire Rapids Xeon); onnxruntime's own CPU kernels have
+no faster precision (fp16 no faster, dynamic int8 slower and off by 5e-3: docs/performance.md),
+so they run fp32. Reduced precisions are checked against fp32 by ``shivacmb models verify
+--precision``. CPU sessions use every available core.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -38,7 +42,7 @@ TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (CUDA, "CoreMLExecutionProvider", "DmlExecutionProvider")
 NVIDIA_PROVIDERS = (TENSORRT, CUDA)  # where IO binding keeps the input on the GPU
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 ProgressFn = Callable[[float, str], None]
 
@@ -89,10 +93,23 @@ def trt_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("shivacmb", appauthor=False)) / "tensorrt"
 
 
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes in bfloat16 (AMX or AVX-512 BF16); True where the OS does not say (Linux does)."""
+    try:
+        info = cpuinfo.read_text(encoding="utf-8")
+    except OSError:
+        return True  # OpenVINO falls back to fp32 by itself where bf16 is missing
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
 def provider_options(provider: str, precision: str = "fp32", threads: int = 1) -> Dict[str, Any]:
     """Tuning of each execution provider (the cuDNN search runs once per session)."""
-    if provider == OPENVINO:  # fp32 asked for: on CPUs with AMX OpenVINO would otherwise choose bf16
-        return {"device_type": "CPU", "precision": "FP32", "num_of_threads": str(threads)}
+    if provider == OPENVINO:
+        options = {"device_type": "CPU", "num_of_threads": str(threads)}
+        if precision == "bf16":
+            return options | {"load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})}
+        return options | {"precision": "FP32"}  # on CPUs with AMX OpenVINO would otherwise choose bf16
     if provider == CUDA:
         return {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1",
                 "do_copy_in_default_stream": "1", "arena_extend_strategy": "kSameAsRequested"}
@@ -164,7 +181,8 @@ class FoldEnsemble:
     """All folds of a model as onnxruntime sessions, with the ensemble rule of the descriptor."""
 
     def __init__(self, model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", providers: Optional[Sequence[str]] = None):
+        """``providers`` replaces the device's plan (tried in order, e.g. ``[CPU]`` for onnxruntime's own kernels)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
         verify_model(model)
@@ -175,7 +193,7 @@ class FoldEnsemble:
         self.warnings: List[str] = []
         ort = onnxruntime_module()
         self.onnxruntime_version = ort.__version__
-        plan, notes = provider_plan(device, ort.get_available_providers())
+        plan, notes = (list(providers), []) if providers else provider_plan(device, ort.get_available_providers())
         self.requested = plan
         self.warnings += notes
         self.sessions = self._open(plan)
@@ -188,8 +206,12 @@ class FoldEnsemble:
 
     @property
     def running_precision(self) -> str:
-        """fp16 only where it was asked for and a GPU provider runs."""
-        return self.precision if self.provider in NVIDIA_PROVIDERS else "fp32"
+        """fp16 where asked for and an NVIDIA provider runs, bf16 where asked for and OpenVINO can; else fp32."""
+        if self.precision == "fp16" and self.provider in NVIDIA_PROVIDERS:
+            return "fp16"
+        if self.precision == "bf16" and self.provider == OPENVINO and cpu_has_bf16():
+            return "bf16"
+        return "fp32"
 
     def summary(self) -> Dict[str, Any]:
         return {"onnxruntime": self.onnxruntime_version, "device": self.device, "requested": self.requested,
@@ -198,8 +220,8 @@ class FoldEnsemble:
 
     # --- sessions -------------------------------------------------------------------
     def _open(self, providers: List[str]) -> List[Any]:
-        note = f"--precision fp16 is for NVIDIA GPUs; {providers[0]} runs fp32"
-        if self.precision == "fp16" and providers[0] not in NVIDIA_PROVIDERS and note not in self.warnings:
+        note = _precision_note(self.precision, providers[0])
+        if note and note not in self.warnings:
             self.warnings.append(note)
         sessions = []
         for fold in self.model.folds:
@@ -316,6 +338,18 @@ class FoldEnsemble:
         binding.bind_output(session.get_outputs()[0].name, feed.device_name())
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
+
+
+def _precision_note(precision: str, provider: str) -> Optional[str]:
+    """Why ``provider`` will not run the reduced ``precision`` asked for (None when it will)."""
+    if precision == "fp16" and provider not in NVIDIA_PROVIDERS:
+        return f"--precision fp16 is for NVIDIA GPUs; {provider} runs fp32"
+    if precision == "bf16" and provider != OPENVINO:
+        return (f"--precision bf16 runs on CPUs through OpenVINO (pip install 'shivacmb[openvino]'); "
+                f"{provider} runs fp32")
+    if precision == "bf16" and not cpu_has_bf16():
+        return "--precision bf16: this CPU has no bfloat16 instructions (AMX or AVX-512 BF16); OpenVINO runs fp32"
+    return None
 
 
 def io_binding_device(provider: str) -> Optional[str]:

@@ -25,7 +25,7 @@ from .findings import Finding
 from .geometry import Geometry
 
 OUTSIDE_RATIO = 0.25
-_CONNECT_26 = np.ones((3, 3, 3), dtype=bool)
+CONNECT_26 = np.ones((3, 3, 3), dtype=bool)
 _CROP_MARGIN = 2  # model voxels around a CMB searched for native voxels
 
 
@@ -69,7 +69,7 @@ def find_components(
 ) -> Components:
     """Steps 1-3 of the module docstring."""
     binary = mean > threshold
-    labels, n = ndimage.label(binary, structure=_CONNECT_26)
+    labels, n = ndimage.label(binary, structure=CONNECT_26)
     probability = mean * inside
     dropped = {"outside_brain": 0, "outside_scan": 0, "too_small": 0, "too_large": 0}
     if n == 0:

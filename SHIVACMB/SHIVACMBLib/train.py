@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from .files import atomic_path
 from .geometry import resample
 from .models import Normalization
+from .postprocess import CONNECT_26
 from .preprocess import compute_brain_mask, prepare_input
 from .scan import read_scan
 from .synthetic import MIMIC_CLASSES, read_objects, truth_paths
@@ -191,7 +192,7 @@ def lesion_voxels(mask: np.ndarray) -> List[np.ndarray]:
     """The voxel indices of each 26-connected component of ``mask``, one array per component."""
     from scipy import ndimage
 
-    labels, _ = ndimage.label(mask, np.ones((3, 3, 3), dtype=bool))
+    labels, _ = ndimage.label(mask, CONNECT_26)
     where = np.argwhere(labels)
     if not len(where):
         return []
@@ -538,18 +539,17 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
     thresholds = sorted(thresholds)
     counts = {(c, t): {"tp": 0, "fn": 0, "fp": 0, "mimics": {m: [0, 0] for m in MIMIC_CLASSES}}
               for c in subsets for t in thresholds}
-    connect = np.ones((3, 3, 3), dtype=bool)
     files = sorted(Path(cache).glob("*.npz"))
     for path in files:
         data = np.load(path)
         x = data["volume"].astype(np.float32)[None, None]
         probabilities = [s.run(None, {s.get_inputs()[0].name: x})[0][0, 0] for s in sessions]
-        truth, n_truth = ndimage.label(data["cmb"] > 0, connect)
-        mimics = {m: ndimage.label(data["mimic"] == code + 1, connect) for code, m in enumerate(MIMIC_CLASSES)}
+        truth, n_truth = ndimage.label(data["cmb"] > 0, CONNECT_26)
+        mimics = {m: ndimage.label(data["mimic"] == code + 1, CONNECT_26) for code, m in enumerate(MIMIC_CLASSES)}
         brain = data["brain"] > 0
         for subset in subsets:
             mean = np.mean([probabilities[i] for i in subset], axis=0)
-            components, n = ndimage.label(mean >= thresholds[0], connect)
+            components, n = ndimage.label(mean >= thresholds[0], CONNECT_26)
             index = np.arange(1, n + 1)
             peak = np.asarray(ndimage.maximum(mean, components, index)).reshape(-1)
             inside = np.asarray(ndimage.mean(brain, components, index)).reshape(-1)

@@ -27,6 +27,13 @@ def volume():
     return v
 
 
+@pytest.fixture
+def own_cpu_kernels(monkeypatch):
+    """onnxruntime's own CPU provider only, as in an environment without onnxruntime-openvino."""
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [p for p in available if p != inference.OPENVINO])
+
+
 def ensemble(tmp_path, **kwargs):
     return FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE, **kwargs)), "cpu")
 
@@ -82,6 +89,9 @@ def test_provider_plan():
 def test_openvino_runs_fp32_with_the_session_threads_and_falls_back_to_cpu(tmp_path, volume, monkeypatch):
     assert inference.provider_options(inference.OPENVINO, "fp16", 3) == {
         "device_type": "CPU", "precision": "FP32", "num_of_threads": "3"}
+    bf16 = inference.provider_options(inference.OPENVINO, "bf16", 2)
+    assert "precision" not in bf16 and bf16["num_of_threads"] == "2"
+    assert json.loads(bf16["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}
     monkeypatch.setattr(ort, "get_available_providers", lambda: [inference.OPENVINO, CPU])
     real = inference.create_session
 
@@ -177,6 +187,76 @@ def test_fp16_on_cpu_runs_fp32_and_says_so(tmp_path, volume):
     assert any("fp16 is for NVIDIA GPUs" in w for w in runner.warnings)
 
 
+def test_bf16_without_openvino_runs_fp32_and_says_so(tmp_path, volume, own_cpu_kernels):
+    runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE)), "cpu", precision="bf16")
+    assert runner.provider == CPU and runner.summary()["precision"] == "fp32"
+    assert any("bf16 runs on CPUs through OpenVINO" in w and "shivacmb[openvino]" in w for w in runner.warnings)
+
+
+class OpenVinoStandIn:
+    """An onnxruntime CPU session that reports OpenVINO, for the bf16 bookkeeping without the real provider."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def get_providers(self):
+        return [inference.OPENVINO, CPU]
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_openvino_is_asked_for_and_reported_where_the_cpu_has_it(tmp_path, volume, monkeypatch, has_bf16):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [inference.OPENVINO, CPU])
+    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: has_bf16)
+    asked = []
+    real = inference.create_session
+
+    def create(path, providers, threads, precision="fp32"):
+        asked.append((providers[0], precision))
+        return OpenVinoStandIn(real(path, [CPU], threads))
+
+    monkeypatch.setattr(inference, "create_session", create)
+    runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE)), "cpu", precision="bf16")
+    assert asked == [(inference.OPENVINO, "bf16")]
+    assert runner.summary()["precision"] == ("bf16" if has_bf16 else "fp32")
+    assert any("no bfloat16 instructions" in w for w in runner.warnings) != has_bf16
+    assert runner.predict(volume)[0][10, 14, 12] > 0.9
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx512f amx_bf16 amx_tile", True), ("fpu avx512_bf16", True),
+                                              ("fpu avx2 avx512f avx512_vnni", False)])
+def test_bf16_support_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n", encoding="utf-8")
+    assert inference.cpu_has_bf16(info) is expected
+    assert inference.cpu_has_bf16(tmp_path / "missing") is True  # not Linux: OpenVINO decides
+
+
+def test_providers_given_replace_the_device_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [inference.OPENVINO, CPU])
+    runner = FoldEnsemble(read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE)), "cpu", providers=[CPU])
+    assert runner.requested == [CPU] and runner.provider == CPU
+
+
+@pytest.mark.openvino
+def test_real_openvino_bf16_keeps_the_detections_of_fp32(tmp_path, volume):
+    if inference.OPENVINO not in ort.get_available_providers():
+        pytest.skip("onnxruntime-openvino is not installed (extra `openvino`)")
+    from SHIVACMBLib.parity import REDUCED_TOLERANCE, compare
+
+    model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE))
+    full = FoldEnsemble(model, "cpu")
+    reduced = FoldEnsemble(model, "cpu", precision="bf16")
+    assert full.provider == reduced.provider == inference.OPENVINO and full.running_precision == "fp32"
+    assert reduced.running_precision == ("bf16" if inference.cpu_has_bf16() else "fp32")
+    own = FoldEnsemble(model, "cpu", providers=[CPU]).predict(volume)[0]
+    assert np.abs(full.predict(volume)[0] - own).max() < 1e-5
+    parity = compare(own, reduced.predict(volume)[0], model.threshold, REDUCED_TOLERANCE, detections=True)
+    assert parity.passed and parity.detections.reference == 2, parity.text()
+
+
 def test_fp16_copy_of_a_fold_computes_what_fp32_computes(tmp_path, volume):
     """The CUDA fp16 copy, run here on CPU: same probabilities within fp16 rounding."""
     model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE))
@@ -188,7 +268,7 @@ def test_fp16_copy_of_a_fold_computes_what_fp32_computes(tmp_path, volume):
     assert np.abs(half - full).max() < 2e-2
 
 
-def test_cpu_failure_is_a_runtime_failure(tmp_path, volume, monkeypatch):
+def test_cpu_failure_is_a_runtime_failure(tmp_path, volume, monkeypatch, own_cpu_kernels):
     real = inference.create_session
 
     def create(path, providers, threads, precision="fp32"):
@@ -253,13 +333,13 @@ def test_sessions_are_created_once_per_model_and_device(tmp_path):
     assert get_ensemble(model, "auto") is not first
 
 
-def test_threads_follow_the_available_cores(tmp_path):
+def test_threads_follow_the_available_cores(tmp_path, own_cpu_kernels):
     runner = ensemble(tmp_path)
     assert runner.threads == inference.available_cores() >= 1
     assert runner.summary()["provider"] == CPU
 
 
-def test_cpu_sessions_plan_memory_without_buffer_reuse(tmp_path, volume, monkeypatch):
+def test_cpu_sessions_plan_memory_without_buffer_reuse(tmp_path, volume, monkeypatch, own_cpu_kernels):
     """The planner's buffer reuse made a SHIVA-sized fold's memory pattern 1.56 GiB instead of the
     1.08 GiB its tensors need at once (docs/performance.md): CPU sessions keep the pattern, no reuse,
     no arena, and compute exactly what onnxruntime's defaults compute."""
