@@ -26,24 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SHIVACMB"))
 sys.path.insert(0, str(ROOT / "Testing" / "Python"))
 
-from atlas_phantoms import make_atlas_phantom  # noqa: E402
-from phantoms import rotation  # noqa: E402
+from atlas_phantoms import make_atlas_phantom, random_grid  # noqa: E402
 from SHIVACMBLib.location import locate  # noqa: E402
 from SHIVACMBLib.preprocess import compute_brain_mask  # noqa: E402
 
-AXES = {"axial": np.eye(3), "sagittal": np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float),
-        "coronal": np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)}
 TARGETS = {"area": 0.95, "side": 1.0, "seconds": 20.0}
-
-
-def random_grid(rng: np.random.Generator):
-    name = str(rng.choice(list(AXES)))
-    direction = AXES[name] @ rotation(rng.normal(size=3), rng.uniform(0, 20))
-    if rng.random() < 0.5:
-        direction = np.diag([-1.0, -1.0, 1.0]) @ direction  # RAS-stored axes
-    in_plane = float(rng.uniform(0.8, 1.2))
-    spacing = (in_plane, in_plane, float(rng.choice([1.0, 1.5, 2.0, 3.0])))
-    return name, spacing, direction
 
 
 def main() -> int:

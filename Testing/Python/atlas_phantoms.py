@@ -35,6 +35,21 @@ class AtlasPhantom:
                     sha256="")
 
 
+AXES = {"axial": np.eye(3), "sagittal": np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float),
+        "coronal": np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)}
+
+
+def random_grid(rng: np.random.Generator) -> Tuple[str, Tuple[float, float, float], np.ndarray]:
+    """A clinical acquisition grid: axial, sagittal or coronal slices tilted by up to 20 degrees, LPS or
+    RAS-stored axes, 0.8-1.2 mm in plane, 1-3 mm slices; its name, spacing and LPS direction."""
+    name = str(rng.choice(list(AXES)))
+    direction = AXES[name] @ rotation(rng.normal(size=3), rng.uniform(0, 20))
+    if rng.random() < 0.5:
+        direction = np.diag([-1.0, -1.0, 1.0]) @ direction  # RAS-stored axes
+    in_plane = float(rng.uniform(0.8, 1.2))
+    return name, (in_plane, in_plane, float(rng.choice([1.0, 1.5, 2.0, 3.0]))), direction
+
+
 def subject_transform(rng: np.random.Generator) -> sitk.AffineTransform:
     """Scan LPS -> MNI LPS: a head rotated by up to 12 degrees, scaled 0.9-1.1 per axis, shifted up to 10 mm."""
     matrix = rotation(rng.normal(size=3), rng.uniform(-12, 12)) @ np.diag(rng.uniform(0.9, 1.1, 3))

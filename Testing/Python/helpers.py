@@ -16,6 +16,14 @@ SMALL_BOX = (80, 96, 80)  # model box of the small test models (mm)
 SMALL_FOV = (100, 120, 90)  # field of view of the small phantoms (mm)
 
 
+def cpu_provider() -> str:
+    """The provider `--device auto` runs on a machine without a GPU: OpenVINO where onnxruntime-openvino is installed."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    return "OpenVINOExecutionProvider" if "OpenVINOExecutionProvider" in available else "CPUExecutionProvider"
+
+
 def match(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Distance from each true centre to the nearest found centre (inf when nothing was found)."""
     found = np.asarray(found, dtype=float).reshape(-1, 3)

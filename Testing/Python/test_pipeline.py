@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 import phantoms
-from helpers import SMALL_FOV, files_under, match
+from helpers import SMALL_FOV, cpu_provider, files_under, match
 from SHIVACMBLib import pipeline
 from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.files import checksum, staged_directory
@@ -116,7 +116,7 @@ def test_run_json_records_provenance(rich_run):
     tilt = np.degrees(np.arccos(np.abs(OBLIQUE).max(axis=0))).max()  # rotated axes vs anatomical axes
     assert run["input"]["geometry"]["obliquity_deg"] == pytest.approx(tilt, abs=1e-3) and tilt > 15
     assert run["model"]["name"] == "test-dark-blob" and len(run["model"]["folds"][0]["sha256"]) == 64
-    assert run["inference"]["provider"] == "CPUExecutionProvider" and run["inference"]["onnxruntime"]
+    assert run["inference"]["provider"] == cpu_provider() and run["inference"]["onnxruntime"]
     assert run["results"]["cmb_count"] == len(result.findings)
     assert set(run["timings_s"]) == {"read", "mask", "preprocess", "inference", "postprocess", "location", "write", "total"}
     assert run["settings"]["threshold"] == 0.5 and run["mask"]["source"] == "computed"
