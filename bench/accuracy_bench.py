@@ -61,7 +61,8 @@ def main() -> int:
     for number, info in enumerate(index, start=1):
         scan = phantoms / f"{info['scan_id']}.nii.gz"
         tic = time.perf_counter()
-        options = SegmentOptions(model=str(model.path), precision=args.precision, report=False, location=False)  # location changes no detection
+        options = SegmentOptions(model=str(model.path), precision=args.precision, report=False,
+                                 location=False)  # location changes no detection
         segment(scan, results, options, model=model, ensemble=ensemble)
         seconds.append(time.perf_counter() - tic)
         print(f"\rsegmented {number}/{len(index)}", end="", flush=True)

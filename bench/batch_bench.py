@@ -1,7 +1,7 @@
 """Scans per hour of `shivacmb batch` against `shivacmb segment` run once per scan in a shell loop.
 
-    python bench/batch_bench.py [--n 12] [--kind atlas|head] [--seed 700000] [--workers 1 2] [--rounds 1] [--model NAME|DIR]
-                                [--precision fp32|bf16]
+    python bench/batch_bench.py [--n 12] [--kind atlas|head] [--seed 700000] [--workers 1 2] [--rounds 1]
+                                [--model NAME|DIR] [--precision fp32|bf16]
 
 Makes (once, cached in bench/out/batch/) N phantom scans (``--kind``, see :func:`phantoms`), then, on
 the same scans in the same run, each in a fresh output folder:

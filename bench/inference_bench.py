@@ -126,7 +126,8 @@ def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
         from SHIVACMBLib.inference import CPU, FoldEnsemble
         from SHIVACMBLib.parity import FP32_TOLERANCE, REDUCED_TOLERANCE, compare
 
-        reduced = ORT.get(backend, ("", backend.rsplit("-", 1)[1]))[1] != "fp32"
+        precision = ORT[backend][1] if backend in ORT else backend.rsplit("-", 1)[1]  # CPU candidates: int8, fp16
+        reduced = precision != "fp32"
         reference = FoldEnsemble(model, "cpu", providers=[CPU]).predict(volume)[0]
         parity = compare(reference, result, model.threshold, REDUCED_TOLERANCE if reduced else FP32_TOLERANCE,
                          detections=reduced)

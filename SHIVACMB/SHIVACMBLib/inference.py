@@ -25,6 +25,7 @@ import os
 import re
 import threading
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -93,8 +94,10 @@ def trt_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("shivacmb", appauthor=False)) / "tensorrt"
 
 
+@lru_cache(maxsize=None)
 def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU computes in bfloat16 (AMX or AVX-512 BF16); True where the OS does not say (Linux does)."""
+    """Whether the CPU computes in bfloat16 (AMX or AVX-512 BF16); True where the OS does not say (Linux does).
+    Read once per process: every scan's run.json asks."""
     try:
         info = cpuinfo.read_text(encoding="utf-8")
     except OSError:

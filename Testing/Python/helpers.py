@@ -17,11 +17,12 @@ SMALL_FOV = (100, 120, 90)  # field of view of the small phantoms (mm)
 
 
 def cpu_provider() -> str:
-    """The provider `--device auto` runs on a machine without a GPU: OpenVINO where onnxruntime-openvino is installed."""
+    """The provider a run on the CPU uses here: the first of `--device cpu`'s plan (OpenVINO where installed)."""
     import onnxruntime
 
-    available = onnxruntime.get_available_providers()
-    return "OpenVINOExecutionProvider" if "OpenVINOExecutionProvider" in available else "CPUExecutionProvider"
+    from SHIVACMBLib.inference import provider_plan
+
+    return provider_plan("cpu", onnxruntime.get_available_providers())[0][0]
 
 
 def match(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
