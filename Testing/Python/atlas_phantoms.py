@@ -1,7 +1,8 @@
 """Scans made from the shipped MNI atlas, with CMBs planted at known atlas regions.
 
 A phantom is the atlas T1 template with a T2*-like contrast (inverted: CSF bright, white matter
-dark), moved by a known affine (rotation, anisotropic scaling, shift), sampled on any grid
+dark), moved by a known affine (rotation, anisotropic scaling, shift) and, where asked, a smooth
+non-linear warp (anatomy that no affine registration can match), sampled on any grid
 (orientation, obliquity, voxel size), with a smooth bias field, noise, and dark spheres whose
 MNI centres lie where the atlas region is the same all around them. Truth per CMB: the atlas
 region, MARS area and side (sign of MNI x) at its centre.
@@ -59,6 +60,27 @@ def subject_transform(rng: np.random.Generator) -> sitk.AffineTransform:
     return transform
 
 
+def subject_warp(rng: np.random.Generator, warp_mm: float) -> sitk.BSplineTransform:
+    """MNI LPS -> MNI LPS: a smooth random deformation (cubic B-spline, control points about 40 mm apart
+    over the atlas, each moved by up to ``warp_mm`` along each axis)."""
+    template = load_atlas()[0]
+    warp = sitk.BSplineTransformInitializer(template, [4, 4, 4], order=3)
+    warp.SetParameters(tuple(rng.uniform(-warp_mm, warp_mm, warp.GetNumberOfParameters())))
+    return warp
+
+
+def _inverse_point(transform: sitk.Transform, linear: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The point that ``transform`` maps to ``target``, by fixed-point steps through its linear part."""
+    inverse = np.linalg.inv(linear)
+    point = inverse @ target
+    for _ in range(50):
+        error = np.asarray(target) - np.asarray(transform.TransformPoint(tuple(float(v) for v in point)))
+        if np.linalg.norm(error) < 1e-4:
+            break
+        point = point + inverse @ error
+    return point
+
+
 def pick_sites(rng: np.random.Generator, n: int, radius: float, margin: float = 2.0,
                names: Optional[Sequence[str]] = None) -> List[Tuple[np.ndarray, int]]:
     """MNI LPS points whose atlas label is one region within radius + margin, spread over regions."""
@@ -91,15 +113,22 @@ def pick_sites(rng: np.random.Generator, n: int, radius: float, margin: float = 
 
 def make_atlas_phantom(seed: int, spacing: Sequence[float], direction_lps: Optional[np.ndarray] = None,
                        n_cmb: int = 8, radius: float = 2.0, names: Optional[Sequence[str]] = None,
-                       sites: Optional[List[Tuple[np.ndarray, int]]] = None) -> AtlasPhantom:
-    """One phantom on a grid of ``spacing`` and ``direction_lps`` (default: RAS-stored axes flipped to LPS)."""
+                       sites: Optional[List[Tuple[np.ndarray, int]]] = None, warp_mm: float = 0.0) -> AtlasPhantom:
+    """One phantom on a grid of ``spacing`` and ``direction_lps`` (default: RAS-stored axes flipped to LPS);
+    ``warp_mm`` > 0 adds a random non-linear warp (:func:`subject_warp`) after the affine."""
     rng = np.random.default_rng(seed)
     template = load_atlas()[0]
-    to_mni = subject_transform(rng)
-    to_scan = to_mni.GetInverse()
+    affine = subject_transform(rng)
     sites = sites if sites is not None else pick_sites(rng, n_cmb, radius, names=names)
-    grid = grid_around(LPS_RAS @ np.asarray(to_scan.TransformPoint((0.0, -18.0, 8.0))), (170, 200, 160), spacing,
-                       direction_lps)
+    to_mni: sitk.Transform = affine
+    if warp_mm > 0:
+        to_mni = sitk.CompositeTransform([subject_warp(rng, warp_mm), affine])  # the affine first, then the warp
+    linear = np.asarray(affine.GetMatrix()).reshape(3, 3)
+
+    def to_scan(mni: Sequence[float]) -> np.ndarray:
+        return _inverse_point(to_mni, linear, np.asarray(mni, dtype=float))
+
+    grid = grid_around(LPS_RAS @ to_scan((0.0, -18.0, 8.0)), (170, 200, 160), spacing, direction_lps)
     image = sitk.Resample(template, list(grid.size), to_mni, sitk.sitkLinear, list(grid.origin), list(grid.spacing),
                           list(grid.direction), 0.0, sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(image)
@@ -111,7 +140,7 @@ def make_atlas_phantom(seed: int, spacing: Sequence[float], direction_lps: Optio
     labels = np.zeros(array.shape, np.uint8)
     findings, truth = [], []
     for number, (mni, code) in enumerate(sites, start=1):
-        centre = np.asarray(to_scan.TransformPoint(tuple(mni)))
+        centre = to_scan(mni)
         box = _box(grid, centre, radius + 2.0)
         kk, jj, ii = np.meshgrid(*[np.arange(lo, hi) for lo, hi in box], indexing="ij")
         distance = np.linalg.norm(grid.index_to_lps(np.stack([ii, jj, kk], -1).astype(float)) - centre, axis=-1)
