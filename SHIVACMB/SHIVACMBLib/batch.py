@@ -341,7 +341,7 @@ def _run_scan(job: Job, root: Path, model: ModelDescriptor, settings: BatchSetti
                              save_probability=settings.save_probability, min_volume_mm3=settings.min_volume_mm3,
                              max_volume_mm3=settings.max_volume_mm3, scan_id=job.scan_id, report=settings.report,
                              parcellation=job.parcellation, location=settings.location, batch=batch)
-    ensemble = get_ensemble(model, settings.device, settings.threads, settings.precision)
+    ensemble = get_ensemble(model, settings.device, settings.threads, settings.precision, keep_memory=True)
     if not job.prefix:
         segment(job.image, root, options, model=model, ensemble=ensemble)
         return

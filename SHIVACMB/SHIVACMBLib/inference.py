@@ -125,8 +125,12 @@ def provider_options(provider: str, precision: str = "fp32", threads: int = 1) -
     return {}
 
 
-def create_session(model: Union[str, bytes], providers: Sequence[str], threads: int, precision: str = "fp32") -> Any:
-    """One onnxruntime session from a file or a serialized model (module-level so tests can stand in for a GPU)."""
+def create_session(model: Union[str, bytes], providers: Sequence[str], threads: int, precision: str = "fp32",
+                   keep_memory: bool = False) -> Any:
+    """One onnxruntime session from a file or a serialized model (module-level so tests can stand in for a GPU).
+
+    ``keep_memory``: a CPU session works in the process's shared arena (:func:`shared_cpu_arena`) instead of
+    memory given back after every run."""
     ort = onnxruntime_module()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -140,8 +144,27 @@ def create_session(model: Union[str, bytes], providers: Sequence[str], threads: 
         # and the pattern of a SHIVA-sized fold then needs 1.56 GiB instead of the 1.08 GiB its
         # tensors need at once (docs/performance.md). Same kernels, same numbers; GPUs unmeasured.
         options.enable_mem_reuse = False
+        if keep_memory:
+            shared_cpu_arena()
+            options.enable_cpu_mem_arena = True
+            options.add_session_config_entry("session.use_env_allocators", "1")
     tuned = [(p, provider_options(p, precision, threads)) for p in providers]
     return ort.InferenceSession(model, sess_options=options, providers=tuned)
+
+
+@lru_cache(maxsize=1)
+def shared_cpu_arena() -> None:
+    """Register one CPU memory arena for the whole process, shared by the sessions that keep their memory.
+
+    Without it a CPU session takes its working memory from the system at every run and gives it back
+    (memory pattern, no arena: the lowest peak for one scan); the pages are then faulted in again at the
+    next run, 0.5 s of system time per run of the default model on one core. A batch worker runs one
+    fold at a time, scan after scan: one arena sized by the largest fold serves them all (peak 2.7 GiB
+    for the default model instead of 1.4; docs/performance.md). onnxruntime's default arena settings:
+    its kSameAsRequested growth made the shared arena abort ("Could not find Region", onnxruntime 1.32)."""
+    ort = onnxruntime_module()
+    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def fp16_model(path: Path) -> bytes:
@@ -184,8 +207,9 @@ class FoldEnsemble:
     """All folds of a model as onnxruntime sessions, with the ensemble rule of the descriptor."""
 
     def __init__(self, model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None,
-                 precision: str = "fp32", providers: Optional[Sequence[str]] = None):
-        """``providers`` replaces the device's plan (tried in order, e.g. ``[CPU]`` for onnxruntime's own kernels)."""
+                 precision: str = "fp32", providers: Optional[Sequence[str]] = None, keep_memory: bool = False):
+        """``providers`` replaces the device's plan (tried in order, e.g. ``[CPU]`` for onnxruntime's own kernels);
+        ``keep_memory``: CPU sessions keep their working memory between runs (for processes that run many scans)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
         verify_model(model)
@@ -193,6 +217,7 @@ class FoldEnsemble:
         self.device = device
         self.precision = precision
         self.threads = threads or available_cores()
+        self.keep_memory = keep_memory
         self.warnings: List[str] = []
         ort = onnxruntime_module()
         self.onnxruntime_version = ort.__version__
@@ -233,7 +258,7 @@ class FoldEnsemble:
                 source = self._source(fold.path, providers[0])
                 with native_stderr_captured(printed), warnings.catch_warnings(record=True) as raised:
                     warnings.simplefilter("always")
-                    session = create_session(source, providers, self.threads, self.precision)
+                    session = create_session(source, providers, self.threads, self.precision, self.keep_memory)
                 printed += [f"{w.message}\n" for w in raised]
             except Exception as err:  # noqa: BLE001 - any provider failure gets the same treatment
                 if providers == [CPU]:
@@ -364,11 +389,11 @@ _ENSEMBLES: Dict[Tuple[Any, ...], FoldEnsemble] = {}
 
 
 def get_ensemble(model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None,
-                 precision: str = "fp32") -> FoldEnsemble:
+                 precision: str = "fp32", keep_memory: bool = False) -> FoldEnsemble:
     """The process-wide ensemble for this model, device and precision, created on first use."""
-    key = (str(model.path), tuple(f.sha256 for f in model.folds), device, threads, precision)
+    key = (str(model.path), tuple(f.sha256 for f in model.folds), device, threads, precision, keep_memory)
     if key not in _ENSEMBLES:
-        _ENSEMBLES[key] = FoldEnsemble(model, device, threads, precision)
+        _ENSEMBLES[key] = FoldEnsemble(model, device, threads, precision, keep_memory=keep_memory)
     return _ENSEMBLES[key]
 
 

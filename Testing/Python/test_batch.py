@@ -308,6 +308,23 @@ def test_one_scan_at_a_time_goes_through_the_network_while_others_prepare(model_
     assert most[0] == 1
 
 
+def test_a_worker_reuses_its_sessions_and_their_memory_for_every_scan(tmp_path, cohort_dir, settings, monkeypatch):
+    """`process` as a worker runs it: scan after scan through one ensemble whose CPU sessions keep their memory."""
+    from SHIVACMBLib import inference
+
+    ort = inference.onnxruntime_module()
+    available = ort.get_available_providers()  # onnxruntime's own CPU kernels, as installed by the `cpu` extra
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [p for p in available if p != inference.OPENVINO])
+    inference.clear_ensembles()
+    jobs = [job for job in discover(cohort_dir).jobs if "broken" not in str(job.image)][:2]
+    outcomes = [batch.process(job, str(tmp_path), settings, "run-1") for job in jobs]
+    assert [o["status"] for o in outcomes] == ["done", "done"], outcomes
+    ensembles = list(inference._ENSEMBLES.values())
+    assert len(ensembles) == 1 and ensembles[0].keep_memory
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in ensembles[0].sessions)
+    inference.clear_ensembles()
+
+
 def test_batch_bar_counts_scans():
     from SHIVACMBLib.progress import BatchBar
 

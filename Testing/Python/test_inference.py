@@ -95,7 +95,7 @@ def test_openvino_runs_fp32_with_the_session_threads_and_falls_back_to_cpu(tmp_p
     monkeypatch.setattr(ort, "get_available_providers", lambda: [inference.OPENVINO, CPU])
     real = inference.create_session
 
-    def create(path, providers, threads, precision="fp32"):
+    def create(path, providers, threads, precision="fp32", keep_memory=False):
         if providers[0] == inference.OPENVINO:
             raise RuntimeError("Exception from src/inference/src/core.cpp: no CPU plugin")
         return real(path, providers, threads)
@@ -126,7 +126,7 @@ def test_gpu_session_that_fails_to_start_falls_back(tmp_path, volume, monkeypatc
     pretend_gpu(monkeypatch)
     real = inference.create_session
 
-    def create(path, providers, threads, precision="fp32"):
+    def create(path, providers, threads, precision="fp32", keep_memory=False):
         if providers[0] == CUDA:
             raise RuntimeError("CUDA driver version is insufficient")
         return real(path, providers, threads)
@@ -157,7 +157,7 @@ def test_gpu_running_out_of_memory_reruns_on_cpu(tmp_path, volume, monkeypatch):
     pretend_gpu(monkeypatch)
     real = inference.create_session
 
-    def create(path, providers, threads, precision="fp32"):
+    def create(path, providers, threads, precision="fp32", keep_memory=False):
         session = real(path, [CPU], threads)
         return FailingGpuSession(session) if providers[0] == CUDA else session
 
@@ -213,7 +213,7 @@ def test_bf16_on_openvino_is_asked_for_and_reported_where_the_cpu_has_it(tmp_pat
     asked = []
     real = inference.create_session
 
-    def create(path, providers, threads, precision="fp32"):
+    def create(path, providers, threads, precision="fp32", keep_memory=False):
         asked.append((providers[0], precision))
         return OpenVinoStandIn(real(path, [CPU], threads))
 
@@ -271,7 +271,7 @@ def test_fp16_copy_of_a_fold_computes_what_fp32_computes(tmp_path, volume):
 def test_cpu_failure_is_a_runtime_failure(tmp_path, volume, monkeypatch, own_cpu_kernels):
     real = inference.create_session
 
-    def create(path, providers, threads, precision="fp32"):
+    def create(path, providers, threads, precision="fp32", keep_memory=False):
         session = real(path, providers, threads)
         session.run = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad allocation"))
         return session
@@ -357,6 +357,26 @@ def test_cpu_sessions_plan_memory_without_buffer_reuse(tmp_path, volume, monkeyp
     monkeypatch.setattr(ort, "InferenceSession", lambda model, sess_options, providers: seen.append(sess_options))
     inference.create_session("fold.onnx", [CUDA, CPU], 1)
     assert seen[0].enable_mem_reuse is True
+
+
+def test_sessions_that_keep_memory_share_one_arena_and_compute_the_same(tmp_path, volume, own_cpu_kernels):
+    """Batch workers keep their working memory between scans (no pages faulted in again at every run):
+    the folds of every such ensemble in the process work in one registered arena, with the same kernels."""
+    model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE, folds=2))
+    feed = inference.model_layout(volume, model.layout)
+    plain = FoldEnsemble(model, "cpu")
+    kept = FoldEnsemble(model, "cpu", keep_memory=True)
+    again = get_ensemble(model, "cpu", keep_memory=True)  # a second ensemble: the arena is registered once
+    assert get_ensemble(model, "cpu", keep_memory=True) is again and get_ensemble(model, "cpu") is not again
+    for session in kept.sessions + again.sessions:
+        options = session.get_session_options()
+        assert options.enable_cpu_mem_arena and options.get_session_config_entry("session.use_env_allocators") == "1"
+    assert not any(s.get_session_options().enable_cpu_mem_arena for s in plain.sessions)
+    expected = plain.raw_outputs(feed)
+    for _ in range(2):  # the second run reuses the arena's memory
+        for outputs in (kept.raw_outputs(feed), again.raw_outputs(feed)):
+            assert all(np.array_equal(a, b) for a, b in zip(outputs, expected))
+    inference.clear_ensembles()
 
 
 def test_provider_failure_reason_from_onnxruntime_gpu_output():
