@@ -8,8 +8,8 @@ grid (LPS or RAS storage, axial/sagittal/coronal, oblique up to 20 degrees, 0.8-
 1-3 mm slices), with a bias field, noise and CMBs planted where the atlas region is the same
 all around them; ``--warp MM`` adds a smooth random non-linear warp (B-spline control points
 about 40 mm apart moved by up to MM per axis: 12 moves brain voxels by 1.5 mm on average and up
-to 5 mm, 20 by 2.5 and up to 8 mm), anatomy that no affine matches (Testing/Python/atlas_phantoms.py). The brain mask is computed as `segment`
-computes it. Prints, per phantom, the time of `location.locate` (registration included) and
+to 5 mm, 20 by 2.5 and up to 8 mm), anatomy that no affine matches (Testing/Python/atlas_phantoms.py).
+The brain mask is computed as `segment` computes it. Prints, per phantom, the time of `location.locate` (registration included) and
 pooled accuracy: MARS area, sub-region, and side for CMBs more than 3 mm from the midline,
 against the targets (95 % area, 100 % side; 20 s per scan on two CPU cores).
 Run it with two cores (e.g. `taskset -c 0,1`) to compare with the target.

@@ -74,7 +74,7 @@ def _inverse_point(transform: sitk.Transform, linear: np.ndarray, target: np.nda
     inverse = np.linalg.inv(linear)
     point = inverse @ target
     for _ in range(50):
-        error = np.asarray(target) - np.asarray(transform.TransformPoint(tuple(float(v) for v in point)))
+        error = target - np.asarray(transform.TransformPoint(tuple(float(v) for v in point)))
         if np.linalg.norm(error) < 1e-4:
             break
         point = point + inverse @ error
