@@ -274,9 +274,10 @@ def random_acquisition(rng: np.random.Generator, modality: Optional[str] = None,
                        snr=float(rng.uniform(18, 45)), bias=float(rng.uniform(0.0, 0.3)))
 
 
-def acquisition_grid(subject: Subject, acq: Acquisition, fov_mm: Sequence[float] = (176, 216, 176)) -> Geometry:
-    """A grid covering the head along the acquisition's own axes."""
-    centre = subject.to_scanner(np.array([[0.0, -10.0, 0.0]]))[0]
+def acquisition_grid(subject: Subject, acq: Acquisition, fov_mm: Sequence[float] = (176, 216, 176),
+                     centre: Sequence[float] = (0.0, -10.0, 0.0)) -> Geometry:
+    """A grid covering the head (``centre``: head coordinates of its middle) along the acquisition's own axes."""
+    centre = subject.to_scanner(np.array([centre], dtype=float))[0]
     spacing = np.asarray(acq.spacing)
     size = np.ceil(np.asarray(fov_mm) / spacing).astype(int)
     d_lps = LPS_RAS @ acq.direction
@@ -298,7 +299,8 @@ class PhantomObject:
     diameter_mm: float
     darkness: float = 0.0
     path: List[Tuple[float, float, float]] = field(default_factory=list)  # tubes: scanner RAS polyline
-    parts: List[Tuple[float, float, float, float]] = field(default_factory=list)  # clusters: x, y, z, radius
+    parts: List[Tuple[float, ...]] = field(default_factory=list)  # clusters: x, y, z, radius
+    side: str = ""  # left, right or midline (of the head; empty where not recorded)
 
 
 def cmb_count(rng: np.random.Generator) -> int:
@@ -685,7 +687,7 @@ def _bias_field(grid: Geometry, rng: np.random.Generator, strength: float) -> np
 
 # --- files --------------------------------------------------------------------------------
 
-OBJECT_COLUMNS = ("label", "kind", "class", "area", "r", "a", "s", "diameter_mm")
+OBJECT_COLUMNS = ("label", "kind", "class", "area", "r", "a", "s", "diameter_mm", "side")
 INDEX_COLUMNS = ("scan_id", "seed", "modality", "echo_time_ms", "spacing_mm", "size", "orientation",
                  "obliquity_deg", "snr", "n_cmb", "n_mimics")
 
@@ -706,7 +708,7 @@ def write_phantom(phantom: Phantom, folder: Path, scan_id: str) -> Dict[str, Pat
     rows = ["\t".join(OBJECT_COLUMNS)]
     for obj in phantom.objects:
         rows.append("\t".join([str(obj.label), obj.kind, obj.cls, obj.area, *(f"{v:.2f}" for v in obj.centre),
-                               f"{obj.diameter_mm:.2f}"]))
+                               f"{obj.diameter_mm:.2f}", obj.side]))
     atomic_write_text(paths["objects"], "\n".join(rows) + "\n")
     return paths
 
@@ -718,11 +720,20 @@ def read_objects(path: Path) -> List[Dict[str, str]]:
 
 def generate(out: Path, n: int, seed: int, modality: Optional[str] = None,
              spacing: Optional[Sequence[float]] = None, prefix: str = "phantom",
-             progress: Optional[Callable[[int, int, str], None]] = None) -> List[Dict[str, object]]:
+             progress: Optional[Callable[[int, int, str], None]] = None,
+             family: str = "procedural") -> List[Dict[str, object]]:
     """Write ``n`` phantoms with seeds ``seed .. seed+n-1`` into ``out`` plus an index ``phantoms.tsv``.
 
+    ``family``: ``procedural`` (this module's heads) or a family of ``headphantom`` (``atlas``, ``ood``).
     Scan ids are ``<prefix>-<seed>``; existing complete phantoms are kept (a rerun resumes).
     """
+    if family == "procedural":
+        maker: Callable[..., Phantom] = make_phantom
+    else:
+        from .headphantom import make_head_phantom
+
+        def maker(scan_seed: int, modality: Optional[str], spacing: Optional[Sequence[float]]) -> Phantom:
+            return make_head_phantom(scan_seed, family, modality, spacing)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index: List[Dict[str, object]] = []
@@ -733,7 +744,7 @@ def generate(out: Path, n: int, seed: int, modality: Optional[str] = None,
         if info_path.exists() and all(p.exists() for p in truth_paths(out, scan_id).values()):
             info = json.loads(info_path.read_text(encoding="utf-8"))
         else:
-            phantom = make_phantom(scan_seed, modality, spacing)
+            phantom = maker(scan_seed, modality, spacing)
             write_phantom(phantom, out, scan_id)
             info = {"scan_id": scan_id, **phantom.info}
             atomic_write_text(info_path, json.dumps(info) + "\n")

@@ -10,6 +10,8 @@ files are read from the wheel (nilearn is never imported) and their sha256 check
 Writes, in MNI space (RAS mm, LPS-stored NIfTI):
   mni_t1_2mm.nii.gz        the T1 template at 2 mm (uint8), the registration target
   mars_labels_1mm.nii.gz   MARS sub-region labels at 1 mm (uint8; codes = SHIVACMBLib.location.SUBREGIONS)
+  tissue_labels_1mm.nii.gz tissue classes at 1 mm (uint8; codes = SHIVACMBLib.anatomy.TISSUES), the
+                           anatomy of the realistic phantoms (SHIVACMBLib.headphantom)
 
 The labels come from tissue probabilities and geometric rules in MNI coordinates (README.md
 says exactly which and what they cannot do); no third-party parcellation is used.
@@ -32,6 +34,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SHIVACMB"))
 
+from SHIVACMBLib.anatomy import TISSUE_LABELS, TISSUES  # noqa: E402
 from SHIVACMBLib.geometry import Geometry, resample  # noqa: E402
 from SHIVACMBLib.location import ATLAS_LABELS, ATLAS_TEMPLATE, CODE_OF as CODE, JUXTACORTICAL_MM, SUBREGIONS  # noqa: E402
 
@@ -143,6 +146,39 @@ def lobe(ras: np.ndarray, where: np.ndarray) -> np.ndarray:
     return codes
 
 
+def tissue_volume(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, mars: np.ndarray, grid: Geometry) -> np.ndarray:
+    """Tissue class codes (``anatomy.TISSUES``) of every voxel inside the brain ([k, j, i] arrays, 1 mm).
+
+    Tissue (GM + WM >= 0.5) is grey or white by the larger probability; the MARS labels split it
+    into striatum, thalamus, brainstem and cerebellum; the pallidum and the dentate nuclei are the
+    build's ellipsoids (as in ``label_volume``); CSF connected to the CSF deep around the lateral
+    and third ventricles (over 10 mm inside the brain) is ventricle, the rest sulcal CSF."""
+    code = {name: number for number, name in enumerate(TISSUES)}
+    k, j, i = np.indices(t1.shape, dtype=np.float32)
+    ras = grid.index_to_ras(np.stack([i, j, k], axis=-1))
+    x, y, z = ras[..., 0], ras[..., 1], ras[..., 2]
+    ax = np.abs(x)
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(t1 > 0, iterations=2))
+    tissue = (gm + wm) >= 0.5
+    csf = brain & ~tissue
+    depth = ndimage.distance_transform_edt(brain)
+    core = csf & (depth > 10) & (ax < 32) & (y > -50) & (y < 35) & (z > -15) & (z < 35)
+    parts, _ = ndimage.label(csf)
+    ventricle = np.isin(parts, np.unique(parts[core])[1:]) & (depth > 6)
+    grey, white = tissue & (gm >= wm), tissue & (wm > gm)
+    cerebellum = (mars == CODE["cerebellum"]) & tissue
+    codes = np.zeros(t1.shape, np.uint8)
+    for name, where in (("csf", brain), ("ventricle", ventricle), ("cortex", grey), ("white_matter", white),
+                        ("striatum", (mars == CODE["basal_ganglia"]) & tissue),
+                        ("pallidum", ellipsoid(ras, (19, -3, -1), (5, 8, 6)) & brain & ~ventricle),
+                        ("thalamus", (mars == CODE["thalamus"]) & tissue),
+                        ("brainstem", (mars == CODE["brainstem"]) & tissue),
+                        ("cerebellar_cortex", cerebellum & grey), ("cerebellar_white_matter", cerebellum & white),
+                        ("dentate", cerebellum & ellipsoid(ras, (14, -57, -34), (6, 9, 6)))):
+        codes[where] = code[name]
+    return codes
+
+
 def build(wheel: Path, out: Path) -> None:
     images = read_sources(wheel)
     grid = Geometry.of(images["t1"])
@@ -150,6 +186,8 @@ def build(wheel: Path, out: Path) -> None:
     labels = label_volume(arrays["t1"], arrays["gm"] / 255.0, arrays["wm"] / 255.0, grid)
     out.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(grid.with_image(labels), str(out / ATLAS_LABELS), True)
+    tissues = tissue_volume(arrays["t1"], arrays["gm"] / 255.0, arrays["wm"] / 255.0, labels, grid)
+    sitk.WriteImage(grid.with_image(tissues), str(out / TISSUE_LABELS), True)
     coarse = Geometry(tuple(int(np.ceil(s / 2)) for s in grid.size), (2.0, 2.0, 2.0),
                       tuple(grid.index_to_lps(np.full(3, 0.5))), grid.direction)
     smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(images["t1"], sitk.sitkFloat32), 0.85)
@@ -159,6 +197,8 @@ def build(wheel: Path, out: Path) -> None:
     counts = np.bincount(labels.ravel(), minlength=len(SUBREGIONS) + 1)
     for index, (name, area) in enumerate(SUBREGIONS, start=1):
         print(f"{index:2d} {name:20s} {area:15s} {counts[index] / 1000:8.1f} mL")
+    for index, volume in enumerate(np.bincount(tissues.ravel(), minlength=len(TISSUES))[1:], start=1):
+        print(f"{index:2d} {TISSUES[index]:24s} {volume / 1000:8.1f} mL")
 
 
 def main() -> int:
