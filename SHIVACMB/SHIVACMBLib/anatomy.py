@@ -57,6 +57,7 @@ class HeadAtlas:
     codes: np.ndarray  # [x, y, z] uint8, TISSUES codes
     area: np.ndarray  # [x, y, z] uint8: MARS area of brain voxels (1 lobar, 2 deep, 3 infratentorial), 0 elsewhere
     outside_mm: np.ndarray  # distance from the brain (0 inside), float32
+    inside_mm: np.ndarray  # depth in the brain (0 outside), float32
     ventricle_mm: np.ndarray  # distance from the ventricles, float32
     sulcus_mm: np.ndarray  # distance of tissue from CSF or the brain's outside, float32
     low: np.ndarray  # RAS of voxel [0, 0, 0]
@@ -106,17 +107,22 @@ def head_atlas() -> HeadAtlas:
     low = LPS_RAS @ np.asarray(grid.origin) - PAD_LOW
     return HeadAtlas(codes=codes, area=area,
                      outside_mm=ndimage.distance_transform_edt(~brain).astype(np.float32),
+                     inside_mm=ndimage.distance_transform_edt(brain).astype(np.float32),
                      ventricle_mm=ndimage.distance_transform_edt(codes != CODE["ventricle"]).astype(np.float32),
                      sulcus_mm=ndimage.distance_transform_edt(codes > CODE["ventricle"]).astype(np.float32),
                      low=low)
 
 
 def smooth_noise(rng: np.random.Generator, shape: Sequence[int], cell: float) -> np.ndarray:
-    """A smooth random field of about unit amplitude: Gaussian noise on a grid of ``cell`` voxels, upsampled."""
-    coarse = tuple(max(2, int(np.ceil(n / cell)) + 1) for n in shape)
-    field = rng.normal(0.0, 1.0, coarse).astype(np.float32)
-    zoomed = ndimage.zoom(field, [n / m for n, m in zip(shape, coarse)], order=3, grid_mode=False)
-    return zoomed[:shape[0], :shape[1], :shape[2]]
+    """A smooth random field of about unit amplitude, [x, y, z] of ``shape``: Gaussian noise on a grid of
+    ``cell`` voxels, upsampled by linear interpolation."""
+    coarse = [int(np.ceil(n / cell)) + 4 for n in shape]
+    noise = sitk.GetImageFromArray(rng.normal(0.0, 1.0, coarse[::-1]).astype(np.float32))
+    noise.SetSpacing((float(cell),) * 3)
+    noise.SetOrigin((-2.0 * cell,) * 3)
+    reference = sitk.Image([int(n) for n in shape], sitk.sitkUInt8)
+    field = sitk.Resample(noise, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(field).transpose(2, 1, 0)
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="voxel size, one value or three (default: random, 0.5-1 mm isotropic or "
                               "anisotropic up to 1x1x3 mm)")
     phantom.add_argument("--prefix", default="phantom", help="scan id prefix (default: %(default)s)")
+    phantom.add_argument("--family", choices=("procedural", "atlas", "ood"), default="procedural",
+                         help="procedural: geometric heads; atlas: heads made from the MNI tissue atlas with "
+                              "randomised contrast, artefacts and skull stripping (training and validation); ood: "
+                              "the out-of-distribution test family, other contrast, noise and shapes "
+                              "(default: %(default)s)")
     phantom.set_defaults(handler=_phantom)
 
     demo = commands.add_parser(
@@ -473,7 +478,8 @@ def _phantom(args: argparse.Namespace) -> int:
     def report(done: int, total: int, scan_id: str) -> None:
         print(f"[{done}/{total}] {scan_id}", flush=True)
 
-    index = generate(Path(args.out), args.n, args.seed, args.modality, args.spacing, args.prefix, report)
+    index = generate(Path(args.out), args.n, args.seed, args.modality, args.spacing, args.prefix, report,
+                     family=args.family)
     cmbs = sum(int(info["n_cmb"]) for info in index)
     print(f"{len(index)} phantom scan(s) with {cmbs} CMB(s) -> {Path(args.out)}{os.sep}")
     return 0

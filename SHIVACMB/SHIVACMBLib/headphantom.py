@@ -26,7 +26,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from . import anatomy
@@ -325,19 +324,23 @@ def template_images(rng: np.random.Generator, family: Family, acq: Acquisition, 
             image[inside] *= iron * rng.uniform(0.95, 1.05)
             names.append(f"iron:{place} {side}")
             mimic[inside] = len(names)
-    brain = np.isin(head, anatomy.BRAIN_TISSUES)
-    xs, ys, zs = np.meshgrid(*atlas.axes(), indexing="ij", sparse=True)
     for place in ("frontal", "mastoid left", "mastoid right", "sphenoid"):
         centre, radii = anatomy.SINUSES[place]
+        reach = np.asarray(radii) + 30.0
+        lo = np.maximum(atlas.index(np.asarray(centre) - reach), 0)
+        hi = atlas.index(np.asarray(centre) + reach) + 1
+        window = tuple(slice(a, b) for a, b in zip(lo, hi))
+        xs, ys, zs = (np.asarray(axis[a:b]).reshape([-1 if n == m else 1 for m in range(3)])
+                      for n, (axis, a, b) in enumerate(zip(atlas.axes(), lo, hi)))
         rho = np.sqrt(((xs - centre[0]) / radii[0]) ** 2 + ((ys - centre[1]) / radii[1]) ** 2
                       + ((zs - centre[2]) / radii[2]) ** 2)
         distance = np.maximum(rho - 1, 0) * min(radii)
         factor = (1 - rng.uniform(0.3, 1.0) * np.exp(-(distance / rng.uniform(6.0, 11.0)) ** 2)).astype(np.float32)
-        image *= factor
-        artefact = brain & (factor < 0.6)
+        image[window] *= factor
+        artefact = np.isin(head[window], anatomy.BRAIN_TISSUES) & (factor < 0.6) & (mimic[window] == 0)
         if artefact.any():
             names.append(f"air_bone:{place}")
-            mimic[artefact & (mimic == 0)] = len(names)
+            mimic[window][artefact] = len(names)
     return image, mimic, names
 
 
@@ -346,9 +349,8 @@ def stripping_mask(rng: np.random.Generator, head: np.ndarray) -> np.ndarray:
     part of the sulci cut away (dark space between the gyri)."""
     atlas = anatomy.head_atlas()
     offset = 1.2 * anatomy.smooth_noise(rng, atlas.size, 16.0)
-    inside = ndimage.distance_transform_edt(atlas.outside_mm == 0)  # depth in the brain
-    keep = (atlas.outside_mm <= np.clip(offset, 0, 2)) & (inside >= np.clip(-offset, 0, 2))
-    sulcal = (head == CODE["csf"]) & (inside < rng.uniform(2.0, 8.0))
+    keep = (atlas.outside_mm <= np.clip(offset, 0, 2)) & (atlas.inside_mm >= np.clip(-offset, 0, 2))
+    sulcal = (head == CODE["csf"]) & (atlas.inside_mm < rng.uniform(2.0, 8.0))
     return keep & ~sulcal
 
 
