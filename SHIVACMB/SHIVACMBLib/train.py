@@ -105,6 +105,8 @@ class PatchSampler:
     class. ``hard``: a folder of mined false positives (``mine``), sampled with the fourth share of ``mix``.
     ``mimic_loss_weight``: the loss weight of mimic voxels in the patches (others weigh 1), so that a
     calcification of a few voxels that the network calls a CMB costs more than a few background voxels.
+    ``strong``: each patch is also degraded as scans are (``degrade``: blur, thick slices, noise, bias,
+    wider contrast changes) instead of only a contrast scale and gamma.
     ``cmb_by_lesion``: CMB patches pick a CMB (a 26-connected component, of any scan) first and a voxel
     of it second, so that a 2 mm CMB of a few voxels is drawn as often as an 8 mm one of hundreds;
     otherwise a scan with CMBs first and any of its CMB voxels second.
@@ -113,7 +115,8 @@ class PatchSampler:
     def __init__(self, files: Sequence[Path], rng: np.random.Generator, patch: int = PATCH,
                  mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None,
                  class_weights: Optional[Dict[str, float]] = None, mimic_loss_weight: float = 1.0,
-                 cmb_by_lesion: bool = False) -> None:
+                 cmb_by_lesion: bool = False, strong: bool = False) -> None:
+        self.strong = strong
         if mimic_loss_weight <= 0 or any(w <= 0 for w in (class_weights or {}).values()):
             raise ValueError("mimic class weights and the mimic loss weight must be above 0")
         self.rng = rng
@@ -181,11 +184,38 @@ class PatchSampler:
                 arrays.append(np.where(self.mimics[scan][sl] > 0, self.mimic_loss_weight, 1.0).astype(np.float32))
             if self.rng.random() < 0.5:  # left-right mirror
                 arrays = [a[::-1] for a in arrays]
-            arrays[0] = np.clip(arrays[0] * self.rng.uniform(0.9, 1.1), 0, 1) ** self.rng.uniform(0.8, 1.25)
+            if self.strong:
+                arrays[0] = degrade(self.rng, arrays[0])
+            else:
+                arrays[0] = np.clip(arrays[0] * self.rng.uniform(0.9, 1.1), 0, 1) ** self.rng.uniform(0.8, 1.25)
             for kept, array in zip((images, targets, weights), arrays):
                 kept.append(np.ascontiguousarray(array))
         images_t, targets_t = (torch.from_numpy(np.stack(a)[:, None]) for a in (images, targets))
         return images_t, targets_t, torch.from_numpy(np.stack(weights)[:, None]) if weights else None
+
+
+def degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A normalised patch ([0, 1]) as a worse acquisition would give it, each change drawn on its own
+    (nnU-Net's augmentations, on CPU): blur, a thick-slice axis (down- then up-sampled), Rician noise,
+    a linear bias field, contrast scale and gamma."""
+    from scipy import ndimage
+
+    if rng.random() < 0.25:
+        image = ndimage.gaussian_filter(image, rng.uniform(0.2, 0.9, 3))
+    if rng.random() < 0.25:
+        axis = int(rng.integers(3))
+        factor = [1.0, 1.0, 1.0]
+        factor[axis] = 1.0 / rng.uniform(1.5, 3.0)
+        low = ndimage.zoom(image, factor, order=1)
+        image = ndimage.zoom(low, [n / m for n, m in zip(image.shape, low.shape)], order=1)
+    if rng.random() < 0.3:
+        sigma = rng.uniform(0.01, 0.06)
+        image = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
+    if rng.random() < 0.3:
+        ramp = np.meshgrid(*[np.linspace(-1, 1, n) for n in image.shape], indexing="ij", sparse=True)
+        image = image * np.exp(sum(rng.uniform(-0.15, 0.15) * r for r in ramp))
+    image = np.clip(image * rng.uniform(0.8, 1.2), 0, 1) ** rng.uniform(0.7, 1.4)
+    return image.astype(np.float32)
 
 
 def lesion_voxels(mask: np.ndarray) -> List[np.ndarray]:
@@ -215,7 +245,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         init: Optional[Path] = None, mimics_by_class: bool = True,
         mix: Sequence[float] = MIX, hard: Optional[Path] = None,
         class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH,
-        mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False) -> Path:
+        mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False, strong_augment: bool = False) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
@@ -225,7 +255,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
     files = sorted(cache.glob("*.npz"))
     sampler = PatchSampler(files, rng, patch=patch, mix=mix, by_class=mimics_by_class, hard=hard,
                            class_weights=class_weights, mimic_loss_weight=mimic_loss_weight,
-                           cmb_by_lesion=cmb_by_lesion)
+                           cmb_by_lesion=cmb_by_lesion, strong=strong_augment)
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
@@ -253,7 +283,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
          "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
          "mimic_loss_weight": mimic_loss_weight, "cmb_sampling": "lesion" if cmb_by_lesion else "voxel",
-         "command": " ".join(sys.argv),
+         "augment": "strong" if strong_augment else "basic", "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
     model.train()
     if frozen_norms:
@@ -459,7 +489,7 @@ def training_phases(run: Path) -> List[Dict]:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
         keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "class_weights",
-                "mimic_loss_weight", "cmb_sampling", "frozen_norms", "torch")
+                "mimic_loss_weight", "cmb_sampling", "augment", "frozen_norms", "torch")
         phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
         init = Path(config["init"]) if config.get("init") else None
         if init is not None and init.suffix == ".onnx":
@@ -645,6 +675,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--cmb-sampling", choices=("voxel", "lesion"), default="voxel",
                    help="CMB patches: each CMB voxel of a scan equally often (large CMBs dominate), or each "
                         "CMB (lesion) equally often, then a voxel of it")
+    f.add_argument("--augment", choices=("basic", "strong"), default="basic",
+                   help="basic: mirror, contrast scale and gamma; strong: also blur, thick slices, noise and bias")
     f.add_argument("--mimic-weight", action="append", default=[], metavar="CLASS=W",
                    help="with class sampling, draw this mimic class W times as often as the others (repeatable)")
     f.add_argument("--mimic-loss-weight", type=float, default=1.0, metavar="W",
@@ -684,7 +716,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class",
                 mix=tuple(args.mix), hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight),
                 patch=args.patch, mimic_loss_weight=args.mimic_loss_weight,
-                cmb_by_lesion=args.cmb_sampling == "lesion")
+                cmb_by_lesion=args.cmb_sampling == "lesion", strong_augment=args.augment == "strong")
         except ValueError as error:  # the sampler's refusals (unknown class, missing --hard, ...)
             parser.error(str(error))
     elif args.step == "mine":

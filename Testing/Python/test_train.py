@@ -59,6 +59,25 @@ def test_patch_sampler_centres_on_cmbs_and_mimics(tmp_path) -> None:
     assert all(points.base is None for entries in sampler.sites.values() for _, points in entries)
 
 
+def test_strong_augmentation_degrades_patches_but_keeps_targets(tmp_path) -> None:
+    _tiny_cache(tmp_path)
+    files = sorted(tmp_path.glob("*.npz"))
+    changes = []
+    for seed in range(8):  # a batch's first patch: same centre and mirror, so the same target
+        plain = train.PatchSampler(files, np.random.default_rng(seed), patch=16, mix=(1.0, 0.0, 0.0))
+        strong = train.PatchSampler(files, np.random.default_rng(seed), patch=16, mix=(1.0, 0.0, 0.0), strong=True)
+        (a, ta, _), (b, tb, _) = plain.batch(1), strong.batch(1)
+        assert torch.equal(ta, tb)
+        assert 0 <= float(b.min()) and float(b.max()) <= 1 and b.dtype == torch.float32
+        changes.append(float((a - b).abs().mean()))
+    assert max(changes) > 0.01
+    rng = np.random.default_rng(0)
+    edge = np.zeros((16, 16, 16), np.float32)
+    edge[:, :, 8:] = 1.0
+    sharpness = [np.abs(np.diff(train.degrade(rng, edge), axis=2)).max() for _ in range(40)]
+    assert min(sharpness) < 0.6 < max(sharpness)  # some patches are blurred or thick-sliced, others not
+
+
 def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
     _tiny_cache(tmp_path)
     files = sorted(tmp_path.glob("*.npz"))
