@@ -176,16 +176,20 @@ def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: Sequence[flo
             + ((z - centre[2]) / radii[2]) ** 2) < 1
 
 
-@lru_cache(maxsize=1)
-def cmb_sites() -> Dict[int, np.ndarray]:
+@lru_cache(maxsize=2)
+def cmb_sites(margin_mm: float = 0.0) -> Dict[int, np.ndarray]:
     """MNI RAS of the tissue voxels where CMBs may go, by MARS area (1 lobar, 2 deep, 3 infratentorial):
-    at least 2 mm inside tissue and 12 mm from the iron nuclei, the pineal and the choroid plexus."""
+    at least 2 mm inside tissue and 12 mm from the iron nuclei, the pineal and the choroid plexus; with
+    ``margin_mm``, also farther than that from every other area (sites whose area no registration doubts)."""
     atlas = head_atlas()
     keep_away = np.array([PINEAL, *CHOROID, (-19, -3, -1), (19, -3, -1), (-14, -57, -34), (14, -57, -34)])
     inside = (atlas.sulcus_mm >= 2.0) & (atlas.area > 0) & ~np.isin(atlas.codes, (CODE["pallidum"], CODE["dentate"]))
     sites = {}
     for area in (1, 2, 3):
-        points = atlas.points(inside & (atlas.area == area))
+        where = inside & (atlas.area == area)
+        if margin_mm > 0:
+            where &= ndimage.distance_transform_edt((atlas.area == 0) | (atlas.area == area)) > margin_mm
+        points = atlas.points(where)
         far = cKDTree(keep_away).query(points)[0] > 12.0
         sites[area] = points[far].astype(np.float32)
     return sites

@@ -82,9 +82,12 @@ class ScanMetrics:
     n_true: int
     n_pred: int
     mimics: Optional[MimicRates] = None
+    found: Optional[List[int]] = None  # overlap rule: the truth labels a prediction touches
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "mimics"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("mimics", "found")}
+        if self.found is not None:
+            out["found"] = self.found
         out.update(_rates(self.tp, self.fn, self.fp, scans=1))
         if self.mimics is not None:
             out["mimics"] = self.mimics
@@ -215,7 +218,8 @@ def _overlap(instances: Instances, truth: sitk.Image) -> ScanMetrics:
     n_true = len(np.unique(labels[labels > 0]))
     touched, touching = _touches(instances, labels, Geometry.of(truth))
     n_pred = _count(instances)
-    return ScanMetrics(tp=len(touched), fn=n_true - len(touched), fp=n_pred - touching, n_true=n_true, n_pred=n_pred)
+    return ScanMetrics(tp=len(touched), fn=n_true - len(touched), fp=n_pred - touching, n_true=n_true, n_pred=n_pred,
+                       found=sorted(int(label) for label in touched))
 
 
 # --- centroid rule ------------------------------------------------------------------------

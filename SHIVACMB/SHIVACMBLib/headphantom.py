@@ -41,17 +41,18 @@ AREA_NAMES = {1: "lobar", 2: "deep", 3: "infratentorial"}
 MIDLINE_MM = 2.0
 HEAD_CENTRE = (0.0, -15.0, 8.0)  # MNI RAS of the acquisition grid's centre
 
-# intensity ranges relative to white matter, per modality (atlas family)
+# intensity ranges relative to white matter, per modality (atlas family); the skull's marrow stays dark
+# on gradient echoes (its trabecular bone dephases the fat's signal)
 CONTRAST_RANGES = {
     "swi": {"csf": (1.05, 1.6), "ventricle": (1.05, 1.6), "cortex": (0.72, 0.95), "white_matter": (1.0, 1.0),
             "striatum": (0.68, 0.92), "pallidum": (0.5, 0.8), "thalamus": (0.78, 0.96), "brainstem": (0.82, 1.02),
             "cerebellar_cortex": (0.75, 0.95), "cerebellar_white_matter": (0.88, 1.05), "dentate": (0.5, 0.8),
-            "skull": (0.02, 0.12), "marrow": (0.2, 0.7), "scalp": (0.5, 1.3), "muscle": (0.3, 0.7),
+            "skull": (0.02, 0.12), "marrow": (0.1, 0.45), "scalp": (0.5, 1.3), "muscle": (0.3, 0.7),
             "eye": (0.9, 1.6), "air": (0.0, 0.02)},
     "t2s": {"csf": (1.15, 1.9), "ventricle": (1.15, 1.9), "cortex": (1.03, 1.35), "white_matter": (1.0, 1.0),
             "striatum": (0.95, 1.2), "pallidum": (0.7, 1.0), "thalamus": (0.92, 1.15), "brainstem": (0.88, 1.05),
             "cerebellar_cortex": (1.03, 1.35), "cerebellar_white_matter": (0.92, 1.05), "dentate": (0.7, 1.0),
-            "skull": (0.02, 0.12), "marrow": (0.3, 0.9), "scalp": (0.5, 1.3), "muscle": (0.25, 0.6),
+            "skull": (0.02, 0.12), "marrow": (0.1, 0.5), "scalp": (0.5, 1.3), "muscle": (0.25, 0.6),
             "eye": (1.1, 1.9), "air": (0.0, 0.02)},
 }
 # ood family: proton density and T2* (ms at 3 T; 1.5 T scales T2* by 1.6) per tissue, and SWI phase-mask factors
@@ -164,10 +165,11 @@ def _side(x_mni: float) -> str:
 
 
 def place_cmbs(rng: np.random.Generator, subject: Subject, head: np.ndarray, n: int, taken: List[np.ndarray],
-               modality: str, family: Family) -> List[PhantomObject]:
-    """CMBs in brain tissue of this head, 60 % lobar, 25 % deep, 15 % infratentorial."""
+               modality: str, family: Family, margin_mm: float = 0.0) -> List[PhantomObject]:
+    """CMBs in brain tissue of this head, 60 % lobar, 25 % deep, 15 % infratentorial (``margin_mm``: at
+    least that far from another MARS area)."""
     atlas = anatomy.head_atlas()
-    sites = anatomy.cmb_sites()
+    sites = anatomy.cmb_sites(margin_mm)
     cmbs: List[PhantomObject] = []
     for _ in range(n):
         area = int(rng.choice((1, 2, 3), p=[0.6, 0.25, 0.15]))
@@ -432,8 +434,10 @@ class _Resampler:
 
 def make_head_phantom(seed: int, family: str = "atlas", modality: Optional[str] = None,
                       spacing: Optional[Sequence[float]] = None, n_cmb: Optional[int] = None,
-                      skull_stripped: Optional[bool] = None) -> Phantom:
-    """One realistic phantom with its ground truth, entirely determined by ``seed`` and the overrides."""
+                      skull_stripped: Optional[bool] = None, site_margin_mm: float = 0.0) -> Phantom:
+    """One realistic phantom with its ground truth, entirely determined by ``seed`` and the overrides
+    (``site_margin_mm``: CMBs at least that far from a MARS area other than their own, where a demo
+    checks the location step)."""
     fam = FAMILY[family]
     rng = np.random.default_rng(seed)
     subject = random_subject(rng, fam)
@@ -448,7 +452,7 @@ def make_head_phantom(seed: int, family: str = "atlas", modality: Optional[str] 
     taken: List[np.ndarray] = []
     mimics = place_mimics(rng, subject, acq.modality, taken, fam)
     count = cmb_count(rng) if n_cmb is None else int(n_cmb)
-    cmbs = place_cmbs(rng, subject, head, count, taken, acq.modality, fam)
+    cmbs = place_cmbs(rng, subject, head, count, taken, acq.modality, fam, site_margin_mm)
     tpl_image, tpl_mimics, names = template_images(rng, fam, acq, head)
     base_sigma = float(rng.uniform(0.3, 0.6))  # partial volume of the 1 mm anatomy itself
     resampler = _Resampler(grid, _subject_transform(subject, grid),
