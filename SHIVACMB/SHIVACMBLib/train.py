@@ -78,10 +78,11 @@ def prepare(phantoms: Path, cache: Path) -> List[Path]:
             cmb, mimic = (sitk.GetArrayFromImage(resample(sitk.ReadImage(str(truth[key])), model_input.grid,
                                                           sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt16))
                           for key in ("cmb", "mimics"))
-            codes = np.zeros(int(mimic.max()) + 1, dtype=np.uint8)
-            for row in read_objects(truth["objects"]):
-                if row["kind"] == "mimic":
-                    codes[int(row["label"])] = 1 + MIMIC_CLASSES.index(row["class"])
+            mimics = [row for row in read_objects(truth["objects"]) if row["kind"] == "mimic"]
+            # mimics outside the model box are listed but leave no voxel in it
+            codes = np.zeros(max([int(mimic.max())] + [int(row["label"]) for row in mimics]) + 1, dtype=np.uint8)
+            for row in mimics:
+                codes[int(row["label"])] = 1 + MIMIC_CLASSES.index(row["class"])
             arrays = {"volume": model_input.volume.astype(np.float16), "cmb": (cmb > 0).astype(np.uint8),
                       "mimic": codes[mimic], "brain": model_input.mask.astype(np.uint8)}
             with atomic_path(target) as tmp:

@@ -47,6 +47,21 @@ def test_onnx_export_matches_torch_on_any_size(tmp_path) -> None:
     assert onnx.load(str(path)).opset_import[0].version >= 17
 
 
+def test_prepare_keeps_mimic_classes_when_some_mimics_leave_the_model_box(tmp_path) -> None:
+    from SHIVACMBLib import synthetic
+
+    phantom = synthetic.make_phantom(5, "swi", (2.0, 2.0, 2.0), n_cmb=2)
+    paths = synthetic.write_phantom(phantom, tmp_path / "phantoms", "scan")
+    last = max(o.label for o in phantom.objects if o.kind == "mimic")
+    with open(paths["objects"], "a", encoding="utf-8") as table:  # a calcification the box does not hold
+        table.write(f"{last + 7}\tmimic\tcalcification\tpineal\t0\t0\t300\t2.0\tmidline\n")
+    train.prepare(tmp_path / "phantoms", tmp_path / "cache")
+    data = np.load(tmp_path / "cache" / "scan.npz")
+    assert data["volume"].shape == train.BOX and data["cmb"].any()
+    present = {train.MIMIC_CLASSES[c - 1] for c in np.unique(data["mimic"]) if c}
+    assert "vein" in present and present <= set(train.MIMIC_CLASSES)
+
+
 def test_patch_sampler_centres_on_cmbs_and_mimics(tmp_path) -> None:
     _tiny_cache(tmp_path)
     sampler = train.PatchSampler(sorted(tmp_path.glob("*.npz")), np.random.default_rng(0), patch=16,
