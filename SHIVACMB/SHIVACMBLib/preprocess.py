@@ -8,7 +8,11 @@ Computed brain mask (when the user gives none), on a 2 mm copy of the scan:
   4 mm ball (detaches scalp, eyes, neck) -> largest connected component -> dilation by the
   same ball -> hole filling (dark lesions, veins, iron) -> closing by a 6 mm ball (dark
   cortical veins and sulci at the surface) -> hole filling.
-It works on magnitude SWI and T2*-GRE, whose brain is brighter than background and skull.
+It works on magnitude SWI and T2*-GRE, whose brain is brighter than background and skull. Where the
+skull blurs above the Otsu threshold (thin tables, bright marrow), brain and scalp join: the brain
+is therefore also found above 0.7 of the head's median intensity, which the skull does not reach,
+and regrown by 3 mm inside the Otsu mask (cortex, CSF); when the first mask is over 1.1 times
+that one, the second is taken.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ MASK_VOXEL_MM = 2.0
 ERODE_MM = 4.0
 CLOSE_MM = 6.0
 MIN_BRAIN_ML = 5.0
+# The brain is also found above STRICT_FRACTION of the head's median and regrown by REGROW_MM inside the first
+# threshold; a first mask over JOINED_RATIO times that one has taken the scalp through the skull (on 30 atlas
+# phantoms: joined masks 1.19-2.09 times the regrown one, right ones at most 1.02 times).
+JOINED_RATIO = 1.1
+STRICT_FRACTION = 0.7
+REGROW_MM = 3.0
 MIN_MASK_OVERLAP = 0.5
 TOP_MARGIN_MM = 5.0
 
@@ -77,12 +87,31 @@ def compute_brain_mask(scan: Scan, voxel_mm: float = MASK_VOXEL_MM) -> BrainMask
     values = np.nan_to_num(sitk.GetArrayFromImage(image), nan=0.0, posinf=0.0, neginf=0.0)
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.Execute(sitk.GetImageFromArray(values))
-    head = values > otsu.GetThreshold()
+    threshold = otsu.GetThreshold()
+    head = values > threshold
 
     spacing_kji = spacing[::-1]
     # pad so that morphology does not stick to the field-of-view border
     pad = int(np.ceil(CLOSE_MM / spacing.min())) + 1
     head = np.pad(head, pad)
+    brain = _brain_of(head, spacing_kji, scan)
+    # a skull blurred above the threshold (thin tables, bright marrow) joins brain and scalp: the brain found
+    # above a stricter threshold, with the head's voxels within a few mm of it (the cortex, CSF), is then smaller
+    strict = np.pad(values > max(threshold, STRICT_FRACTION * float(np.median(values[values > threshold]))), pad)
+    if strict.any():
+        near = ndimage.binary_dilation(_brain_of(strict, spacing_kji, scan), _ball(REGROW_MM, spacing_kji))
+        regrown = ndimage.binary_fill_holes(near & head)
+        if brain.sum() > JOINED_RATIO * regrown.sum():
+            brain = regrown
+    mask = BrainMask(coarse.with_image(brain[pad:-pad, pad:-pad, pad:-pad].astype(np.uint8)), "computed")
+    if mask.volume_ml() < MIN_BRAIN_ML:
+        raise InputError(scan.path, f"automatic brain mask is only {mask.volume_ml():.1f} mL; "
+                                    "give a brain mask with --mask")
+    return mask
+
+
+def _brain_of(head: np.ndarray, spacing_kji: np.ndarray, scan: Scan) -> np.ndarray:
+    """Erosion, largest component, dilation, hole filling, closing, hole filling (module docstring)."""
     core = ndimage.binary_erosion(head, _ball(ERODE_MM, spacing_kji))
     labels, n = ndimage.label(core)
     if n == 0:
@@ -93,12 +122,7 @@ def compute_brain_mask(scan: Scan, voxel_mm: float = MASK_VOXEL_MM) -> BrainMask
     brain = ndimage.binary_dilation(brain, _ball(ERODE_MM, spacing_kji))
     brain = ndimage.binary_fill_holes(brain)
     brain = ndimage.binary_closing(brain, _ball(CLOSE_MM, spacing_kji))
-    brain = ndimage.binary_fill_holes(brain)[pad:-pad, pad:-pad, pad:-pad]
-    mask = BrainMask(coarse.with_image(brain.astype(np.uint8)), "computed")
-    if mask.volume_ml() < MIN_BRAIN_ML:
-        raise InputError(scan.path, f"automatic brain mask is only {mask.volume_ml():.1f} mL; "
-                                    "give a brain mask with --mask")
-    return mask
+    return ndimage.binary_fill_holes(brain)
 
 
 def load_brain_mask(path: Union[str, Path], scan: Scan) -> BrainMask:

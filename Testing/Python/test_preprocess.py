@@ -44,6 +44,20 @@ def test_computed_mask_ignores_scalp_and_keeps_dark_lesions(tmp_path):
     assert all(values[k, j, i] for i, j, k in inside)  # the dark spheres are inside the mask
 
 
+def test_computed_mask_keeps_the_scalp_out_when_the_skull_blurs_into_it(tmp_path):
+    """Thin skull tables around bright marrow: at the mask's 2 mm the skull rises above the Otsu threshold."""
+    scene = phantoms.head_scene()
+    scene.shells = [(1.20, 0.75), (1.14, 0.06), (1.13, 0.55), (1.07, 0.06), (1.05, 1.25)]
+    grid = phantoms.grid_around((0, 0, 0), (200, 240, 170), (2, 2, 2))
+    scan = read_scan(phantoms.write(phantoms.render(scene, grid), tmp_path / "head.nii.gz"))
+    mask = compute_brain_mask(scan)
+    # brain + CSF shell and a few mm more (2.37 L with the scalp before the second threshold existed)
+    assert mask.volume_ml() == pytest.approx(ellipsoid_volume_ml(np.array(scene.brain_radii) * 1.05), rel=0.15)
+    scalp = np.array([[0.0, 0.0, 1.17 * scene.brain_radii[2]], [1.17 * scene.brain_radii[0], 0.0, 0.0]])
+    i, j, k = mask.geometry.ras_to_index(scalp).round().astype(int).T
+    assert not sitk.GetArrayViewFromImage(mask.image)[k, j, i].any()
+
+
 def test_computed_mask_refuses_pure_noise(tmp_path):
     grid = phantoms.grid_around((0, 0, 0), (20, 20, 20), (1, 1, 1))
     noise = np.random.default_rng(0).random(grid.array_shape).astype(np.float32)
