@@ -40,6 +40,7 @@ from .errors import InputError, ShivaError, one_line
 from .files import atomic_write_text, checksum, clean_stale_siblings
 from .findings import COLUMNS as FINDING_COLUMNS
 from .findings import Finding, read_tsv, to_text_rows
+from .fpfilter import load_filter
 from .location import AREAS, SIDES, UNKNOWN, count_locations
 from .models import ModelDescriptor, load_model
 from .pipeline import FINDINGS_NAME, LABELS_NAME, PROBABILITY_NAME, REPORT_NAME, RUN_NAME, SegmentOptions, segment
@@ -241,10 +242,14 @@ class BatchSettings:
     report: bool = True
     threads: Optional[int] = None  # onnxruntime and SimpleITK threads per worker (None: every core)
     retry_failed: bool = False
+    fp_filter: Optional[str] = None  # candidate filter folder; None = the embedded one, "none" = off
 
     def result_settings(self, model: ModelDescriptor) -> Dict[str, Any]:
         """What changes a scan's results (the device does not: a GPU and a CPU give the same CMBs)."""
+        candidate_filter = load_filter(self.fp_filter)
         return {"model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},
+                "fp_filter": None if candidate_filter is None else {**candidate_filter.summary(),
+                                                                    "sha256": checksum([candidate_filter.onnx])},
                 "threshold": model.threshold if self.threshold is None else self.threshold,
                 "precision": self.precision, "min_volume_mm3": self.min_volume_mm3,
                 "max_volume_mm3": self.max_volume_mm3, "save_probability": self.save_probability,
@@ -340,7 +345,8 @@ def _run_scan(job: Job, root: Path, model: ModelDescriptor, settings: BatchSetti
                              precision=settings.precision, threshold=settings.threshold,
                              save_probability=settings.save_probability, min_volume_mm3=settings.min_volume_mm3,
                              max_volume_mm3=settings.max_volume_mm3, scan_id=job.scan_id, report=settings.report,
-                             parcellation=job.parcellation, location=settings.location, batch=batch)
+                             parcellation=job.parcellation, location=settings.location, batch=batch,
+                             fp_filter=settings.fp_filter)
     ensemble = get_ensemble(model, settings.device, settings.threads, settings.precision, keep_memory=True)
     if not job.prefix:
         segment(job.image, root, options, model=model, ensemble=ensemble)

@@ -75,12 +75,20 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
                         help="drop CMBs larger than this, in mm^3 on the model grid (default: keep all)")
     parser.add_argument("--no-location", action="store_true",
                         help="skip the anatomical location (region, mars_area and side stay n/a)")
+    _add_filter_option(parser)
     parser.add_argument("--save-probability", action="store_true",
                         help="also write cmb_probability (ensemble probability on the scan's grid)")
     parser.add_argument("--no-report", action="store_true", help="do not write report.html")
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
                         help="bar: progress bar on stderr; json: one JSON object per line on stdout "
                              "(for front ends); none (default: %(default)s)")
+
+
+def _add_filter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fp-filter", metavar="DIR|none",
+                        help="candidate filter: a second network that rejects candidates looking like veins, "
+                             "calcifications or anatomy, after any model; a filter folder, or none to switch it "
+                             "off (default: the embedded filter, where the installation has one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +287,7 @@ def _add_compare_parser(commands: Any) -> None:
     compare.add_argument("--device", choices=DEVICES, default="auto",
                          help="where the network runs (default: %(default)s)")
     compare.add_argument("--threshold", type=_probability, metavar="T", help="probability threshold of detection")
+    _add_filter_option(compare)
     compare.add_argument("--no-report", action="store_true", help="do not write report.html")
     compare.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
                          help="bar, json (one JSON object per line on stdout) or none (default: %(default)s)")
@@ -404,7 +413,8 @@ def _segment(args: argparse.Namespace) -> int:
                              threshold=args.threshold,
                              save_probability=args.save_probability, min_volume_mm3=args.min_volume,
                              max_volume_mm3=args.max_volume, scan_id=args.scan_id, report=not args.no_report,
-                             parcellation=args.parcellation, location=not args.no_location)
+                             parcellation=args.parcellation, location=not args.no_location,
+                             fp_filter=args.fp_filter)
     if args.progress == "json":
         report = json_reporter()
         result = segment(args.input, args.out, options, progress=report)
@@ -442,7 +452,7 @@ def _batch(args: argparse.Namespace) -> int:
                              threshold=args.threshold, min_volume_mm3=args.min_volume,
                              max_volume_mm3=args.max_volume, save_probability=args.save_probability,
                              location=not args.no_location, report=not args.no_report, threads=args.threads,
-                             retry_failed=args.retry_failed)
+                             retry_failed=args.retry_failed, fp_filter=args.fp_filter)
     cluster = ClusterSettings(scheduler=args.scheduler, workers=args.workers)
     if args.progress == "json":
         result = run_batch(cohort, args.out, settings, cluster, progress=_batch_json)
@@ -618,7 +628,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .progress import BarReporter, json_reporter
 
     detection = SegmentOptions(model=args.model, device=args.device, threshold=args.threshold,
-                               report=not args.no_report)
+                               report=not args.no_report, fp_filter=args.fp_filter)
     options = CompareOptions(baseline_findings=args.baseline_findings, followup_findings=args.followup_findings,
                              baseline_mask=args.baseline_mask, followup_mask=args.followup_mask, affine=args.affine,
                              tolerance_mm=args.tolerance, detection=detection, report=not args.no_report)

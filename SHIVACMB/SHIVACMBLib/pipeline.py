@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,8 +27,9 @@ from .geometry import Geometry, resample
 from .inference import FoldEnsemble, get_ensemble
 from .location import Located, ParcellationLookup, locate
 from .models import ModelDescriptor, load_model
+from .fpfilter import FilterRun, load_filter, veto
 from .postprocess import OUTSIDE_RATIO, Components, find_components, map_to_native, measure
-from .preprocess import compute_brain_mask, load_brain_mask, prepare_input
+from .preprocess import BrainMask, ModelInput, compute_brain_mask, load_brain_mask, prepare_input
 from .progress import Reporter, stage_reporter
 from .report import write_report
 from .scan import Scan, read_scan, scan_id_from_path
@@ -59,6 +60,7 @@ class SegmentOptions:
     report: bool = True
     parcellation: Optional[PathLike] = None  # FreeSurfer/SynthSeg labels; None = the registered MNI atlas
     location: bool = True  # MARS region and side of every CMB
+    fp_filter: Optional[str] = None  # candidate filter folder; None = the embedded one (if any), "none" = off
     batch: Optional[Dict[str, Any]] = None  # `shivacmb batch`: input fingerprint and run id, kept in run.json
 
 
@@ -113,6 +115,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     if not 0.0 < threshold < 1.0:
         raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
     check_writable(Path(out_dir))
+    candidate_filter = load_filter(options.fp_filter)
 
     with clock.stage("read"):
         stage_reporter(progress, "read")(0.0, f"reading {options.scan_id or Path(input_path).name}")
@@ -132,8 +135,10 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     with clock.stage("postprocess"):
         stage_reporter(progress, "postprocess")(0.0, "finding CMBs")
         native = scan.geometry
+        filter_run = FilterRun(candidate_filter) if candidate_filter is not None else None
         components = find_components(mean, model_input.mask, model_input.grid, native, threshold,
-                                     OUTSIDE_RATIO, options.min_volume_mm3, options.max_volume_mm3)
+                                     OUTSIDE_RATIO, options.min_volume_mm3, options.max_volume_mm3,
+                                     _filter_veto(filter_run, scan, mask, model, model_input))
         del mean
         native_labels = map_to_native(components, model_input.grid, native, threshold)
         findings = measure(components, folds, native_labels, model_input.grid, native, threshold)
@@ -163,6 +168,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
                       "origin_ras": np.round(model_input.grid.index_to_ras(np.zeros(3)), 3).tolist()},
         "results": {"cmb_count": len(findings), "dropped": components.dropped,
                     "kept_by_single_voxel_rule": native_labels.rescued},
+        "fp_filter": filter_run.summary() if filter_run is not None else None,
         "location": located.summary,
         "warnings": scan.warnings + model_input.warnings + ensemble.warnings + located.warnings,
         "started": started.isoformat(timespec="seconds"),
@@ -179,6 +185,17 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
             raise RuntimeFailure(f"{out}: cannot write results: {err.strerror or err}") from None
     stage_reporter(progress, "write")(1.0, f"{len(findings)} CMB(s) found")
     return SegmentResult(scan_id=scan_id, output_dir=out, findings=findings, run=run, files=files)
+
+
+def _filter_veto(run: Optional[FilterRun], scan: Scan, mask: BrainMask, model: ModelDescriptor,
+                 model_input: ModelInput) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The candidate filter's keep rule, on the model's box when the filter can read it, else on its own copy."""
+    if run is None:
+        return None
+    filter_input = model_input
+    if not run.filter.fits(model_input.grid, model.normalization):
+        filter_input = prepare_input(scan, mask, run.filter.input_spec(model_input.grid.size))
+    return veto(run, filter_input.volume.transpose(2, 1, 0), filter_input.grid, model_input.grid)
 
 
 def check_writable(out_dir: Path) -> None:

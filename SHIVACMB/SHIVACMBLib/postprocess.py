@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -66,12 +66,16 @@ def find_components(
     outside_ratio: float = OUTSIDE_RATIO,
     min_volume_mm3: float = 0.0,
     max_volume_mm3: Optional[float] = None,
+    candidate_filter: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> Components:
-    """Steps 1-3 of the module docstring."""
+    """Steps 1-3 of the module docstring. ``candidate_filter``: the [z, y, x] peaks of the components that
+    pass the other rules -> which of them to keep (``fpfilter``); the others count as ``fp_filter``."""
     binary = mean > threshold
     labels, n = ndimage.label(binary, structure=CONNECT_26)
     probability = mean * inside
     dropped = {"outside_brain": 0, "outside_scan": 0, "too_small": 0, "too_large": 0}
+    if candidate_filter is not None:
+        dropped["fp_filter"] = 0
     if n == 0:
         nothing = np.zeros(0, dtype=np.int64)
         return Components(labels, probability.astype(np.float32, copy=False), 0, nothing, nothing, dropped)
@@ -96,6 +100,11 @@ def find_components(
         hit[0] = False
         dropped[reason] = int(np.count_nonzero(hit & keep))
         keep &= ~hit
+    if candidate_filter is not None and keep.any():
+        candidates = np.flatnonzero(keep)
+        vetoed = candidates[~np.asarray(candidate_filter(peaks[candidates]), dtype=bool)]
+        dropped["fp_filter"] = len(vetoed)
+        keep[vetoed] = False
 
     kept = keep[ids] & in_brain  # kept components lose their voxels outside the mask
     flat_probability[where[~kept]] = 0.0

@@ -647,6 +647,64 @@ def _class_weights(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dic
     return weights
 
 
+FILTER_STEPS = ("candidates", "fit-filter", "export-filter", "screen-filter")
+
+
+def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
+    """The candidate filter's steps (``filtertrain``)."""
+    c = steps.add_parser("candidates", help="cubes around the folds' candidates and the planted objects")
+    c.add_argument("--cache", type=Path, required=True, help="prepared phantoms")
+    c.add_argument("--folds", type=Path, nargs="+", required=True, help="segmentation folds (ONNX)")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--threshold", type=float, default=0.3, help="lowest fold probability of a candidate")
+    f = steps.add_parser("fit-filter", help="train the candidate filter")
+    f.add_argument("--candidates", type=Path, nargs="+", required=True)
+    f.add_argument("--run", type=Path, required=True)
+    f.add_argument("--steps", type=int, default=3000)
+    f.add_argument("--seed", type=int, default=1)
+    f.add_argument("--batch", type=int, default=32)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--threads", type=int)
+    f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
+    e = steps.add_parser("export-filter", help="write the filter folder (filter.onnx, filter.json)")
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--threshold", type=float, required=True)
+    e.add_argument("--name", default="shivacmb-candidate-filter")
+    e.add_argument("--version", default="1.0")
+    e.add_argument("--metrics", type=Path, help="JSON with the measured metrics to record")
+    s = steps.add_parser("screen-filter", help="fold and filter thresholds on validation candidates")
+    s.add_argument("--candidates", type=Path, required=True, help="candidates of validation phantoms")
+    s.add_argument("--run", type=Path, help="the filter's training run (without: no filter)")
+    s.add_argument("--fold-thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    s.add_argument("--filter-thresholds", type=float, nargs="+", default=[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    s.add_argument("--out", type=Path, help="also write the rows as JSON")
+
+
+def run_filter_step(args: argparse.Namespace) -> int:
+    from . import filtertrain
+
+    if args.step == "candidates":
+        written = filtertrain.candidates(args.cache, args.folds, args.out, args.threshold)
+        print(f"{written} candidates written")
+    elif args.step == "fit-filter":
+        filtertrain.fit_filter(args.candidates, args.run, args.steps, args.seed, args.batch, args.lr,
+                               threads=args.threads, until=args.until)
+    elif args.step == "export-filter":
+        metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
+        print(f"wrote {filtertrain.export_filter(args.run, args.out, args.threshold, args.name, args.version, metrics)}")
+    else:
+        rows = filtertrain.screen_filter(args.candidates, args.run, args.fold_thresholds, args.filter_thresholds)
+        print(f"{'fold':>5} {'filter':>6} {'TP':>4} {'FN':>4} {'FP':>4} {'sens':>6} {'prec':>6} {'FP/scan':>7}  FP on")
+        for row in rows:
+            print(f"{row['fold_threshold']:>5.2f} {row['filter_threshold']:>6.2f} {row['tp']:>4} {row['fn']:>4} "
+                  f"{row['fp']:>4} {row['sensitivity'] or 0:>6.3f} {row['precision'] or 0:>6.3f} "
+                  f"{row['fp_avg']:>7.3f}  {row['false_positives_on']}")
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SHIVACMBLib.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -704,7 +762,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sc.add_argument("--folds", type=Path, nargs="+", required=True, help="the project's own ONNX folds")
     sc.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     sc.add_argument("--out", type=Path, help="also write the rows as JSON")
+    _add_filter_steps(steps)
     args = parser.parse_args(argv)
+    if args.step in FILTER_STEPS:
+        return run_filter_step(args)
     if args.step == "fit" and len(args.mix) not in (3, 4):
         parser.error("--mix takes three or four shares")
     if args.step == "fit" and (args.patch % 8 or not 16 <= args.patch <= 128):
