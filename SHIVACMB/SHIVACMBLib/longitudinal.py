@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from . import __version__
 from .errors import InputError, RuntimeFailure
 from .evaluate import centroid_pairs
-from .files import atomic_write_text, staged_directory
+from .files import atomic_write_text, check_replaceable, staged_directory
 from .findings import Finding, read_findings
 from .geometry import LPS_RAS, Geometry, resample
 from .pipeline import FINDINGS_NAME, SEGMENTATION_NAME as SEGMENT_SEGMENTATION, SegmentOptions, \
@@ -299,7 +299,8 @@ def compare(baseline_path: PathLike, followup_path: PathLike, out_dir: PathLike,
     """Register, detect (unless findings are given), match, grade, and write ``out_dir``."""
     options = options or CompareOptions()
     out = Path(out_dir)
-    _check_output(out)
+    check_replaceable(out, _is_comparison, _COMPARISON_WHAT)
+    check_writable(out)
     say = _Steps(progress)
     say("read", 0.0, "reading both scans")
     baseline, followup = read_scan(baseline_path), read_scan(followup_path)
@@ -316,7 +317,7 @@ def compare(baseline_path: PathLike, followup_path: PathLike, out_dir: PathLike,
             f"brain-mask Dice {registration.mask_dice:.2f} after registration, below {MIN_MASK_DICE:.2f}; not graded "
             "(same subject? give brain masks with --baseline-mask/--followup-mask)")
     started = _dt.datetime.now(_dt.timezone.utc)
-    with staged_directory(out) as stage:
+    with staged_directory(out, _is_comparison, _COMPARISON_WHAT) as stage:
         inputs = [given[n] or _detect(scan, name, stage, options, say.part(0.1 + 0.4 * n, 0.5 + 0.4 * n))
                   for n, (scan, name) in enumerate(((baseline, "baseline"), (followup, "followup")))]
         say("match", 0.9, "matching CMBs")
@@ -345,11 +346,12 @@ class _Steps:
         return lambda stage, fraction, message: self(stage, lo + (hi - lo) * fraction, message)
 
 
-def _check_output(out: Path) -> None:
-    """Refuse to replace a folder that is not an earlier comparison (the result replaces ``out`` whole)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / JSON_NAME).is_file())):
-        raise InputError(out, f"exists and is not an earlier comparison (no {JSON_NAME}); give a new folder")
-    check_writable(out)
+def _is_comparison(folder: Path) -> bool:
+    """An empty folder or an earlier comparison: what the result may replace whole."""
+    return not any(folder.iterdir()) or (folder / JSON_NAME).is_file()
+
+
+_COMPARISON_WHAT = f"an earlier comparison (no {JSON_NAME})"
 
 
 Inputs = Tuple[List[Finding], Dict[str, Any], Optional[Path]]  # findings, provenance, their cmb.seg.nrrd

@@ -1,6 +1,6 @@
 """Bring-your-own SHIVA-CMB weights: install, convert and parity, with stand-in weights built here.
 
-Needs the `convert` extra (tensorflow-cpu, tf2onnx, tf_keras); marked `convert` (CI installs the
+Needs the `convert` extra (tensorflow, tf_keras, tf2onnx); marked `convert` (CI installs the
 extra and runs them). Each model is a tiny SHIVA-kind residual U-Net (shivaweights.py) on a
 48x56x40 box, packaged as the official zips are.
 """
