@@ -475,7 +475,12 @@ def _batch_json(outcome: Dict[str, Any]) -> None:
 
 
 def _phantom(args: argparse.Namespace) -> int:
+    from .files import safe_name
+    from .pipeline import check_writable
     from .synthetic import generate
+
+    check_writable(Path(args.out))
+    safe_name(args.prefix, "--prefix")
 
     def report(done: int, total: int, scan_id: str) -> None:
         print(f"[{done}/{total}] {scan_id}", flush=True)

@@ -28,7 +28,7 @@ from .inference import FoldEnsemble, get_ensemble
 from .location import Located, ParcellationLookup, locate
 from .models import ModelDescriptor, load_model
 from .postprocess import OUTSIDE_RATIO, Components, find_components, map_to_native, measure
-from .preprocess import compute_brain_mask, load_brain_mask, prepare_input
+from .preprocess import compute_brain_mask, coverage_warnings, load_brain_mask, prepare_input
 from .progress import Reporter, stage_reporter
 from .report import write_report
 from .scan import Scan, read_scan, scan_id_from_path
@@ -166,7 +166,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         "results": {"cmb_count": len(findings), "dropped": components.dropped,
                     "kept_by_single_voxel_rule": native_labels.rescued},
         "location": located.summary,
-        "warnings": scan.warnings + model_input.warnings + ensemble.warnings + located.warnings,
+        "warnings": (scan.warnings + coverage_warnings(scan, mask) + model_input.warnings + ensemble.warnings
+                     + located.warnings),
         "started": started.isoformat(timespec="seconds"),
     }
     if options.batch is not None:

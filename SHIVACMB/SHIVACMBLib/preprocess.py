@@ -30,6 +30,7 @@ MASK_VOXEL_MM = 2.0
 ERODE_MM = 4.0
 CLOSE_MM = 6.0
 MIN_BRAIN_ML = 5.0
+SMALL_BRAIN_ML = 300.0  # below this, a scan or a brain mask cannot hold a whole adult brain (about 1,000-1,600 mL)
 MIN_MASK_OVERLAP = 0.5
 TOP_MARGIN_MM = 5.0
 
@@ -56,6 +57,20 @@ class BrainMask:
 
     def summary(self) -> dict:
         return {"source": self.source, "volume_ml": round(self.volume_ml(), 2), "grid": self.geometry.to_dict()}
+
+
+def coverage_warnings(scan: Scan, mask: BrainMask) -> List[str]:
+    """Warnings for a scan or a brain mask too small to hold a brain: the CMBs found cover only that part."""
+    warnings = []
+    extent = scan.geometry.voxel_volume * float(np.prod(scan.geometry.size)) / 1000.0
+    if extent < SMALL_BRAIN_ML:
+        warnings.append(f"the scan covers only {extent:.3g} mL ({'x'.join(map(str, scan.geometry.size))} voxels); "
+                        "a whole brain is about 1,000-1,600 mL: CMBs were searched in that part only")
+    volume = mask.volume_ml()
+    if volume < SMALL_BRAIN_ML:
+        warnings.append(f"the brain mask is only {volume:.3g} mL; a whole brain is about 1,000-1,600 mL: CMBs were "
+                        "searched in that part only")
+    return warnings
 
 
 @dataclass
