@@ -80,6 +80,13 @@ def test_safe_names_are_plain_names_and_everything_else_is_refused_naming_it():
         assert "\n" not in message and "--scan-id" in message and repr(bad[:20])[1:-1][:10] in message
 
 
+def test_slicer_result_folders_follow_the_rule_whatever_the_node_name():
+    from SHIVACMBLib.slicerbridge import scan_id_for
+
+    for node in ("3: T2* axial", "x" * 300, "CON", "...", "é"):
+        assert safe_name(scan_id_for(node), "id") == scan_id_for(node)
+
+
 # --- segment ----------------------------------------------------------------------------------
 
 
