@@ -448,8 +448,9 @@ def _batch(args: argparse.Namespace) -> int:
             result = run_batch(cohort, args.out, settings, cluster, progress=bar)
     else:
         result = run_batch(cohort, args.out, settings, cluster)
+    files = ", ".join(p.name for p in result.files)
     summary = (f"{result.total} scan(s): {result.done} done, {result.skipped} already done, {len(result.failed)} "
-               f"failed in {result.seconds:.0f} s -> {Path(args.out)}{os.sep} ({', '.join(p.name for p in result.files)})")
+               f"failed in {result.seconds:.0f} s -> {Path(args.out)}{os.sep} ({files})")
     if args.progress == "json":  # front ends read JSON lines only: the summary is the last one
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": summary, "output": str(Path(args.out)),
                           "total": result.total, "done": result.done, "skipped": result.skipped,

@@ -123,8 +123,9 @@ def check_archive(source: Path, archive: zipfile.ZipFile) -> List[zipfile.ZipInf
             what = "a symbolic link" if kind == stat.S_IFLNK else "a device, pipe or socket"
             raise InputError(source, f"zip member '{name}' is {what}; model files are plain files")
         if member.file_size > MIN_BOMB_BYTES and member.file_size > MAX_RATIO * max(member.compress_size, 1):
-            raise InputError(source, f"zip member '{name}' expands {member.file_size / max(member.compress_size, 1):.0f}"
-                                     f" times ({member.file_size / 2**20:.0f} MB): not model weights")
+            ratio = member.file_size / max(member.compress_size, 1)
+            raise InputError(source, f"zip member '{name}' expands {ratio:.0f} times ({member.file_size / 2**20:.0f} "
+                                     "MB): not model weights")
         total += member.file_size
     if total > MAX_UNPACKED:
         raise InputError(source, f"zip expands to {total / 2**30:.1f} GiB, more than the "

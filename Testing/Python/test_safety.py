@@ -148,8 +148,6 @@ def test_nifti_nan_and_inf_voxels_are_reported_like_other_formats(tmp_path):
     values[0, 0, :3] = [np.nan, np.inf, -np.inf]
     for name in ("scan.nii.gz", "scan.nii", "scan.nrrd"):
         assert "3 non-finite voxels set to 0" in read_scan(_image(tmp_path / name, values)).warnings
-    with pytest.raises(InputError, match="every voxel is NaN or infinite"):
-        read_scan(_image(tmp_path / "nan.nii.gz", np.full((8, 8, 8), np.nan, np.float32)))
 
 
 @pytest.mark.parametrize("shape, problem", [((1, 1, 1), "a single voxel"), ((20, 1, 1), "a line of voxels"),
