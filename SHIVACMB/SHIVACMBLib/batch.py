@@ -25,7 +25,6 @@ import csv
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from . import __version__
 from .errors import InputError, ShivaError, one_line
-from .files import atomic_write_text, checksum, clean_stale_siblings
+from .files import atomic_write_text, checksum, clean_stale_siblings, safe_name
 from .findings import COLUMNS as FINDING_COLUMNS
 from .findings import Finding, read_tsv, to_text_rows
 from .fpfilter import load_filter
@@ -60,7 +59,6 @@ AREA_COLUMNS = tuple(f"{area}_{side}" for area in AREAS for side in SIDES)
 SUMMARY_COLUMNS = ("scan_id", "status", "cmb_count") + AREA_COLUMNS + (
     "location_unknown", "boston", "total_volume_mm3", "seconds_total", "seconds_inference", "provider", "model",
     "model_version", "image", "output", "report", "error")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 # --- what to run -------------------------------------------------------------------------
@@ -103,9 +101,12 @@ class Cohort:
     bids: bool = False
 
 
-def discover(source: PathLike, bids_filters: Sequence[str] = ()) -> Cohort:
-    """The jobs of a folder, a BIDS dataset or a CSV file; refuses an input that names no scan."""
+def discover(source: PathLike, bids_filters: Sequence[str] = (), out: Optional[PathLike] = None) -> Cohort:
+    """The jobs of a folder, a BIDS dataset or a CSV file; refuses an input that names no scan, or a scan id
+    that cannot name a file. A folder or dataset never yields files of the output folder ``out`` (the
+    batch's own results when ``out`` lies inside it)."""
     source = Path(source).absolute()  # workers may run elsewhere: every path they get is absolute
+    outside = Path(out).absolute() if out is not None else None
     if not source.exists():
         raise InputError(source, "no such file or folder")
     if source.is_file():
@@ -113,12 +114,22 @@ def discover(source: PathLike, bids_filters: Sequence[str] = ()) -> Cohort:
             raise InputError(source, "--bids-filter applies to a BIDS dataset, not to a CSV file")
         jobs = _csv_jobs(source)
     elif (source / "dataset_description.json").is_file():
-        return Cohort(_bids_jobs(source, _parse_filters(bids_filters)), source, bids=True)
+        return Cohort(_bids_jobs(source, _parse_filters(bids_filters), outside), source, bids=True)
     else:
         if bids_filters:
             raise InputError(source, "--bids-filter needs a BIDS dataset (no dataset_description.json here)")
-        jobs = _folder_jobs(source)
+        jobs = _folder_jobs(source, outside)
     return Cohort(tuple(jobs), source)
+
+
+def _within(path: Path, folder: Optional[Path]) -> bool:
+    return folder is not None and (path == folder or folder in path.parents)
+
+
+def is_own_output(path: Path) -> bool:
+    """A label map, probability map or segmentation a run wrote: never a scan, wherever it lies."""
+    name = path.name.lower()
+    return name.startswith((LABELS_NAME + ".", PROBABILITY_NAME + ".")) or name.endswith(".seg.nrrd")
 
 
 def _csv_jobs(path: Path) -> List[Job]:
@@ -134,9 +145,7 @@ def _csv_jobs(path: Path) -> List[Job]:
         scan_id, image = (row.get("scan_id") or "").strip(), (row.get("image") or "").strip()
         if not scan_id or not image:
             raise InputError(path, f"line {number}: scan_id and image are both needed")
-        if not _SAFE_ID.match(scan_id):
-            raise InputError(path, f"line {number}: scan_id '{scan_id}' must be letters, digits, '.', '_', '+', '-' "
-                                   "(it names the output folder)")
+        safe_name(scan_id, f"line {number}: scan_id", path)
         jobs.append(Job(scan_id, _relative_to(path, image), _relative_to(path, row.get("mask")),
                         _relative_to(path, row.get("parcellation"))))
     _check_unique([j.scan_id for j in jobs], path, "scan_id")
@@ -151,13 +160,17 @@ def _relative_to(listing: Path, value: Optional[str]) -> Optional[Path]:
     return path if path.is_absolute() else listing.parent / path
 
 
-def _folder_jobs(folder: Path) -> List[Job]:
+def _folder_jobs(folder: Path, out: Optional[Path]) -> List[Job]:
     """Scan id = file name without extensions; where two files share it, their relative paths tell them apart."""
-    paths = find_scans(folder)
+    paths = [p for p in find_scans(folder) if not _within(p, out) and not is_own_output(p)]
+    if not paths:
+        raise InputError(folder, f"no scans found outside the output folder {out}")
     ids = [scan_id_from_path(p) for p in paths]
     if len(set(ids)) < len(ids):
         ids = ["_".join(p.relative_to(folder).parent.parts + (scan_id_from_path(p),)) for p in paths]
         _check_unique(ids, folder, "scan id")
+    for scan_id, path in zip(ids, paths):
+        safe_name(scan_id, "scan id (from the file name; rename it or list the scans in a CSV)", path)
     return [Job(scan_id, path) for scan_id, path in zip(ids, paths)]
 
 
@@ -194,11 +207,12 @@ def bids_entities(name: str) -> Tuple[List[Tuple[str, str]], str]:
     return entities, suffix
 
 
-def _bids_jobs(root: Path, filters: Dict[str, Tuple[str, ...]]) -> List[Job]:
+def _bids_jobs(root: Path, filters: Dict[str, Tuple[str, ...]], out: Optional[Path]) -> List[Job]:
     jobs = []
     for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
         for image in sorted(subject.rglob("*.nii*")):
-            if not image.name.endswith((".nii", ".nii.gz")) or any(part.startswith(".") for part in image.parts):
+            if (not image.name.endswith((".nii", ".nii.gz")) or any(part.startswith(".") for part in image.parts)
+                    or _within(image, out)):
                 continue
             entities, suffix = bids_entities(image.name)
             if suffix not in BIDS_SUFFIXES or not entities or entities[0][0] != "sub":
@@ -209,8 +223,10 @@ def _bids_jobs(root: Path, filters: Dict[str, Tuple[str, ...]]) -> List[Job]:
             if any(values.get(key) not in allowed for key, allowed in filters.items()):
                 continue
             prefix = "_".join(f"{k}-{v}" for k, v in entities) + f"_desc-{BIDS_DESC}_"
-            jobs.append(Job(scan_id_from_path(image), image, folder=image.parent.relative_to(root).as_posix(),
-                            prefix=prefix))
+            folder = image.parent.relative_to(root)
+            for name in (scan_id_from_path(image), *folder.parts):
+                safe_name(name, "BIDS name", image)
+            jobs.append(Job(scan_id_from_path(image), image, folder=folder.as_posix(), prefix=prefix))
     if not jobs:
         wanted = ", ".join(f"*_{s}" for s in BIDS_SUFFIXES)
         raise InputError(root, f"no {wanted} NIfTI image in this BIDS dataset"

@@ -447,7 +447,7 @@ def _summary(result: Any) -> str:
 def _batch(args: argparse.Namespace) -> int:
     from .batch import BatchSettings, ClusterSettings, discover, run_batch
 
-    cohort = discover(args.input, args.bids_filter)
+    cohort = discover(args.input, args.bids_filter, args.out)
     settings = BatchSettings(model=args.model, device=args.device, precision=args.precision,
                              threshold=args.threshold, min_volume_mm3=args.min_volume,
                              max_volume_mm3=args.max_volume, save_probability=args.save_probability,
@@ -463,8 +463,16 @@ def _batch(args: argparse.Namespace) -> int:
             result = run_batch(cohort, args.out, settings, cluster, progress=bar)
     else:
         result = run_batch(cohort, args.out, settings, cluster)
-    print(f"{result.total} scan(s): {result.done} done, {result.skipped} already done, {len(result.failed)} failed "
-          f"in {result.seconds:.0f} s -> {Path(args.out)}{os.sep} ({', '.join(p.name for p in result.files)})")
+    files = ", ".join(p.name for p in result.files)
+    summary = (f"{result.total} scan(s): {result.done} done, {result.skipped} already done, {len(result.failed)} "
+               f"failed in {result.seconds:.0f} s -> {Path(args.out)}{os.sep} ({files})")
+    if args.progress == "json":  # front ends read JSON lines only: the summary is the last one
+        print(json.dumps({"stage": "done", "fraction": 1.0, "message": summary, "output": str(Path(args.out)),
+                          "total": result.total, "done": result.done, "skipped": result.skipped,
+                          "failed": [{"scan_id": s, "error": e} for s, e in result.failed],
+                          "files": [str(p) for p in result.files]}), flush=True)
+        return 0 if result.ok else 1
+    print(summary)
     for scan_id, error in result.failed:
         print(f"failed: {scan_id}: {error}")
     return 0 if result.ok else 1
@@ -483,7 +491,12 @@ def _batch_json(outcome: Dict[str, Any]) -> None:
 
 
 def _phantom(args: argparse.Namespace) -> int:
+    from .files import safe_name
+    from .pipeline import check_writable
     from .synthetic import generate
+
+    check_writable(Path(args.out))
+    safe_name(args.prefix, "--prefix")
 
     def report(done: int, total: int, scan_id: str) -> None:
         print(f"[{done}/{total}] {scan_id}", flush=True)
@@ -683,14 +696,18 @@ def _review_status(args: argparse.Namespace) -> int:
         print(f"{row['rater']}: {done}/{row['scans']} done ({row['not_ratable']} not ratable), "
               f"{row['definite']} definite and {row['possible']} possible CMB(s), {row['hours']:.2f} h; "
               f"next: {row['next_scan'] or '-'}")
+        for problem in row["problems"]:
+            print(f"warning: {row['rater']}: {problem}")
     return 0
 
 
 def _review_export(args: argparse.Namespace) -> int:
     from .review import export
 
-    scans, findings, n_scans, n_findings = export(args.sessions, args.out)
+    scans, findings, n_scans, n_findings, problems = export(args.sessions, args.out)
     print(f"{n_scans} scan rating(s) -> {scans}\n{n_findings} finding rating(s) -> {findings}")
+    for problem in problems:
+        print(f"warning: {problem}")
     return 0
 
 

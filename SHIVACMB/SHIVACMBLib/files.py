@@ -11,13 +11,30 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+from .errors import InputError
 
 PathLike = Union[str, Path]
+# Every identifier that becomes a file or folder name (scan ids, rater folders, model names, prefixes):
+# ASCII letters, digits, '.', '_', '+', '-', starting with a letter or digit, at most 128 characters, so
+# that it is one plain name inside its folder on every platform (never '', '.', '..', a path or a device).
+NAME_RULE = "1-128 letters, digits, '.', '_', '+' or '-', starting with a letter or digit"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"{p}{n}" for p in ("COM", "LPT") for n in range(1, 10))}
+
+
+def safe_name(value: str, what: str, source: Optional[PathLike] = None) -> str:
+    """``value`` when it may name a file or folder inside its output folder; else InputError naming it."""
+    if _SAFE_NAME.fullmatch(value) and value.split(".")[0].upper() not in _DEVICE_NAMES:
+        return value
+    shown = repr(value) if len(value) <= 60 else repr(value[:57]) + f"... ({len(value)} characters)"
+    raise InputError(source, f"{what} {shown} cannot name a file or folder: use {NAME_RULE}")
 
 
 def checksum(files: Sequence[PathLike]) -> str:
@@ -92,14 +109,24 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def check_replaceable(final: Path, replaceable: Callable[[Path], bool], what: str) -> None:
+    """Refuse when ``final`` exists and is not a folder ``replaceable`` says this program made (``what``)."""
+    if (final.exists() or final.is_symlink()) and (final.is_symlink() or not final.is_dir() or not replaceable(final)):
+        raise InputError(final, f"exists and is not {what}; nothing was changed: give a new output folder")
+
+
 @contextlib.contextmanager
-def staged_directory(final: PathLike) -> Iterator[Path]:
+def staged_directory(final: PathLike, replaceable: Callable[[Path], bool] = lambda folder: False,
+                     what: str = "an earlier result") -> Iterator[Path]:
     """Yield an empty hidden folder beside ``final``; on success it replaces ``final`` whole.
 
+    ``final`` may already exist only as a folder ``replaceable`` accepts (one this program made):
+    anything else is refused (InputError), before and after the block, and never moved or removed.
     On failure the staging folder is removed, and so is the parent if this call created it
     and it is still empty, so an interrupted run leaves nothing behind.
     """
     final = Path(final)
+    check_replaceable(final, replaceable, what)
     parent = final.parent
     created = [p for p in [parent, *parent.parents] if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +136,7 @@ def staged_directory(final: PathLike) -> Iterator[Path]:
     old = None
     try:
         yield stage
+        check_replaceable(final, replaceable, what)
         if final.exists():
             old = _temporary_sibling(final, "old")
             os.replace(final, old)

@@ -131,8 +131,30 @@ def to_rows(findings: Iterable[Finding]) -> List[Dict[str, Any]]:
 
 
 def from_rows(rows: Iterable[Dict[str, Any]]) -> List[Finding]:
-    """Findings from dicts; missing optional columns take their defaults, a missing required one is a TypeError."""
-    return [Finding(**{c: row[c] for c in COLUMNS if c in row}) for row in rows]
+    """Findings from dicts; missing optional columns take their defaults, a missing required one is a TypeError,
+    a value of the wrong type (a word where a number belongs) a ValueError naming the CMB and the column."""
+    findings = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            findings.append(Finding(**{c: _typed(c, row[c]) for c in COLUMNS if c in row}))
+        except ValueError as err:
+            raise ValueError(f"finding {number}: {err}") from None
+    return findings
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A JSON value of column ``name`` as the Finding holds it; ValueError when it is not of that type."""
+    if name not in _INTEGERS and name not in _DECIMALS:
+        return str(value)
+    if value is None and name in _OPTIONAL_FLOATS:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} is {value!r}, not a number")
+    if name in _INTEGERS:
+        if value != int(value):
+            raise ValueError(f"{name} is {value!r}, not a whole number")
+        return int(value)
+    return float(value)
 
 
 def to_json(findings: Iterable[Finding]) -> str:

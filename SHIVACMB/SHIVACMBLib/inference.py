@@ -359,13 +359,47 @@ class FoldEnsemble:
 
     def _run_one(self, session: Any, feed: Any) -> np.ndarray:
         name = session.get_inputs()[0].name
+        options = onnxruntime_module().RunOptions()
         if isinstance(feed, np.ndarray):
-            return session.run(None, {name: feed})[0]
+            return run_interruptibly(lambda: session.run(None, {name: feed}, options)[0], options)
         binding = session.io_binding()
         binding.bind_ortvalue_input(name, feed)
         binding.bind_output(session.get_outputs()[0].name, feed.device_name())
-        session.run_with_iobinding(binding)
+        run_interruptibly(lambda: session.run_with_iobinding(binding, options), options)
         return binding.copy_outputs_to_cpu()[0]
+
+
+def run_interruptibly(call: Callable[[], Any], options: Any) -> Any:
+    """``call`` (one onnxruntime run with ``options``) in a helper thread, the main thread waiting on it.
+
+    A fold runs for seconds inside onnxruntime, where Python cannot act on a signal; waiting here instead,
+    the main thread gets SIGTERM/Ctrl-C at once, sets ``options.terminate`` (onnxruntime then stops between
+    two kernels) and raises. Off the main thread (batch workers), which never gets signals, it simply runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    outcome: Dict[str, Any] = {}
+    finished = threading.Event()  # not Thread.join: a join cut short by a signal may return early
+
+    def work() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = err
+        finally:
+            finished.set()
+
+    threading.Thread(target=work, name="onnxruntime-run", daemon=True).start()
+    try:
+        while not finished.wait(0.05):
+            pass
+    except BaseException:
+        options.terminate = True
+        finished.wait()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _precision_note(precision: str, provider: str) -> Optional[str]:

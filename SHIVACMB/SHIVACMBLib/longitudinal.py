@@ -38,10 +38,10 @@ import SimpleITK as sitk
 from . import __version__
 from .errors import InputError, RuntimeFailure
 from .evaluate import centroid_pairs
-from .files import atomic_write_text, staged_directory
+from .files import atomic_write_text, check_replaceable, staged_directory
 from .findings import Finding, read_findings
 from .geometry import LPS_RAS, Geometry, resample
-from .pipeline import FINDINGS_NAME, SEGMENTATION_NAME as SEGMENT_SEGMENTATION, SegmentOptions, \
+from .pipeline import FINDINGS_NAME, RUN_NAME, SEGMENTATION_NAME as SEGMENT_SEGMENTATION, SegmentOptions, \
     check_writable, segment
 from .preprocess import BrainMask, compute_brain_mask, load_brain_mask
 from .progress import Reporter
@@ -299,12 +299,14 @@ def compare(baseline_path: PathLike, followup_path: PathLike, out_dir: PathLike,
     """Register, detect (unless findings are given), match, grade, and write ``out_dir``."""
     options = options or CompareOptions()
     out = Path(out_dir)
-    _check_output(out)
+    check_replaceable(out, _is_comparison, _COMPARISON_WHAT)
+    check_writable(out)
     say = _Steps(progress)
     say("read", 0.0, "reading both scans")
     baseline, followup = read_scan(baseline_path), read_scan(followup_path)
-    given = [_given_findings(scan, path) if path else None
-             for scan, path in ((baseline, options.baseline_findings), (followup, options.followup_findings))]
+    given = [_given_findings(scan, path, other) if path else None
+             for scan, path, other in ((baseline, options.baseline_findings, followup),
+                                       (followup, options.followup_findings, baseline))]
     say("mask", 0.03, "brain masks")
     masks = [load_brain_mask(m, s) if m else compute_brain_mask(s)
              for s, m in ((baseline, options.baseline_mask), (followup, options.followup_mask))]
@@ -316,7 +318,7 @@ def compare(baseline_path: PathLike, followup_path: PathLike, out_dir: PathLike,
             f"brain-mask Dice {registration.mask_dice:.2f} after registration, below {MIN_MASK_DICE:.2f}; not graded "
             "(same subject? give brain masks with --baseline-mask/--followup-mask)")
     started = _dt.datetime.now(_dt.timezone.utc)
-    with staged_directory(out) as stage:
+    with staged_directory(out, _is_comparison, _COMPARISON_WHAT) as stage:
         inputs = [given[n] or _detect(scan, name, stage, options, say.part(0.1 + 0.4 * n, 0.5 + 0.4 * n))
                   for n, (scan, name) in enumerate(((baseline, "baseline"), (followup, "followup")))]
         say("match", 0.9, "matching CMBs")
@@ -345,11 +347,12 @@ class _Steps:
         return lambda stage, fraction, message: self(stage, lo + (hi - lo) * fraction, message)
 
 
-def _check_output(out: Path) -> None:
-    """Refuse to replace a folder that is not an earlier comparison (the result replaces ``out`` whole)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / JSON_NAME).is_file())):
-        raise InputError(out, f"exists and is not an earlier comparison (no {JSON_NAME}); give a new folder")
-    check_writable(out)
+def _is_comparison(folder: Path) -> bool:
+    """An empty folder or an earlier comparison: what the result may replace whole."""
+    return not any(folder.iterdir()) or (folder / JSON_NAME).is_file()
+
+
+_COMPARISON_WHAT = f"an earlier comparison (no {JSON_NAME})"
 
 
 Inputs = Tuple[List[Finding], Dict[str, Any], Optional[Path]]  # findings, provenance, their cmb.seg.nrrd
@@ -364,19 +367,33 @@ def _detect(scan: Scan, name: str, stage: Path, options: CompareOptions, progres
     return result.findings, provenance, result.output_dir / SEGMENT_SEGMENTATION
 
 
-def _given_findings(scan: Scan, given: PathLike) -> Inputs:
-    """Findings from a table or a `segment` result folder, checked against the scan; rejected ones left out."""
+def _given_findings(scan: Scan, given: PathLike, other: Scan) -> Inputs:
+    """Findings from a table or a `segment` result folder, checked against the scan (and, through the run.json
+    beside them, against the other scan: swapped tables are refused); rejected ones left out."""
     given = Path(given)
     table = given / FINDINGS_NAME if given.is_dir() else given
     if not table.is_file():
         raise InputError(given, f"no findings table ({FINDINGS_NAME}, a .json findings file, or a `shivacmb segment` "
                                 "result folder)")
+    source = _run_input_sha256(table.parent / RUN_NAME)
+    if source is not None and source == other.sha256 != scan.sha256:
+        raise InputError(table, f"these are the findings of {other.path.name} (its run.json names that scan), not of "
+                                f"{scan.path.name}: are the baseline and follow-up findings swapped?")
     findings = [f for f in read_findings(table) if f.status != "rejected"]
     outside = sum(not scan.geometry.contains_ras(np.asarray(f.ras)) for f in findings)
     if outside:
         raise InputError(table, f"{outside} of {len(findings)} CMBs lie outside the field of view of "
                                 f"{scan.path.name}: findings of another scan?")
     return findings, {"source": str(table.resolve())}, table.parent / SEGMENT_SEGMENTATION
+
+
+def _run_input_sha256(path: Path) -> Optional[str]:
+    """The input sha256 a `segment` run.json records (None without a readable one)."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        return str(run["input"]["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _labels(scan: Scan, findings: Sequence[Finding], segmentation: Optional[Path]) -> np.ndarray:

@@ -12,20 +12,23 @@ checks. All of it happens in a hidden folder renamed into place at the end: a fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import re
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import InputError, ModelError
-from .files import atomic_write_text, checksum, staged_directory
+from .errors import InputError, ModelError, RuntimeFailure, ShivaError, one_line
+from .files import atomic_write_text, checksum, safe_name, staged_directory
 from .models import DESCRIPTOR, ModelDescriptor, read_descriptor, user_model_dirs
 from .parity import FP32_TOLERANCE, REDUCED_TOLERANCE, Parity, compare, describe_input, parity_input
 
@@ -35,6 +38,10 @@ LICENSE = "CC-BY-NC-SA-4.0"
 MIXED_TOLERANCE = 5e-3  # an fp16 original differs from exact arithmetic by its own rounding
 VALUE_PRESERVING = ("Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze")  # after the activation
 Say = Callable[[str], None]
+MAX_MEMBERS = 10_000  # zip limits checked before anything is written
+MAX_UNPACKED = 16 * 2**30
+MAX_RATIO = 100  # expansion of one member (weights barely compress; zip bombs expand thousands of times)
+MIN_BOMB_BYTES = 2**20  # small members (JSON) may compress well
 
 
 @dataclass
@@ -73,7 +80,7 @@ def md5_of(path: Path) -> str:
 
 
 def unpack(source: Path, into: Path, sha256: Optional[str] = None) -> Path:
-    """A zip extracted into ``into`` (sha256 checked first; no member may leave it), or a folder copied."""
+    """A zip extracted into ``into`` (sha256 and :func:`check_archive` first), or a folder copied."""
     if not source.exists():
         raise InputError(source, "no such file or folder")
     if source.is_dir():
@@ -86,14 +93,62 @@ def unpack(source: Path, into: Path, sha256: Optional[str] = None) -> Path:
                          "the download is incomplete or not the published file")
     try:
         with zipfile.ZipFile(source) as archive:
-            for member in archive.namelist():
-                parts = PurePosixPath(member).parts
-                if member.startswith(("/", "\\")) or ".." in parts or ":" in member:
-                    raise InputError(source, f"zip member '{member}' would land outside the model folder")
-            archive.extractall(into)
-    except zipfile.BadZipFile:
-        raise InputError(source, "not a zip file or a folder of SHIVA-CMB weights") from None
+            members = check_archive(source, archive)
+            free = shutil.disk_usage(next(p for p in [into, *into.parents] if p.exists())).free
+            needed = sum(m.file_size for m in members)
+            if needed > free:
+                raise RuntimeFailure(f"{source}: unpacking needs {needed / 2**20:.0f} MB, {into.parent} has "
+                                     f"{free / 2**20:.0f} MB free")
+            for member in members:
+                _extract(source, archive, member, into)
+    except zipfile.BadZipFile as err:
+        raise InputError(source, f"not a zip file or a folder of SHIVA-CMB weights ({err})") from None
     return into
+
+
+def check_archive(source: Path, archive: zipfile.ZipFile) -> List[zipfile.ZipInfo]:
+    """The members of a zip, refused before anything is written when one could leave the folder, is a
+    link or a device, or when the sizes its directory announces make it a zip bomb."""
+    members = archive.infolist()
+    if len(members) > MAX_MEMBERS:
+        raise InputError(source, f"zip holds {len(members)} members, more than the {MAX_MEMBERS} a model can have")
+    total = 0
+    for member in members:
+        name = member.filename
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in name:
+            raise InputError(source, f"zip member '{name}' would land outside the model folder")
+        kind = stat.S_IFMT(member.external_attr >> 16)
+        if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+            what = "a symbolic link" if kind == stat.S_IFLNK else "a device, pipe or socket"
+            raise InputError(source, f"zip member '{name}' is {what}; model files are plain files")
+        if member.file_size > MIN_BOMB_BYTES and member.file_size > MAX_RATIO * max(member.compress_size, 1):
+            ratio = member.file_size / max(member.compress_size, 1)
+            raise InputError(source, f"zip member '{name}' expands {ratio:.0f} times ({member.file_size / 2**20:.0f} "
+                                     "MB): not model weights")
+        total += member.file_size
+    if total > MAX_UNPACKED:
+        raise InputError(source, f"zip expands to {total / 2**30:.1f} GiB, more than the "
+                                 f"{MAX_UNPACKED / 2**30:.0f} GiB a model can have")
+    return members
+
+
+def _extract(source: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo, into: Path) -> None:
+    """One checked member, never more bytes than its directory entry announces; errors name the member."""
+    target = into.joinpath(*PurePosixPath(member.filename.replace("\\", "/")).parts)
+    try:
+        if member.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(member) as stream, open(target, "xb") as copy:
+            shutil.copyfileobj(stream, copy, 1 << 20)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise InputError(source, f"zip member '{member.filename}' is corrupt ({one_line(err)})") from None
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise InputError(source, f"zip member '{member.filename}' clashes with another member") from None
+    except OSError as err:
+        raise RuntimeFailure(f"{source}: cannot unpack '{member.filename}': {err.strerror or err}") from None
 
 
 def find_descriptor(root: Path) -> Path:
@@ -175,51 +230,63 @@ def slug(text: str) -> str:
 
 def install(source: Path, name: Optional[str] = None, sha256: Optional[str] = None, force: bool = False,
             parity_scan: Optional[Path] = None, say: Say = print) -> Converted:
-    """Install official SHIVA-CMB weights (zip or folder) into the first user model folder."""
-    from .tfconvert import require_converter
+    """Install official SHIVA-CMB weights (zip or folder) into the first user model folder.
 
-    require_converter()
+    TensorFlow is imported only once the download has passed its checks, when the first fold is
+    converted; errors name the download and its members, never the hidden folders they were unpacked into.
+    """
+    from .tfconvert import check_converter
+
+    check_converter()
+    if name is not None:
+        safe_name(name, "--name")
     base = user_model_dirs()[0]
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unpack-", dir=base) as tmp:  # same disk: moves, not copies
         scratch = Path(tmp)
-        unpack(source, scratch, sha256)
-        model = read_source(find_descriptor(scratch))
-        say(f"{source}: {len(model.folds)} fold(s), {md5_summary(model)} ({model.descriptor.name}: target "
-            f"{model.data.get('target')}, modalities {model.data.get('modalities')}, "
-            f"version {model.data.get('version')})")
-        final = base / slug(name or default_name(model.data))
-        _check_free(final, force)
-        meta = {"name": final.name, "version": str(model.data.get("version", "")),
-                "modalities": [str(m).lower() for m in model.data.get("modalities") or ["swi"]],
-                "license": LICENSE, "source": f"SHIVA-CMB weights ({source.name})",
-                "description": f"SHIVA-CMB {model.data.get('version', '')} by {model.data.get('author') or 'the SHIVA-CMB authors'}"
-                               f" ({model.data.get('release date') or 'undated'}), converted from TensorFlow to ONNX"}
-        with staged_directory(final) as stage:
-            kept = stage / SOURCE_DIR
-            kept.mkdir()
-            for entry in scratch.iterdir():
-                os.replace(entry, kept / entry.name)
-            moved = [kept / p.relative_to(scratch) for p in model.folds]
-            result = build(stage, moved, meta, model.md5, parity_scan, say,
-                           source_descriptor=str(PurePosixPath(SOURCE_DIR, *model.descriptor.relative_to(scratch).parts)))
+        places = {scratch: str(source)}
+        with _errors_named(places, source):
+            unpack(source, scratch, sha256)
+            model = read_source(find_descriptor(scratch))
+            say(f"{source}: {len(model.folds)} fold(s), {md5_summary(model)} ({model.descriptor.name}: target "
+                f"{model.data.get('target')}, modalities {model.data.get('modalities')}, "
+                f"version {model.data.get('version')})")
+            final = base / (name or default_name(model.data))
+            _check_free(final, force)
+            meta = {"name": final.name, "version": str(model.data.get("version", "")),
+                    "modalities": [str(m).lower() for m in model.data.get("modalities") or ["swi"]],
+                    "license": LICENSE, "source": f"SHIVA-CMB weights ({source.name})",
+                    "description": f"SHIVA-CMB {model.data.get('version', '')} by {model.data.get('author') or 'the SHIVA-CMB authors'}"
+                                   f" ({model.data.get('release date') or 'undated'}), converted from TensorFlow to ONNX"}
+            with staged_directory(final, _is_model, MODEL_WHAT) as stage:
+                kept = stage / SOURCE_DIR
+                places[kept] = str(source)
+                kept.mkdir()
+                for entry in scratch.iterdir():
+                    os.replace(entry, kept / entry.name)
+                moved = [kept / p.relative_to(scratch) for p in model.folds]
+                result = build(stage, moved, meta, model.md5, parity_scan, say,
+                               source_descriptor=str(PurePosixPath(SOURCE_DIR, *model.descriptor.relative_to(scratch).parts)))
     return _relocated(result, final)
 
 
 def convert(source: Path, out: Path, name: Optional[str] = None, force: bool = False,
             parity_scan: Optional[Path] = None, say: Say = print) -> Converted:
     """Convert one Keras/SavedModel fold into a model folder ``out`` (model.json + fold0.onnx)."""
-    from .tfconvert import fold_kind, require_converter
+    from .tfconvert import check_converter, fold_kind
 
-    require_converter()
+    check_converter()
     if not source.exists():
         raise InputError(source, "no such file or folder")
     fold_kind(source)
     _check_free(out, force)
-    meta = {"name": slug(name or source.stem), "version": "", "modalities": ["swi"], "license": "",
-            "source": str(source.resolve()), "description": f"converted from {source.name} to ONNX"}
-    with staged_directory(out) as stage:
+    meta = {"name": safe_name(name, "--name") if name is not None else slug(source.stem), "version": "",
+            "modalities": ["swi"], "license": "", "source": str(source.resolve()),
+            "description": f"converted from {source.name} to ONNX"}
+    places: Dict[Path, str] = {}
+    with _errors_named(places, source), staged_directory(out, _is_model, MODEL_WHAT) as stage:
         kept = stage / SOURCE_DIR / source.name
+        places[kept] = str(source)
         kept.parent.mkdir()
         if source.is_dir():
             shutil.copytree(source, kept)
@@ -227,6 +294,33 @@ def convert(source: Path, out: Path, name: Optional[str] = None, force: bool = F
             shutil.copy2(source, kept)
         result = build(stage, [kept], meta, [md5_of(kept)], parity_scan, say)
     return _relocated(result, out)
+
+
+MODEL_WHAT = f"a model folder (no {DESCRIPTOR})"
+
+
+def _is_model(folder: Path) -> bool:
+    """An empty folder or a model folder: what --force may replace."""
+    return not any(folder.iterdir()) or (folder / DESCRIPTOR).is_file()
+
+
+@contextlib.contextmanager
+def _errors_named(places: Dict[Path, str], source: Path) -> Iterator[None]:
+    """Errors that name the download, not the hidden folders it is unpacked and converted in (removed by
+    then); a full disk or another write failure becomes a RuntimeFailure naming the file."""
+    def named(text: str) -> str:
+        for place, shown in places.items():
+            text = text.replace(str(place), shown)
+        return text
+
+    try:
+        yield
+    except ShivaError as err:
+        err.args = (named(str(err)),)
+        raise
+    except OSError as err:
+        where = named(str(err.filename)) if err.filename else str(source)
+        raise RuntimeFailure(f"{where}: cannot write the model: {err.strerror or err}") from None
 
 
 def _check_free(folder: Path, force: bool) -> None:

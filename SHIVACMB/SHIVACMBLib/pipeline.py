@@ -21,15 +21,15 @@ import SimpleITK as sitk
 
 from . import __version__
 from .errors import InputError, RuntimeFailure
-from .files import atomic_write_text, staged_directory
+from .files import atomic_write_text, check_replaceable, safe_name, staged_directory
 from .findings import Finding, write_tsv
+from .fpfilter import FilterRun, load_filter, veto
 from .geometry import Geometry, resample
 from .inference import FoldEnsemble, get_ensemble
 from .location import Located, ParcellationLookup, locate
 from .models import ModelDescriptor, load_model
-from .fpfilter import FilterRun, load_filter, veto
 from .postprocess import OUTSIDE_RATIO, Components, find_components, map_to_native, measure
-from .preprocess import BrainMask, ModelInput, compute_brain_mask, load_brain_mask, prepare_input
+from .preprocess import BrainMask, ModelInput, compute_brain_mask, coverage_warnings, load_brain_mask, prepare_input
 from .progress import Reporter, stage_reporter
 from .report import write_report
 from .scan import Scan, read_scan, scan_id_from_path
@@ -115,6 +115,9 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     if not 0.0 < threshold < 1.0:
         raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
     check_writable(Path(out_dir))
+    scan_id = result_name(input_path, options.scan_id)
+    out = Path(out_dir) / scan_id
+    check_replaceable(out, is_result, RESULT_WHAT)
     candidate_filter = load_filter(options.fp_filter)
 
     with clock.stage("read"):
@@ -151,7 +154,6 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
             located = locate(scan.image, mask.image, labels, findings, parcellation)
             findings = located.findings
 
-    scan_id = options.scan_id or scan_id_from_path(scan.path)
     run = {
         "scan_id": scan_id,
         "software": _software(ensemble),
@@ -170,7 +172,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
                     "kept_by_single_voxel_rule": native_labels.rescued},
         "fp_filter": filter_run.summary() if filter_run is not None else None,
         "location": located.summary,
-        "warnings": scan.warnings + model_input.warnings + ensemble.warnings + located.warnings,
+        "warnings": (scan.warnings + coverage_warnings(scan, mask) + model_input.warnings + ensemble.warnings
+                     + located.warnings),
         "started": started.isoformat(timespec="seconds"),
     }
     if options.batch is not None:
@@ -178,7 +181,6 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
 
     stage_reporter(progress, "write")(0.0, "writing results")
     with clock.stage("write"):
-        out = Path(out_dir) / scan_id
         try:
             files = _write_outputs(out, scan, labels, findings, components, model_input.grid, options, run, clock)
         except OSError as err:
@@ -198,6 +200,27 @@ def _filter_veto(run: Optional[FilterRun], scan: Scan, mask: BrainMask, model: M
     return veto(run, filter_input.volume.transpose(2, 1, 0), filter_input.grid, model_input.grid)
 
 
+def result_name(input_path: PathLike, scan_id: Optional[str]) -> str:
+    """The result folder's name: ``scan_id``, else the input's file name; refused unless a safe name."""
+    if scan_id is not None:
+        return safe_name(scan_id, "--scan-id")
+    return safe_name(scan_id_from_path(input_path), "scan id (the input's file name; give --scan-id)", input_path)
+
+
+RESULT_WHAT = f"an earlier result (a folder with a shivacmb {RUN_NAME})"
+
+
+def is_result(folder: Path) -> bool:
+    """An empty folder, or one holding the run.json of a shivacmb run: a result a new run may replace."""
+    if not any(folder.iterdir()):
+        return True
+    try:
+        run = json.loads((folder / RUN_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and isinstance(run.get("software"), dict) and run["software"].get("name") == "shivacmb"
+
+
 def check_writable(out_dir: Path) -> None:
     """Refuse an output folder that cannot be created or written, before any computation."""
     existing = next(p for p in [out_dir, *out_dir.parents] if p.exists())
@@ -211,7 +234,7 @@ def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Fin
                    box: Geometry, options: SegmentOptions, run: Dict[str, Any], clock: _Stopwatch) -> List[str]:
     native = scan.geometry
     ext = scan.output_extension
-    with staged_directory(out) as stage:
+    with staged_directory(out, is_result, RESULT_WHAT) as stage:
         files = [LABELS_NAME + ext, SEGMENTATION_NAME, FINDINGS_NAME]
         sitk.WriteImage(native.with_image(labels), str(stage / files[0]), True)
         write_seg_nrrd(stage / SEGMENTATION_NAME, labels, native, findings)

@@ -40,6 +40,7 @@ MIN_BRAIN_ML = 5.0
 JOINED_RATIO = 1.1
 STRICT_FRACTION = 0.7
 REGROW_MM = 3.0
+SMALL_BRAIN_ML = 300.0  # below this, a scan or a brain mask cannot hold a whole adult brain (about 1,000-1,600 mL)
 MIN_MASK_OVERLAP = 0.5
 TOP_MARGIN_MM = 5.0
 
@@ -66,6 +67,20 @@ class BrainMask:
 
     def summary(self) -> dict:
         return {"source": self.source, "volume_ml": round(self.volume_ml(), 2), "grid": self.geometry.to_dict()}
+
+
+def coverage_warnings(scan: Scan, mask: BrainMask) -> List[str]:
+    """Warnings for a scan or a brain mask too small to hold a brain: the CMBs found cover only that part."""
+    warnings = []
+    extent = scan.geometry.voxel_volume * float(np.prod(scan.geometry.size)) / 1000.0
+    if extent < SMALL_BRAIN_ML:
+        warnings.append(f"the scan covers only {extent:.3g} mL ({'x'.join(map(str, scan.geometry.size))} voxels); "
+                        "a whole brain is about 1,000-1,600 mL: CMBs were searched in that part only")
+    volume = mask.volume_ml()
+    if volume < SMALL_BRAIN_ML:
+        warnings.append(f"the brain mask is only {volume:.3g} mL; a whole brain is about 1,000-1,600 mL: CMBs were "
+                        "searched in that part only")
+    return warnings
 
 
 @dataclass

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import InputError, RuntimeFailure
-from .files import atomic_write_text
+from .errors import InputError, RuntimeFailure, one_line
+from .files import atomic_write_text, safe_name
 from .findings import NA, Finding, read_findings, write_tsv
 
 PathLike = Union[str, Path]
@@ -88,11 +88,10 @@ def _clean(text: str) -> str:
 
 
 def rater_folder_name(rater: str) -> str:
-    """The folder of a rater inside ``raters/``: letters, digits, ``.``, ``_``, ``-`` kept, the rest ``_``."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", _clean(rater)).strip(".")
-    if not name:
-        raise ValueError(f"'{rater}' cannot name a rater")
-    return name
+    """The folder of a rater inside ``raters/``: letters, digits, ``.``, ``_``, ``-`` kept, the rest ``_``;
+    InputError when that is no safe folder name (empty, dots only, over 128 characters)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", _clean(rater)).strip("._-")
+    return safe_name(name, f"rater {_clean(rater)[:60]!r}: the folder name")
 
 
 # --- the session description ------------------------------------------------------------------
@@ -151,8 +150,11 @@ class Session:
         return None if entry.ai is None else read_findings(self.folder / entry.ai)
 
     def rater_folders(self) -> List[Path]:
+        """Every rater's folder: with a log, or with only a state file (a lost log is flagged, never hidden)."""
         raters = self.folder / RATERS_DIR
-        return sorted(p for p in raters.iterdir() if (p / LOG_NAME).is_file()) if raters.is_dir() else []
+        if not raters.is_dir():
+            return []
+        return sorted(p for p in raters.iterdir() if (p / LOG_NAME).is_file() or (p / STATE_NAME).is_file())
 
 
 def create_session(folder: PathLike, scans: Sequence[Tuple[str, PathLike]], mode: str,
@@ -166,6 +168,8 @@ def create_session(folder: PathLike, scans: Sequence[Tuple[str, PathLike]], mode
     ids = [scan_id for scan_id, _ in scans]
     if not ids:
         raise InputError(folder, "no scans to rate")
+    for scan_id, path in scans:
+        safe_name(scan_id, "scan id", path)
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise InputError(folder, f"scan id(s) given twice: {', '.join(duplicates)}")
@@ -205,7 +209,7 @@ def scans_from(source: PathLike) -> List[Tuple[str, Path]]:
 
     source = Path(source)
     if source.is_dir():
-        return [(scan_id_from_path(p), p) for p in find_scans(source)]
+        return [(safe_name(scan_id_from_path(p), "scan id (the file name)", p), p) for p in find_scans(source)]
     try:
         with open(source, newline="", encoding="utf-8") as stream:
             text = stream.read()
@@ -220,7 +224,10 @@ def scans_from(source: PathLike) -> List[Tuple[str, Path]]:
             raise InputError(source, f"line {number}: no path")
         path = Path(row["path"].strip())
         path = path if path.is_absolute() else source.parent / path
-        result.append(((row.get("scan_id") or "").strip() or scan_id_from_path(path), path))
+        if not path.exists():
+            raise InputError(source, f"line {number}: {path}: no such scan file or folder")
+        scan_id = (row.get("scan_id") or "").strip() or scan_id_from_path(path)
+        result.append((safe_name(scan_id, f"line {number}: scan id", source), path))
     return result
 
 
@@ -286,6 +293,7 @@ class Ratings:
     scans: Dict[str, ScanRating]
     n: int = 0
     visit: Optional[Dict[str, str]] = None  # {"scan", "start", "last"}: the scan being rated
+    problems: List[str] = field(default_factory=list)  # what is wrong with the rater's files (not saved)
 
     def seconds(self, scan_id: str) -> float:
         """Rating time of a scan, the visit going on included."""
@@ -381,15 +389,23 @@ def read_ratings(session: Session, folder: Path, repair: bool = False) -> Rating
     The state is read before the log: a session writing meanwhile appends to the log first, so the
     log read is never behind the state read.
     """
-    state_path = folder / STATE_NAME
-    ratings = None
+    state_path, log_path = folder / STATE_NAME, folder / LOG_NAME
+    ratings, damage = None, None
     try:
         ratings = Ratings.from_json(state_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(state_path, f"not a rating state file: {err}") from None
-    events = _read_log(folder / LOG_NAME, repair)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        damage = f"not a rating state file: {one_line(err)}"
+    if not log_path.is_file() and ratings is not None:
+        ratings.problems.append(f"{log_path} is missing: the ratings are those of {STATE_NAME} ({ratings.n} "
+                                "changes), without their record; restore the log from a backup")
+        return ratings
+    events = _read_log(log_path, repair)
+    if damage is not None:
+        if not events:
+            raise InputError(state_path, damage)
+        ratings = None  # rebuilt from the log, which is the record
     if ratings is not None:
         if ratings.session_id != session.session_id:
             raise InputError(state_path, "belongs to another session")
@@ -398,6 +414,8 @@ def read_ratings(session: Session, folder: Path, repair: bool = False) -> Rating
     if ratings is None:
         rater = events[0]["rater"] if events else folder.name
         ratings = Ratings(rater, session.session_id, {s: ScanRating() for s in session.scan_ids})
+        if damage is not None:
+            ratings.problems.append(f"{state_path}: {damage}; rebuilt from {LOG_NAME}")
     for event in events[ratings.n:]:
         try:
             ratings.apply(event)
@@ -446,6 +464,9 @@ class RatingSession:
         try:
             self._stack.enter_context(_locked(self.folder / LOCK_NAME))
             self.ratings = read_ratings(self.session, self.folder, repair=True)
+            if self.ratings.n and not (self.folder / LOG_NAME).is_file():
+                raise InputError(self.folder / LOG_NAME, "is missing, so new changes could not be recorded in "
+                                                         "order; restore it from a backup")
             if self.ratings.n and self.ratings.rater != self.rater:
                 raise InputError(self.folder, f"holds the ratings of '{self.ratings.rater}', not '{self.rater}'")
             self.ratings.rater = self.rater
@@ -655,7 +676,7 @@ def status_rows(session: Session) -> List[Dict[str, Any]]:
                      "next_scan": current, "definite": sum(c["definite"] for c in counts),
                      "possible": sum(c["possible"] for c in counts),
                      "hours": round(sum(ratings.seconds(s) for s in ratings.scans) / 3600, 3),
-                     "changes": ratings.n})
+                     "changes": ratings.n, "problems": ratings.problems})
     return rows
 
 
@@ -710,14 +731,17 @@ def tsv_text(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export(sessions: Sequence[PathLike], out: PathLike) -> Tuple[Path, Path, int, int]:
-    """Write ``ratings_scans.tsv`` and ``ratings_findings.tsv`` of sessions into ``out``; paths and row counts."""
+def export(sessions: Sequence[PathLike], out: PathLike) -> Tuple[Path, Path, int, int, List[str]]:
+    """Write ``ratings_scans.tsv`` and ``ratings_findings.tsv`` of sessions into ``out``; paths, row counts and
+    what is wrong with a rater's files (a missing log, a rebuilt state)."""
     out = Path(out)
-    scan_rows, finding_rows = [], []
+    scan_rows, finding_rows, problems = [], [], []
     for folder in sessions:
-        scans, found = export_rows(Session.load(folder))
+        session = Session.load(folder)
+        scans, found = export_rows(session)
         scan_rows += scans
         finding_rows += found
+        problems += [f"{session.folder}: rater {r.rater}: {p}" for r in all_ratings(session) for p in r.problems]
     scans_path, findings_path = out / "ratings_scans.tsv", out / "ratings_findings.tsv"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -725,4 +749,4 @@ def export(sessions: Sequence[PathLike], out: PathLike) -> Tuple[Path, Path, int
         atomic_write_text(findings_path, tsv_text(finding_rows, FINDING_COLUMNS))
     except OSError as err:
         raise RuntimeFailure(f"cannot write into {out}: {err.strerror or err}") from None
-    return scans_path, findings_path, len(scan_rows), len(finding_rows)
+    return scans_path, findings_path, len(scan_rows), len(finding_rows), problems

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, RuntimeFailure
 from .files import checksum
 from .geometry import Geometry
 from .nativelog import native_stderr_captured
@@ -32,6 +32,8 @@ _FORMATS = {
     ".mhd": ("metaimage", ".mha"),
 }
 SCAN_SUFFIXES = tuple(_FORMATS)  # image files a folder search picks up
+MIN_SIDE = 4  # voxels along each axis of a scan (smoothing and the brain mask need a neighbourhood)
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
 _DICOM_POSITION_TAG = "0020|0032"
 _DICOM_ORIENTATION_TAG = "0020|0037"
 
@@ -96,9 +98,13 @@ def read_scan(path: PathLike) -> Scan:
     """Read a scan (file or DICOM series folder) and check it can be processed."""
     path = Path(path)
     image, files, fmt, warnings = _read_any(path)
+    if min(image.GetSize()) < MIN_SIDE:
+        raise InputError(path, f"image too small (size {'x'.join(map(str, image.GetSize()))}): a scan needs at least "
+                               f"{MIN_SIDE} voxels along each axis")
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(path, "complex-valued image; give the magnitude image")
-    warnings += _check_voxels(image, path)
+    hidden = _nifti_non_finite(path) if fmt == "nifti" else 0
+    warnings += _check_voxels(image, path, hidden)
     return Scan(path=path, image=image, format=fmt, sha256=checksum(files), files=files, warnings=warnings)
 
 
@@ -157,7 +163,10 @@ def _read_file(path: Path) -> sitk.Image:
         reader.SetExtractSize(size[:3] + [0])
     try:
         return reader.Execute()
-    except RuntimeError:
+    except RuntimeError as err:
+        if "allocate" in str(err).lower():  # a complete file larger than the memory left
+            raise RuntimeFailure(f"{path}: not enough memory to read this image ({'x'.join(map(str, size[:3]))} "
+                                 "voxels)") from None
         raise InputError(path, "cannot read pixel data: file truncated or corrupt") from None
 
 
@@ -169,16 +178,23 @@ def _check_shape(path: Path, size: Sequence[int], components: int) -> None:
     if len(size) > 4:
         raise InputError(path, f"{len(size)}D image; a 3D volume is needed")
     spatial = list(size[:3])
-    if len(spatial) < 3 or min(spatial) < 2:
-        raise InputError(path, f"2D image (size {'x'.join(str(s) for s in size)}); a 3D volume is needed")
+    shown = "x".join(str(s) for s in size)
+    if len(spatial) < 3 or sum(s > 1 for s in spatial) == 2:
+        raise InputError(path, f"2D image (size {shown}); a 3D volume is needed")
+    if min(spatial) < 2:
+        raise InputError(path, f"{'a single voxel' if max(spatial) == 1 else 'a line of voxels'} (size {shown}); "
+                               "a 3D volume is needed")
 
 
-def _check_voxels(image: sitk.Image, path: Path) -> List[str]:
-    """Refuse empty or all-NaN images; report (but accept) partly non-finite ones."""
+def _check_voxels(image: sitk.Image, path: Path, hidden_non_finite: int = 0) -> List[str]:
+    """Refuse empty or all-NaN images; report (but accept) partly non-finite ones.
+
+    ``hidden_non_finite``: non-finite voxels the reader already turned into 0 (ITK does for NIfTI).
+    """
     values = sitk.GetArrayViewFromImage(image)
     warnings = []
     if np.issubdtype(values.dtype, np.floating):
-        n_finite = int(np.count_nonzero(np.isfinite(values)))
+        n_finite = int(np.count_nonzero(np.isfinite(values))) - hidden_non_finite
         if n_finite == 0:
             raise InputError(path, "every voxel is NaN or infinite")
         if n_finite < values.size:
@@ -214,14 +230,29 @@ def _check_nifti_complete(path: Path) -> None:
 
 def _nifti_data_end(header: bytes) -> Optional[int]:
     """Offset of the end of the voxel data announced by a NIfTI-1/2 header (None if unknown)."""
+    layout = _nifti_layout(header)
+    return None if layout is None else layout.offset + layout.voxels * layout.bitpix // 8
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    endian: str
+    datatype: int
+    bitpix: int
+    voxels: int
+    offset: int
+
+
+def _nifti_layout(header: bytes) -> Optional[_NiftiLayout]:
+    """Byte order, datatype, bits per voxel, voxel count and data offset of a NIfTI-1/2 header (None if unknown)."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
@@ -231,7 +262,28 @@ def _nifti_data_end(header: bytes) -> Optional[int]:
     if not 1 <= ndim <= 7 or bitpix <= 0:
         return None
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]], dtype=np.int64))
-    return max(offset, 348) + voxels * bitpix // 8
+    return _NiftiLayout(endian, datatype, bitpix, voxels, max(offset, 348))
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """NaN and infinite voxels of a floating-point NIfTI file, counted on the stored bytes (streamed), since
+    ITK's reader turns them into 0 without a word; 0 for integer files."""
+    gz = path.name.lower().endswith(".gz")
+    with (gzip.open if gz else open)(path, "rb") as f:
+        layout = _nifti_layout(f.read(540))
+        if layout is None or layout.datatype not in _NIFTI_FLOATS:
+            return 0
+        dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
+        f.seek(layout.offset)
+        left, count = layout.voxels, 0
+        while left:
+            block = f.read(min(left, 1 << 22) * dtype.itemsize)
+            values = np.frombuffer(block[: len(block) - len(block) % dtype.itemsize], dtype=dtype)
+            if not len(values):
+                break
+            count += int(values.size - np.count_nonzero(np.isfinite(values)))
+            left -= values.size
+    return count
 
 
 def _gzip_trailer_size(path: Path) -> int:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional
 
 from .findings import Finding
 from .errors import ERROR_PREFIX, Cancelled, InputError, ModelError, RuntimeFailure
+from .files import safe_name
 from .models import read_descriptor
 from .progress import parse_progress_line
 
@@ -100,9 +101,13 @@ def pip_install_command(python: str, constraints: str, requirements: Sequence[st
 
 
 def scan_id_for(name: str) -> str:
-    """A result folder name made from a node name (letters, digits, '.', '_' and '-' only)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
-    return cleaned or "scan"
+    """A result folder name made from a node name (letters, digits, '.', '_' and '-' only, at most 128: a name
+    `files.safe_name` accepts)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:128].rstrip("._-")
+    try:
+        return safe_name(cleaned, "scan id")
+    except InputError:  # nothing left, or a device name (CON, NUL...)
+        return "scan"
 
 
 # --- Python packages -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""TensorFlow/Keras folds -> ONNX (extra ``convert``: tensorflow-cpu, tf2onnx; tf_keras for old .h5).
+"""TensorFlow/Keras folds -> ONNX (extra ``convert``: tensorflow, tf_keras for Keras 2 .h5, tf2onnx).
 
 A fold is a Keras ``.h5`` file (SHIVA-CMB v1), a TensorFlow SavedModel folder (v2) or a Keras 3
 ``.keras`` file. :func:`load_fold` opens it as a callable taking float32 ``[1, x, y, z, 1]`` and
@@ -10,31 +10,57 @@ read are opened with ``tf_keras``. The TF original stays the reference for the p
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from .errors import ModelError, RuntimeFailure, one_line
+from .nativelog import native_stderr_captured
 
 OPSET = 17
 CONVERT_EXTRA = "pip install 'shivacmb[convert]'"
 SAVEDMODEL_MARK = "saved_model.pb"
+_HIDING = threading.local()  # inside tf_log_hidden (the capture does not nest)
+
+
+def check_converter() -> None:
+    """Refuse (exit 4) when tensorflow or tf2onnx is missing, without importing TensorFlow."""
+    missing = [name for name in ("tensorflow", "tf2onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeFailure(f"converting TensorFlow/Keras weights needs tensorflow and tf2onnx "
+                             f"({missing[0]} is missing): {CONVERT_EXTRA}")
 
 
 def require_converter() -> Tuple[Any, Any]:
-    """Import tensorflow and tf2onnx, or explain how to install them (exit 4)."""
+    """Import tensorflow and tf2onnx (their start-up log kept off the terminal), or explain how to install them."""
+    check_converter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
+    with tf_log_hidden():
         import tensorflow as tf
         import tf2onnx
-    except ImportError as err:
-        raise RuntimeFailure(f"converting TensorFlow/Keras weights needs tensorflow-cpu and tf2onnx "
-                             f"({err.name} is missing): {CONVERT_EXTRA}") from None
     return tf, tf2onnx
+
+
+@contextlib.contextmanager
+def tf_log_hidden() -> Iterator[None]:
+    """What TensorFlow, Keras and tf2onnx print on stderr inside the block is dropped (the command's errors stay
+    one line); ``SHIVACMB_DEBUG=1`` lets it through."""
+    if getattr(_HIDING, "on", False) or os.environ.get("SHIVACMB_DEBUG"):
+        yield
+        return
+    _HIDING.on = True
+    try:
+        with native_stderr_captured([]):
+            yield
+    finally:
+        _HIDING.on = False
 
 
 def converter_versions() -> Dict[str, str]:
@@ -75,9 +101,10 @@ def load_fold(path: Path) -> LoadedFold:
     """Open one fold with TensorFlow; errors name the file."""
     tf, _ = require_converter()
     kind = fold_kind(path)
-    if kind == "savedmodel":
-        return _load_savedmodel(tf, path)
-    model, loader = _load_keras(path, kind)
+    with tf_log_hidden():
+        if kind == "savedmodel":
+            return _load_savedmodel(tf, path)
+        model, loader = _load_keras(path, kind)
     shape = tuple(model.inputs[0].shape)
     mixed = any("float16" in str(getattr(layer, "compute_dtype", "")) for layer in model.layers)
     return LoadedFold(path, kind, _wrap(tf, lambda x: model(x, training=False), _spec_shape(path, shape)),
@@ -98,7 +125,7 @@ def _load_keras(path: Path, kind: str) -> Tuple[Any, str]:
             try:
                 import tf_keras
             except ImportError:
-                errors.append("tf_keras (for Keras 2 .h5 files) is not installed: pip install tf_keras")
+                errors.append(f"tf_keras (for Keras 2 .h5 files) is not installed: {CONVERT_EXTRA}")
             else:
                 try:
                     return tf_keras.models.load_model(str(path), compile=False), "tf_keras"
@@ -154,7 +181,7 @@ def to_onnx(fold: LoadedFold):
     from .onnxfloat import to_float32
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tf_log_hidden():
             warnings.simplefilter("ignore")
             proto, _ = tf2onnx.convert.from_function(fold.function, input_signature=fold.function.input_signature,
                                                      opset=OPSET)
@@ -168,12 +195,13 @@ def tf_predict(fold: LoadedFold, batch: np.ndarray) -> np.ndarray:
     """What the TF original computes for ``batch`` ([1, x, y, z, 1] float32)."""
     tf, _ = require_converter()
     x = tf.constant(batch, dtype=tf.float32)
-    if not fold.mixed_precision:
-        return fold.function(x).numpy()
-    try:
-        return fold.function(x).numpy()
-    except Exception:  # noqa: BLE001 - TF has no CPU kernel for some fp16 ops (3D pooling); XLA has
-        return tf.function(fold.function, jit_compile=True)(x).numpy()
+    with tf_log_hidden():
+        if not fold.mixed_precision:
+            return fold.function(x).numpy()
+        try:
+            return fold.function(x).numpy()
+        except Exception:  # noqa: BLE001 - TF has no CPU kernel for some fp16 ops (3D pooling); XLA has
+            return tf.function(fold.function, jit_compile=True)(x).numpy()
 
 
 def _show(shape: Tuple[Optional[int], ...]) -> str:

@@ -162,10 +162,10 @@ def test_all_nan_image(tmp_path):
     refused(path, "every voxel is NaN")
 
 
-def test_all_nan_nifti_reads_as_empty(tmp_path):
-    path = tmp_path / "nan.nii.gz"  # ITK's NIfTI reader turns NaN into 0
+def test_all_nan_nifti_is_called_so(tmp_path):
+    path = tmp_path / "nan.nii.gz"  # ITK's NIfTI reader turns NaN into 0: the stored bytes are counted
     sitk.WriteImage(sitk.GetImageFromArray(np.full((5, 6, 7), np.nan, np.float32)), str(path))
-    refused(path, "empty image")
+    refused(path, "every voxel is NaN or infinite")
 
 
 def test_non_finite_geometry(tmp_path):  # refused by the NRRD parser itself; Geometry.problems is unit-tested
