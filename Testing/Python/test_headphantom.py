@@ -76,12 +76,16 @@ def test_cmb_truth_is_where_the_cmb_was_planted(atlas_phantom: synthetic.Phantom
     image = sitk.GetArrayFromImage(atlas_phantom.image).astype(float)
     cmbs = [o for o in atlas_phantom.objects if o.kind == "cmb"]
     assert len(cmbs) >= 10 and set(np.unique(labels)) == {0, *(c.label for c in cmbs)}
-    brain_level = np.percentile(image[image > 0], 75)
+    k, j, i = np.indices(image.shape)
+    voxels = grid.index_to_ras(np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float)).reshape(*image.shape, 3)
     for cmb in cmbs:
         kji = np.argwhere(labels == cmb.label)
         centroid = grid.index_to_ras(kji.mean(axis=0)[::-1])
         assert np.linalg.norm(centroid - np.asarray(cmb.centre)) < 0.5 * max(grid.spacing) + 0.5
-        assert image[labels == cmb.label].mean() < 0.7 * brain_level
+        # darker than the tissue around it (a shell of 2-4 diameters, away from its blooming)
+        distance = np.linalg.norm(voxels - np.asarray(cmb.centre), axis=-1)
+        around = (distance > 2 * cmb.diameter_mm) & (distance < 4 * cmb.diameter_mm + 3) & (labels == 0)
+        assert image[labels == cmb.label].min() < 0.8 * np.median(image[around])
         assert cmb.area in synthetic.AREAS and cmb.side in ("left", "right", "midline")
 
 
