@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SHIVACMB"))
 
 from SHIVACMBLib.cli import release_freed_memory  # noqa: E402
 from SHIVACMBLib.evaluate import evaluate_folders  # noqa: E402
+from SHIVACMBLib.fpfilter import load_filter  # noqa: E402
 from SHIVACMBLib.inference import PRECISIONS, get_ensemble  # noqa: E402
 from SHIVACMBLib.models import load_model  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
@@ -45,6 +46,8 @@ def main() -> int:
     parser.add_argument("--family", choices=("procedural", "atlas", "ood"), default="procedural")
     parser.add_argument("--model", help="model name or folder (default: the embedded default model)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--fp-filter", metavar="DIR|none",
+                        help="candidate filter (default: the embedded one, where there is one)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "accuracy")
     args = parser.parse_args()
     release_freed_memory()
@@ -60,14 +63,16 @@ def main() -> int:
     ensemble = get_ensemble(model, "auto", precision=args.precision)
     for note in ensemble.warnings:
         print(f"warning: {note}")
-    tag = family + model.name + ("" if args.precision == "fp32" else f"-{args.precision}")
+    candidate_filter = load_filter(args.fp_filter)
+    tag = family + model.name + ("" if args.precision == "fp32" else f"-{args.precision}") \
+        + ("" if candidate_filter is None else f"-{candidate_filter.name}")
     results = args.out / f"results-{tag}"
     seconds = []
     for number, info in enumerate(index, start=1):
         scan = phantoms / f"{info['scan_id']}.nii.gz"
         tic = time.perf_counter()
         options = SegmentOptions(model=str(model.path), precision=args.precision, report=False,
-                                 location=False)  # location changes no detection
+                                 location=False, fp_filter=args.fp_filter)  # location changes no detection
         segment(scan, results, options, model=model, ensemble=ensemble)
         seconds.append(time.perf_counter() - tic)
         print(f"\rsegmented {number}/{len(index)}", end="", flush=True)
@@ -82,6 +87,7 @@ def main() -> int:
     metrics["breakdown"] = breakdown(metrics["rules"]["overlap"]["scans"], index, phantoms)
     metrics["seconds_per_scan"] = round(sum(seconds) / len(seconds), 2)
     metrics["inference"] = ensemble.summary()
+    metrics["fp_filter"] = None if candidate_filter is None else candidate_filter.summary()
     (args.out / f"metrics-{tag}.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     print(f"\nmodel {model.name} {model.version}; {args.n} phantoms, {metrics['phantoms']['cmbs']} CMBs "
