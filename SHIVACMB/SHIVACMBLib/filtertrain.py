@@ -17,7 +17,6 @@ mirrors, shifts and the degradations of ``train.degrade``.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from .files import atomic_path, atomic_write_text, checksum
 from .fpfilter import DESCRIPTOR, TARGET, patches
 from .postprocess import CONNECT_26, OUTSIDE_RATIO
 from .synthetic import MIMIC_CLASSES
+from .train import cosine_rate, degrade, resume, save_checkpoint
 
 PATCH = 32
 MARGIN = 4  # voxels stored around each patch for random shifts
@@ -155,8 +155,6 @@ class CandidateSampler:
         self.shares = (0.5, 0.25, 0.25)
 
     def batch(self, size: int):
-        from .train import degrade
-
         images, targets = [], []
         for _ in range(size):
             group = int(self.rng.choice(3, p=self.shares))
@@ -185,14 +183,7 @@ def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int,
     model = CandidateNet()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     checkpoint = run / "checkpoint.pt"
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        step = state["step"]
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+    step = resume(checkpoint, model, optimiser, rng)
     atomic_write_text(run / "config.json", json.dumps(
         {"candidates": [str(d) for d in candidate_dirs], "scans": len(files), "patches": int(len(sampler.patches)),
          "groups": [int(len(g)) for g in sampler.groups], "steps": steps, "seed": seed, "batch": batch, "lr": lr,
@@ -201,8 +192,7 @@ def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int,
     with open(run / "train.log", "a", encoding="utf-8") as log:
         started, running = time.time(), None
         while step < min(steps, until or steps):
-            for group in optimiser.param_groups:
-                group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            cosine_rate(optimiser, lr, step, steps)
             images, targets = sampler.batch(batch)
             loss = F.binary_cross_entropy_with_logits(model.logits(images), targets)
             optimiser.zero_grad()
@@ -216,10 +206,7 @@ def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int,
                 log.write(line + "\n")
                 log.flush()
             if step % checkpoint_every == 0 or step == steps or step == until:
-                state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
-                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
-                with atomic_path(checkpoint) as tmp:
-                    torch.save(state, tmp)
+                save_checkpoint(checkpoint, model, optimiser, step, rng, seed=seed)
     return checkpoint
 
 

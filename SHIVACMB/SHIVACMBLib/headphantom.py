@@ -22,7 +22,7 @@ Two families share the anatomy and the ground truth format of ``synthetic`` (``w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,13 +30,12 @@ from scipy.spatial import cKDTree
 
 from . import anatomy
 from .anatomy import CODE, HeadShape
-from .geometry import LPS_RAS, Geometry
+from .geometry import Geometry
 from .synthetic import (B0_AXIS, CMB_DARKNESS, ECHO_TIME_MS, IRON_DARKNESS, VEIN_DARKNESS, Acquisition, Phantom,
                         PhantomObject, Subject, _bias_field, _box_points, _local_box, _polyline, _smoothing_sigma,
-                        _sphere_coverage, _subject_transform, _voxel_width, acquisition_grid, cmb_count, cmb_diameter,
+                        _subject_transform, _voxel_width, acquisition_grid, cmb_count, cmb_diameter, free_place,
                         random_rotation, render_cmb, render_mimic)
 
-FAMILIES = ("atlas", "ood")
 AREA_NAMES = {1: "lobar", 2: "deep", 3: "infratentorial"}
 MIDLINE_MM = 2.0
 HEAD_CENTRE = (0.0, -15.0, 8.0)  # MNI RAS of the acquisition grid's centre
@@ -174,16 +173,11 @@ def place_cmbs(rng: np.random.Generator, subject: Subject, head: np.ndarray, n: 
     for _ in range(n):
         area = int(rng.choice((1, 2, 3), p=[0.6, 0.25, 0.15]))
         diameter = cmb_diameter(rng)
-        for _attempt in range(50):
-            h = sites[area][rng.integers(len(sites[area]))] + rng.uniform(-0.5, 0.5, 3)
-            if head[tuple(atlas.index(h))] not in anatomy.BRAIN_TISSUES:
-                continue  # atrophy turned this place into CSF
-            x = subject.to_scanner(h[None])[0]
-            if all(np.linalg.norm(x - t[:3]) > t[3] + diameter / 2 + 4.0 for t in taken):
-                break
-        else:
+        place = free_place(rng, sites[area], subject, taken, diameter / 2,
+                           lambda h: head[tuple(atlas.index(h))] in anatomy.BRAIN_TISSUES)  # not where atrophy left CSF
+        if place is None:
             continue
-        taken.append(np.array([*x, diameter / 2]))
+        h, x = place
         cmb = PhantomObject(label=len(cmbs) + 1, kind="cmb", cls="cmb", area=AREA_NAMES[area],
                             centre=tuple(float(v) for v in x), diameter_mm=round(diameter, 2),
                             darkness=float(rng.uniform(*CMB_DARKNESS[modality])), side=_side(float(h[0])))

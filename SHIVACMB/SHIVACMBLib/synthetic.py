@@ -337,6 +337,23 @@ def _cmb_sites() -> Dict[str, np.ndarray]:
     return sites
 
 
+def free_place(rng: np.random.Generator, points: np.ndarray, subject: Subject, taken: List[np.ndarray],
+               radius: float, allowed: Optional[Callable[[np.ndarray], bool]] = None
+               ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """A point of ``points`` (head coordinates, moved by up to 0.5 mm) that ``allowed`` accepts and whose scanner
+    position keeps 4 mm clear of every object ``taken`` (rows x, y, z, radius), which it joins: (head, scanner),
+    or None after 50 tries."""
+    for _attempt in range(50):
+        h = points[rng.integers(len(points))] + rng.uniform(-0.5, 0.5, 3)
+        if allowed is not None and not allowed(h):
+            continue
+        x = subject.to_scanner(h[None])[0]
+        if all(np.linalg.norm(x - t[:3]) > t[3] + radius + 4.0 for t in taken):
+            taken.append(np.array([*x, radius]))
+            return h, x
+    return None
+
+
 def place_cmbs(rng: np.random.Generator, subject: Subject, n: int, taken: List[np.ndarray],
                modality: str) -> List[PhantomObject]:
     sites = _cmb_sites()
@@ -344,14 +361,10 @@ def place_cmbs(rng: np.random.Generator, subject: Subject, n: int, taken: List[n
     for _ in range(n):
         area = str(rng.choice(AREAS, p=[0.6, 0.25, 0.15]))
         diameter = cmb_diameter(rng)
-        for _attempt in range(50):
-            h = sites[area][rng.integers(len(sites[area]))] + rng.uniform(-0.5, 0.5, 3)
-            x = subject.to_scanner(h[None])[0]
-            if all(np.linalg.norm(x - t[:3]) > t[3] + diameter / 2 + 4.0 for t in taken):
-                break
-        else:
+        place = free_place(rng, sites[area], subject, taken, diameter / 2)
+        if place is None:
             continue
-        taken.append(np.array([*x, diameter / 2]))
+        _h, x = place
         cmbs.append(PhantomObject(label=len(cmbs) + 1, kind="cmb", cls="cmb", area=area,
                                   centre=tuple(float(v) for v in x), diameter_mm=round(diameter, 2),
                                   darkness=float(rng.uniform(*CMB_DARKNESS[modality]))))

@@ -270,15 +270,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         if init is not None and not checkpoint.exists():
             model.load_state_dict(torch.load(init, weights_only=False)["model"])
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        step = state["step"]
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resumed at step {step}", flush=True)
+    step = resume(checkpoint, model, optimiser, rng)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
@@ -294,8 +286,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
     with open(run / "train.log", "a", encoding="utf-8") as log:
         started, running = time.time(), None
         while step < min(steps, until or steps):
-            for group in optimiser.param_groups:  # cosine decay to 1 % of the initial rate
-                group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            cosine_rate(optimiser, lr, step, steps)
             images, targets, weights = sampler.batch(batch)
             loss = loss_fn(model.logits(images), targets, weights)
             optimiser.zero_grad()
@@ -310,11 +301,36 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
                 log.write(line + "\n")
                 log.flush()
             if step % checkpoint_every == 0 or step == steps or step == until:
-                state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
-                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "seed": seed}
-                with atomic_path(checkpoint) as tmp:
-                    torch.save(state, tmp)
+                save_checkpoint(checkpoint, model, optimiser, step, rng, seed=seed)
     return checkpoint
+
+
+def resume(checkpoint: Path, model: nn.Module, optimiser: torch.optim.Optimizer, rng: np.random.Generator) -> int:
+    """Load a run's checkpoint (weights, optimiser, both random generators) if it has one; the step to go on from."""
+    if not checkpoint.exists():
+        return 0
+    state = torch.load(checkpoint, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed at step {state['step']}", flush=True)
+    return int(state["step"])
+
+
+def save_checkpoint(checkpoint: Path, model: nn.Module, optimiser: torch.optim.Optimizer, step: int,
+                    rng: np.random.Generator, **extra: object) -> None:
+    """Everything ``resume`` needs, written atomically."""
+    state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
+             "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), **extra}
+    with atomic_path(checkpoint) as tmp:
+        torch.save(state, tmp)
+
+
+def cosine_rate(optimiser: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
+    """Cosine decay from ``lr`` to 1 % of it over ``steps``."""
+    for group in optimiser.param_groups:
+        group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
 def model_from_onnx(path: Path) -> ResidualUNet3D:
