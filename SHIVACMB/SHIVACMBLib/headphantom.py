@@ -282,6 +282,8 @@ def render_ellipsoid_cmb(grid: Geometry, signal: np.ndarray, labels: np.ndarray,
     local = (p - centre) @ np.linalg.inv(axes).T  # ellipsoid coordinates: 1 on the surface
     rho = np.linalg.norm(local, axis=1)
     width = _voxel_width(grid, local / np.maximum(rho, 1e-6)[:, None]) / max(reach, 0.5)
+    # partial-volume coverage of the ellipsoid times a Gaussian of sigma 0.9 (surface units), scaled to 1 at half
+    # the radius: full darkness inside half the radius, fading towards the surface
     core = np.clip((1 - rho) / width + 0.5, 0, 1) * np.exp(-0.5 * (rho / 0.9) ** 2) / np.exp(-0.5 / 0.81 * 0.25)
     core = np.clip(core, 0, 1)
     diff = p - centre
