@@ -176,6 +176,12 @@ def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: Sequence[flo
             + ((z - centre[2]) / radii[2]) ** 2) < 1
 
 
+@lru_cache(maxsize=1)
+def tissue_ml() -> float:
+    """Brain tissue volume of the atlas (mL)."""
+    return float(np.isin(head_atlas().codes, BRAIN_TISSUES).sum() / 1000.0)
+
+
 @lru_cache(maxsize=2)
 def cmb_sites(margin_mm: float = 0.0) -> Dict[int, np.ndarray]:
     """MNI RAS of the tissue voxels where CMBs may go, by MARS area (1 lobar, 2 deep, 3 infratentorial):

@@ -265,7 +265,7 @@ class BatchSettings:
         candidate_filter = load_filter(self.fp_filter)
         return {"model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},
                 "fp_filter": None if candidate_filter is None else {**candidate_filter.summary(),
-                                                                    "sha256": checksum([candidate_filter.onnx])},
+                                                                    "sha256": candidate_filter.sha256},
                 "threshold": model.threshold if self.threshold is None else self.threshold,
                 "precision": self.precision, "min_volume_mm3": self.min_volume_mm3,
                 "max_volume_mm3": self.max_volume_mm3, "save_probability": self.save_probability,

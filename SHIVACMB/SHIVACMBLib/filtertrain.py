@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -32,7 +31,7 @@ from .files import atomic_path, atomic_write_text, checksum
 from .fpfilter import DESCRIPTOR, TARGET, patches
 from .postprocess import CONNECT_26, OUTSIDE_RATIO
 from .synthetic import MIMIC_CLASSES
-from .train import cosine_rate, degrade, resume, save_checkpoint
+from .train import degrade, resume, run_steps
 
 PATCH = 32
 MARGIN = 4  # voxels stored around each patch for random shifts
@@ -189,24 +188,12 @@ def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int,
          "groups": [int(len(g)) for g in sampler.groups], "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
     model.train()
-    with open(run / "train.log", "a", encoding="utf-8") as log:
-        started, running = time.time(), None
-        while step < min(steps, until or steps):
-            cosine_rate(optimiser, lr, step, steps)
-            images, targets = sampler.batch(batch)
-            loss = F.binary_cross_entropy_with_logits(model.logits(images), targets)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            step += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 50 == 0:
-                line = f"step {step} loss {running:.4f} {(time.time() - started) / 60:.1f} min"
-                print(line, flush=True)
-                log.write(line + "\n")
-                log.flush()
-            if step % checkpoint_every == 0 or step == steps or step == until:
-                save_checkpoint(checkpoint, model, optimiser, step, rng, seed=seed)
+
+    def batch_loss() -> torch.Tensor:
+        images, targets = sampler.batch(batch)
+        return F.binary_cross_entropy_with_logits(model.logits(images), targets)
+
+    run_steps(run, model, optimiser, rng, batch_loss, step, steps, lr, until, checkpoint_every, log_every=50, seed=seed)
     return checkpoint
 
 

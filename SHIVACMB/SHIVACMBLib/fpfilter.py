@@ -46,6 +46,7 @@ class CandidateFilter:
     threshold: float
     normalization: Normalization
     onnx: Path
+    sha256: str  # of the ONNX file, checked when loaded
 
     def summary(self) -> Dict[str, object]:
         return {"name": self.name, "version": self.version, "threshold": self.threshold, "patch": self.patch,
@@ -91,7 +92,7 @@ def load_filter(choice: Optional[str]) -> Optional[CandidateFilter]:
         raise InputError(descriptor, f"invalid candidate filter: {err}") from None
     return CandidateFilter(path=folder, name=str(data["name"]), version=str(data["version"]),
                            description=str(data.get("description", "")), patch=patch, threshold=threshold,
-                           normalization=normalization, onnx=onnx)
+                           normalization=normalization, onnx=onnx, sha256=str(data["sha256"]))
 
 
 def patches(volume_xyz: np.ndarray, centres_xyz: np.ndarray, size: int) -> np.ndarray:

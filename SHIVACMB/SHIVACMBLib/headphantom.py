@@ -500,5 +500,4 @@ def make_head_phantom(seed: int, family: str = "atlas", modality: Optional[str] 
 
 def brain_volume_ml(subject: Subject) -> float:
     """Brain tissue volume of this subject: the atlas's, scaled by the head's scale (the warp keeps it near)."""
-    atlas = anatomy.head_atlas()
-    return float(np.isin(atlas.codes, anatomy.BRAIN_TISSUES).sum() / 1000.0 * np.prod(subject.scale))
+    return anatomy.tissue_ml() * float(np.prod(subject.scale))

@@ -30,7 +30,7 @@ import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -283,26 +283,38 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         for module in model.modules():
             if isinstance(module, nn.BatchNorm3d):
                 module.eval()
+
+    def batch_loss() -> torch.Tensor:
+        images, targets, weights = sampler.batch(batch)
+        return loss_fn(model.logits(images), targets, weights)
+
+    run_steps(run, model, optimiser, rng, batch_loss, step, steps, lr, until, checkpoint_every, log_every=20, seed=seed)
+    return checkpoint
+
+
+def run_steps(run: Path, model: nn.Module, optimiser: torch.optim.Optimizer, rng: np.random.Generator,
+              batch_loss: Callable[[], torch.Tensor], step: int, steps: int, lr: float, until: Optional[int],
+              checkpoint_every: int, log_every: int, **extra: object) -> None:
+    """The optimisation loop from ``step`` to ``steps`` (or ``until``): cosine rate, a running loss printed and
+    appended to ``run/train.log`` every ``log_every`` steps, a checkpoint every ``checkpoint_every``."""
     with open(run / "train.log", "a", encoding="utf-8") as log:
         started, running = time.time(), None
         while step < min(steps, until or steps):
             cosine_rate(optimiser, lr, step, steps)
-            images, targets, weights = sampler.batch(batch)
-            loss = loss_fn(model.logits(images), targets, weights)
+            loss = batch_loss()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             step += 1
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 20 == 0:
+            if step % log_every == 0:
                 line = f"step {step} loss {running:.4f} lr {optimiser.param_groups[0]['lr']:.2e} " \
                        f"{(time.time() - started) / 60:.1f} min"
                 print(line, flush=True)
                 log.write(line + "\n")
                 log.flush()
             if step % checkpoint_every == 0 or step == steps or step == until:
-                save_checkpoint(checkpoint, model, optimiser, step, rng, seed=seed)
-    return checkpoint
+                save_checkpoint(run / "checkpoint.pt", model, optimiser, step, rng, **extra)
 
 
 def resume(checkpoint: Path, model: nn.Module, optimiser: torch.optim.Optimizer, rng: np.random.Generator) -> int:

@@ -138,3 +138,26 @@ def test_training_candidates_label_folds_and_planted_objects() -> None:
     assert np.sum(table["kind"] == 1) == 2 and np.sum(table["kind"] == 2) == 1
     peaks = table["peak"][folds]
     assert sorted(np.round(peaks, 2).tolist()) == [0.5, 0.7, 0.9]
+
+
+def test_filter_trains_resumes_exports_and_loads(tmp_path) -> None:
+    filtertrain = pytest.importorskip("SHIVACMBLib.filtertrain")
+    rng = np.random.default_rng(0)
+    side = filtertrain.PATCH + 2 * filtertrain.MARGIN
+    cubes = rng.random((6, side, side, side)).astype(np.float16)
+    (tmp_path / "cand").mkdir()
+    np.savez(tmp_path / "cand" / "scan.npz", patches=cubes, label=np.array([1, 1, 0, 0, 0, 0]),
+             kind=np.array([0, 1, 0, 0, 2, 2]))
+    run = tmp_path / "run"
+    filtertrain.fit_filter([tmp_path / "cand"], run, steps=4, seed=1, batch=2, until=2, checkpoint_every=1)
+    filtertrain.fit_filter([tmp_path / "cand"], run, steps=4, seed=1, batch=2, checkpoint_every=1)
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert config["patches"] == 6 and config["groups"] == [2, 2, 2]  # CMBs, fold false positives, mimics
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 4
+    folder = filtertrain.export_filter(run, tmp_path / "filter", 0.4, "trained", "0.1")
+    loaded = fpfilter.load_filter(str(folder))
+    assert loaded.patch == filtertrain.PATCH and loaded.threshold == 0.4
+    scores = fpfilter.FilterSession(loaded).score(rng.random((40, 40, 40)).astype(np.float32), np.array([[20, 20, 20]]))
+    assert scores.shape == (1,) and 0 <= scores[0] <= 1
