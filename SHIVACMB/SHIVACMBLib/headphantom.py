@@ -1,6 +1,6 @@
 """Realistic phantoms: atlas anatomy (``anatomy``), domain-randomised SWI and T2*-GRE contrast.
 
-Two families share the anatomy and the ground truth format of ``synthetic`` (``write_phantom``):
+Three families share the anatomy and the ground truth format of ``synthetic`` (``write_phantom``):
 
 - ``atlas``, for training, validation and the in-distribution held-out set: per tissue class a
   random intensity within the SWI or T2*-GRE family and a smooth texture; random head size
@@ -11,6 +11,8 @@ Two families share the anatomy and the ground truth format of ``synthetic`` (``w
   choroid plexus, pallidum, parenchymal dots), pallidal and dentate iron, air-bone artefacts by
   the sinuses and mastoids, flow voids of the basal arteries; whole heads and skull-stripped
   scans (zero outside a brain mask that cuts the outer sulci).
+- ``wide``, for training only: the atlas family with lower SNR, slices up to 4 mm, half of the scans
+  skull-stripped and CMBs with soft edges and slightly unequal axes.
 - ``ood``, the out-of-distribution test family, never sampled for training or model selection:
   other mechanisms, not only other ranges: contrast from tissue proton density and T2* at 1.5 or
   3 T (SWI with a phase mask), multi-coil noise (non-central chi, coil sensitivities, a
@@ -21,7 +23,7 @@ Two families share the anatomy and the ground truth format of ``synthetic`` (``w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -88,6 +90,7 @@ class Family:
     calcification_shapes: Tuple[str, ...]
     square_pixels: bool
     slice_mm: Tuple[float, float]
+    cmb_edge: Tuple[float, float] = (1.0, 1.0)  # "soft" CMBs: width of the edge, in voxel widths
 
 
 ATLAS = Family(name="atlas", scale=(0.85, 1.0), rotation_deg=15.0, warp_mm=3.0, warp_terms=6,
@@ -102,7 +105,11 @@ OOD = Family(name="ood", scale=(0.82, 1.02), rotation_deg=20.0, warp_mm=3.5, war
              ringing_chance=0.3, skull_stripped_chance=0.3, cmb_shape="ellipsoid", vein_wiggle=0.45,
              vein_branches=True, calcification_shapes=("ring", "rod", "cluster"), square_pixels=False,
              slice_mm=(1.5, 3.0))
-FAMILY = {f.name: f for f in (ATLAS, OOD)}
+# training only: the atlas family with wider acquisition ranges, more skull-stripped scans and CMBs with soft
+# edges and slightly unequal axes (blooming blurs a CMB's edge on real scans)
+WIDE = replace(ATLAS, name="wide", snr=(10.0, 45.0), skull_stripped_chance=0.5, slice_mm=(1.2, 4.0),
+               cmb_shape="soft", cmb_edge=(1.0, 3.0))
+FAMILY = {f.name: f for f in (ATLAS, WIDE, OOD)}
 
 
 # --- subject and acquisition --------------------------------------------------------------
@@ -181,9 +188,11 @@ def place_cmbs(rng: np.random.Generator, subject: Subject, head: np.ndarray, n: 
         cmb = PhantomObject(label=len(cmbs) + 1, kind="cmb", cls="cmb", area=AREA_NAMES[area],
                             centre=tuple(float(v) for v in x), diameter_mm=round(diameter, 2),
                             darkness=float(rng.uniform(*CMB_DARKNESS[modality])), side=_side(float(h[0])))
-        if family.cmb_shape == "ellipsoid":
-            axes = random_rotation(rng, 90.0) * rng.uniform(0.75, 1.3, 3)[None, :]
-            cmb.parts = [tuple(float(v) for v in axes.ravel())]  # the ellipsoid's axes (columns, relative)
+        if family.cmb_shape != "sphere":
+            spread = (0.75, 1.3) if family.cmb_shape == "ellipsoid" else (0.85, 1.15)
+            axes = random_rotation(rng, 90.0) * rng.uniform(*spread, 3)[None, :]
+            edge = [float(rng.uniform(*family.cmb_edge))] if family.cmb_shape == "soft" else []
+            cmb.parts = [tuple(float(v) for v in axes.ravel()) + tuple(edge)]  # axes (columns, relative), edge
         cmbs.append(cmb)
     return cmbs
 
@@ -271,8 +280,9 @@ def calcification_parts(rng: np.random.Generator, centre: np.ndarray, shape: str
 
 def render_ellipsoid_cmb(grid: Geometry, signal: np.ndarray, labels: np.ndarray, cmb: PhantomObject,
                          bloom: float) -> None:
-    """An ellipsoidal CMB with a Gaussian core (the ood family's CMB) and a dipole halo along B0."""
-    axes = np.asarray(cmb.parts[0]).reshape(3, 3) * cmb.diameter_mm / 2  # columns: semi-axes in scanner RAS
+    """An ellipsoidal CMB and a dipole halo along B0: with a Gaussian core (the ood family's CMB) or, where its
+    parts carry an edge width (the wide family's), a uniform core with that soft edge."""
+    axes = np.asarray(cmb.parts[0][:9]).reshape(3, 3) * cmb.diameter_mm / 2  # columns: semi-axes in scanner RAS
     centre = np.asarray(cmb.centre)
     reach = float(np.linalg.norm(axes, axis=0).max())
     box = _local_box(grid, centre, 3.2 * reach + 3.0)
@@ -281,11 +291,14 @@ def render_ellipsoid_cmb(grid: Geometry, signal: np.ndarray, labels: np.ndarray,
     p = _box_points(grid, box).reshape(-1, 3)
     local = (p - centre) @ np.linalg.inv(axes).T  # ellipsoid coordinates: 1 on the surface
     rho = np.linalg.norm(local, axis=1)
-    width = _voxel_width(grid, local / np.maximum(rho, 1e-6)[:, None]) / max(reach, 0.5)
+    width = np.maximum(_voxel_width(grid, local / np.maximum(rho, 1e-6)[:, None]) / max(reach, 0.5), 1e-6)
     # partial-volume coverage of the ellipsoid times a Gaussian of sigma 0.9 (surface units), scaled to 1 at half
     # the radius: full darkness inside half the radius, fading towards the surface
-    core = np.clip((1 - rho) / width + 0.5, 0, 1) * np.exp(-0.5 * (rho / 0.9) ** 2) / np.exp(-0.5 / 0.81 * 0.25)
-    core = np.clip(core, 0, 1)
+    if len(cmb.parts[0]) > 9:
+        core = np.clip((1 - rho) / (width * cmb.parts[0][9]) + 0.5, 0, 1)
+    else:
+        core = np.clip((1 - rho) / width + 0.5, 0, 1) * np.exp(-0.5 * (rho / 0.9) ** 2) / np.exp(-0.5 / 0.81 * 0.25)
+        core = np.clip(core, 0, 1)
     diff = p - centre
     dist = np.linalg.norm(diff, axis=1)
     cos2 = ((diff / np.maximum(dist, 1e-6)[:, None]) @ B0_AXIS) ** 2

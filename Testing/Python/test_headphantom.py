@@ -157,3 +157,25 @@ def test_phantom_command_family(tmp_path) -> None:
     rows = synthetic.read_objects(paths["objects"])
     assert rows and all(r["side"] in ("left", "right", "midline") for r in rows if r["kind"] == "cmb")
     assert '"family": "atlas"' in (tmp_path / "truth" / "phantom-000005_info.json").read_text(encoding="utf-8")
+
+
+def test_wide_family_softens_cmb_edges() -> None:
+    """The training-only wide family: soft-edged CMBs (edge width recorded), labelled where planted; a softer
+    edge spreads the CMB's fall-off over more voxels."""
+    phantom = headphantom.make_head_phantom(11, "wide", "swi", (1.0, 1.0, 1.0), n_cmb=6, skull_stripped=False)
+    cmbs = [o for o in phantom.objects if o.kind == "cmb"]
+    assert cmbs and all(len(c.parts[0]) == 10 and 1.0 <= c.parts[0][9] <= 3.0 for c in cmbs)
+    labels = sitk.GetArrayFromImage(phantom.cmb_labels)
+    for cmb in cmbs:
+        i, j, k = np.rint(Geometry.of(phantom.cmb_labels).ras_to_index(np.asarray(cmb.centre))).astype(int)
+        assert labels[k, j, i] == cmb.label
+    grid = Geometry.from_matrix((40, 40, 40), np.diag([1.0, 1.0, 1.0, 1.0]))
+    fall_off = []
+    for edge in (1.0, 3.0):
+        cmb = synthetic.PhantomObject(label=1, kind="cmb", cls="cmb", area="lobar", centre=(-20.0, -20.0, 20.0),
+                                      diameter_mm=6.0, darkness=0.1, parts=[(1, 0, 0, 0, 1, 0, 0, 0, 1, edge)])
+        signal = np.ones((40, 40, 40), np.float32)
+        headphantom.render_ellipsoid_cmb(grid, signal, np.zeros(signal.shape, np.uint16), cmb, bloom=0.0)
+        assert signal.min() == pytest.approx(0.1)
+        fall_off.append(int(np.sum((signal > 0.2) & (signal < 0.9))))
+    assert fall_off[1] > 1.5 * fall_off[0]
