@@ -3,14 +3,14 @@
 The logic exports the selected scan (and brain mask) to a temporary folder, runs
 `shivacmb segment --progress json` with Slicer's Python in a background process, and loads
 cmb.seg.nrrd and findings.tsv as a segmentation node and a table node linked to the scan.
-The process output is read by a thread into a queue (SHIVACMBLib.slicerbridge.ChildProcess)
+The process output is read by a thread into a queue (SHIVACMBLib.slicerside.slicerbridge.ChildProcess)
 that a QTimer drains in the main thread, so the GUI never waits for the network; pip installs
 run the same way. Corrections made in the Segment Editor and in the table's review columns
-are turned into corrected findings by SHIVACMBLib.corrections and saved with a provenance
-record. The "Rating session" section runs a SHIVACMBLib.review rating session (SHIVACMBRating):
+are turned into corrected findings by SHIVACMBLib.slicerside.corrections and saved with a provenance
+record. The "Rating session" section runs a SHIVACMBLib.rating.review rating session (SHIVACMBRating):
 each rating is saved by the core the moment it is made. The "Compare with baseline" section runs
 `shivacmb compare` the same way (SHIVACMBComparison) and shows the result with
-SHIVACMBLib.compareview: baseline and registered follow-up side by side, the new CMBs in a table.
+SHIVACMBLib.slicerside.compareview: baseline and registered follow-up side by side, the new CMBs in a table.
 This file only moves data between MRML and SHIVACMBLib.
 """
 
@@ -40,7 +40,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from SHIVACMBLib import slicerbridge
+from SHIVACMBLib.slicerside import slicerbridge
 from SHIVACMBLib.findings import Finding
 from SHIVACMBLib.resources import TERMINOLOGY_FILE
 
@@ -495,7 +495,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateTable(self._observedTable, showErrors=True)
 
     def _updateTable(self, table: vtkMRMLTableNode, showErrors: bool) -> None:
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         if showErrors:
             with slicer.util.tryWithErrorDisplay("The findings could not be updated.", waitCursor=True):
@@ -525,7 +525,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def saveResultsTo(self, parent: str):
         """Save the selected findings' corrected results into ``<parent>/<scan id>``; what was saved, or None."""
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         table = self._observedTable
         volume = self.logic.findingsVolume(table)
@@ -579,7 +579,8 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- rating session --------------------------------------------------------------------
 
     def _setupRating(self) -> None:
-        from SHIVACMBLib import ratingview, review
+        from SHIVACMBLib.slicerside import ratingview
+        from SHIVACMBLib.rating import review
 
         self.ui.ratingModeComboBox.addItems(list(review.MODES))
         self.ui.notRatableComboBox.addItems(list(review.REASONS))
@@ -606,7 +607,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showRating()
 
     def onNewSession(self) -> None:
-        from SHIVACMBLib import review
+        from SHIVACMBLib.rating import review
 
         window = slicer.util.mainWindow()
         scans = qt.QFileDialog.getExistingDirectory(window, "Choose the folder of the scans to rate")
@@ -629,7 +630,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def openRatingSession(self, folder: str) -> None:
         """Open a session as the rater named in the panel, at its first unfinished scan."""
-        from SHIVACMBLib import review
+        from SHIVACMBLib.rating import review
 
         self._closeRating()
         rater = (self._parameterNode.rater.strip() if self._parameterNode else "") or self.logic.defaultRater()
@@ -649,7 +650,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showRating(self) -> None:
         """Scan list, progress line, findings list and buttons for the session's state."""
-        from SHIVACMBLib import ratingview
+        from SHIVACMBLib.slicerside import ratingview
 
         rating = self._rating
         scanList, findingsList = self.ui.ratingScanList, self.ui.ratingFindingsList
@@ -777,7 +778,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareStatusLabel.text = f"{int(round(100 * fraction))} %: {message}"
 
     def onComparisonFinished(self, comparison: "SHIVACMBComparison") -> None:
-        from SHIVACMBLib import compareview
+        from SHIVACMBLib.slicerside import compareview
 
         self._comparison = None
         self.ui.compareButton.text = "Compare with baseline"
@@ -941,7 +942,7 @@ class SHIVACMBComparison(SHIVACMBRun):
                  followupVolume: vtkMRMLScalarVolumeNode, tempDir: str, process: slicerbridge.ChildProcess,
                  fileNames: Dict[str, str], onProgress: Optional[Callable[[float, str], None]] = None,
                  onFinished: Optional[Callable[["SHIVACMBComparison"], None]] = None) -> None:
-        from SHIVACMBLib import compareview
+        from SHIVACMBLib.slicerside import compareview
 
         super().__init__(logic, followupVolume, tempDir, process, fileNames, onProgress, onFinished, show3D=False)
         self.baselineVolume = baselineVolume
@@ -956,7 +957,7 @@ class SHIVACMBUpdate:
     """The findings of a table brought up to date with its segmentation (SHIVACMBLogic.updateFindings)."""
 
     def __init__(self, correction, labels: np.ndarray, grid, state) -> None:
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         self.correction = correction  # corrections.Correction
         self.labels = labels  # exported label map, [k, j, i] on the scan's grid
@@ -971,9 +972,9 @@ class SHIVACMBUpdate:
 
 
 class SHIVACMBRating:
-    """A rating session (SHIVACMBLib.review.RatingSession) shown in Slicer, one scan at a time.
+    """A rating session (SHIVACMBLib.rating.review.RatingSession) shown in Slicer, one scan at a time.
 
-    The scan is loaded from its file, its findings drawn as sphere segments (SHIVACMBLib.ratingview:
+    The scan is loaded from its file, its findings drawn as sphere segments (SHIVACMBLib.slicerside.ratingview:
     colour = status). Every change goes to the session, which saves it before returning, so closing
     Slicer at any point loses nothing. In a blind session the AI findings are drawn only once the
     scan is submitted.
@@ -990,7 +991,7 @@ class SHIVACMBRating:
 
     @property
     def changeable(self) -> bool:
-        from SHIVACMBLib.review import DONE
+        from SHIVACMBLib.rating.review import DONE
 
         return self.scanId is not None and self.session.rating(self.scanId).state not in DONE
 
@@ -1041,7 +1042,7 @@ class SHIVACMBRating:
 
     def _draw(self) -> None:
         """One sphere segment per finding shown."""
-        from SHIVACMBLib import ratingview
+        from SHIVACMBLib.slicerside import ratingview
 
         self.shown = ratingview.shown_findings(self.session, self.scanId)
         segmentation = self.segmentationNode.GetSegmentation()
@@ -1263,7 +1264,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
     def loadResults(self, inputVolume: vtkMRMLScalarVolumeNode, resultFolder: str,
                     show3D: bool = True) -> Tuple[vtkMRMLSegmentationNode, vtkMRMLTableNode]:
         """Load cmb.seg.nrrd and findings.tsv for ``inputVolume``; they replace its previous results."""
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
         from SHIVACMBLib.pipeline import FINDINGS_NAME, RUN_NAME, SEGMENTATION_NAME
 
         if not slicer.mrmlScene.IsNodePresent(inputVolume):
@@ -1321,7 +1322,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
     def showFindings(self, tableNode: vtkMRMLTableNode, findings: Sequence[Finding]) -> None:
         """Keep ``findings`` as the table's findings and show them, one typed column per findings.tsv column."""
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         wasModified = tableNode.StartModify()
         tableNode.SetAttribute(self.FINDINGS_ATTRIBUTE, corrections.findings_to_json(findings))
@@ -1367,7 +1368,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
     def runState(self, tableNode: vtkMRMLTableNode):
         """The run's own findings and voxels kept with a findings table (corrections.RunState)."""
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         text = tableNode.GetAttribute(self.RUN_STATE_ATTRIBUTE)
         if not text:
@@ -1377,7 +1378,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
     def shownFindings(self, tableNode: vtkMRMLTableNode) -> List[Finding]:
         """The findings the table was last filled with (review edits included once applied)."""
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         text = tableNode.GetAttribute(self.FINDINGS_ATTRIBUTE)
         return corrections.findings_from_json(text) if text else list(self.runState(tableNode).findings)
@@ -1402,7 +1403,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
         Edits that are not allowed are put back; the returned ReviewEdit says why.
         """
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         shown = self.shownFindings(tableNode)
         edit = corrections.apply_review_edits(shown, self.tableRows(tableNode), self.runState(tableNode).ids)
@@ -1419,7 +1420,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         Segments found to be new CMBs get their SHIVACMB.cmb_id tag and the name "CMB <id>";
         every CMB segment's SHIVACMB.status tag follows its status.
         """
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         segmentationNode = self.findingsSegmentation(tableNode)
         volumeNode = self.findingsVolume(tableNode)
@@ -1452,7 +1453,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
         Returns corrections.Saved; the table then shows the findings as saved (raters named).
         """
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         update = self.updateFindings(tableNode)
         volumeNode = self.findingsVolume(tableNode)
@@ -1464,7 +1465,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def defaultRater() -> str:
-        from SHIVACMBLib import corrections
+        from SHIVACMBLib.slicerside import corrections
 
         return corrections.who_default()
 
@@ -1478,7 +1479,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
 
     def segmentRecords(self, segmentationNode: vtkMRMLSegmentationNode) -> list:
         """Every segment in order (corrections.SegmentRecord); label n is the n-th segment, as exported."""
-        from SHIVACMBLib.corrections import SegmentRecord, tag_cmb_id
+        from SHIVACMBLib.slicerside.corrections import SegmentRecord, tag_cmb_id
         from SHIVACMBLib.segfile import ID_TAG
 
         segmentation = segmentationNode.GetSegmentation()
@@ -1563,7 +1564,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
     def jumpToFinding(self, tableNode: vtkMRMLTableNode,
                       row: int) -> Tuple[Optional[vtkMRMLSegmentationNode], Optional[str]]:
         """Centre every slice view on the finding of a table row; its segmentation node and segment ID."""
-        from SHIVACMBLib.corrections import segment_for_cmb
+        from SHIVACMBLib.slicerside.corrections import segment_for_cmb
 
         cells = self.tableRows(tableNode)[row]
         position = self.worldPosition(self.findingsVolume(tableNode), [float(cells[name]) for name in ("r", "a", "s")])
@@ -1581,7 +1582,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
                         threshold: Optional[float] = None, onProgress: Optional[Callable[[float, str], None]] = None,
                         onFinished: Optional[Callable[["SHIVACMBComparison"], None]] = None) -> "SHIVACMBComparison":
         """Start `shivacmb compare` in the background; a scan without a findings table is segmented."""
-        from SHIVACMBLib import compareview
+        from SHIVACMBLib.slicerside import compareview
         from SHIVACMBLib.findings import write_tsv
 
         scans = {"baseline": (baselineVolume, baselineTable), "followup": (followupVolume, followupTable)}
@@ -1624,7 +1625,9 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         follow-up on the baseline with the registration (see alignFollowup)."""
         import json
 
-        from SHIVACMBLib import compareview, longitudinal
+        from SHIVACMBLib.slicerside import compareview
+
+        from SHIVACMBLib import longitudinal
 
         for volume in (baselineVolume, followupVolume):
             if not slicer.mrmlScene.IsNodePresent(volume):
@@ -1651,7 +1654,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         """Show a comparison's new CMBs only, or all its CMBs (read-only)."""
         import json
 
-        from SHIVACMBLib import compareview
+        from SHIVACMBLib.slicerside import compareview
 
         shown = compareview.table_rows(json.loads(tableNode.GetAttribute(self.COMPARISON_ROWS_ATTRIBUTE)), newOnly)
         wasModified = tableNode.StartModify()
@@ -1702,7 +1705,7 @@ class SHIVACMBLogic(ScriptedLoadableModuleLogic):
         """Centre the baseline view on the row's CMB in the baseline, and the follow-up view in the follow-up."""
         import json
 
-        from SHIVACMBLib import compareview
+        from SHIVACMBLib.slicerside import compareview
 
         shown = json.loads(tableNode.GetAttribute(self.COMPARISON_SHOWN_ATTRIBUTE))
         layoutManager = slicer.app.layoutManager()
@@ -1731,7 +1734,7 @@ class SHIVACMBTest(ScriptedLoadableModuleTest):
     """Segments a phantom from the module panel, corrects the result as a reader would, and saves it.
 
     The phantom is a bright ellipsoid "brain" with three dark spheres; the model a tiny
-    fixed-weight dark-blob detector (SHIVACMBLib.blobmodel, which needs the onnx package).
+    fixed-weight dark-blob detector (SHIVACMBLib.modelstore.blobmodel, which needs the onnx package).
     """
 
     SPACING = (1.0, 1.0, 1.2)  # mm, i j k
@@ -1883,7 +1886,7 @@ class SHIVACMBTest(ScriptedLoadableModuleTest):
     def _save(self, widget: SHIVACMBWidget, table: vtkMRMLTableNode, parent: str) -> None:
         import json
 
-        from SHIVACMBLib.corrections import SAVED_FILES
+        from SHIVACMBLib.slicerside.corrections import SAVED_FILES
         from SHIVACMBLib.findings import read_tsv
         from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
 
@@ -1968,7 +1971,7 @@ class SHIVACMBTest(ScriptedLoadableModuleTest):
 
     def _phantomModel(self, parent: str) -> str:
         """A fixed-weight dark-blob detector model folder (needs the onnx package)."""
-        from SHIVACMBLib.blobmodel import write_model
+        from SHIVACMBLib.modelstore.blobmodel import write_model
 
         return str(write_model(os.path.join(parent, "phantom-blob-detector"), name="phantom-blob-detector",
                                shape=self.MODEL_BOX))

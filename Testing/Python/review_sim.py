@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SHIVACMBLib import review
+from SHIVACMBLib.rating import review
 from SHIVACMBLib.findings import Finding, write_tsv
 
 PHASES = ("before-log", "torn-log", "after-log", "after-state")

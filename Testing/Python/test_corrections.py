@@ -1,4 +1,4 @@
-"""Manual corrections (SHIVACMBLib.corrections): label maps exported from Slicer to corrected findings,
+"""Manual corrections (SHIVACMBLib.slicerside.corrections): label maps exported from Slicer to corrected findings,
 review edits from the table, and the saved folder (cmb.seg.nrrd, findings.tsv, corrections.json)."""
 
 import datetime as dt
@@ -11,11 +11,12 @@ import pytest
 
 import phantoms
 from helpers import files_under
-from SHIVACMBLib import corrections, pipeline
-from SHIVACMBLib.corrections import DELETED, EDITED, RunState, SegmentRecord, apply_review_edits, correct
+from SHIVACMBLib.slicerside import corrections
+from SHIVACMBLib import pipeline
+from SHIVACMBLib.slicerside.corrections import DELETED, EDITED, RunState, SegmentRecord, apply_review_edits, correct
 from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
 from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
-from SHIVACMBLib.slicerbridge import TABLE_COLUMNS, finding_row
+from SHIVACMBLib.slicerside.slicerbridge import TABLE_COLUMNS, finding_row
 
 # An oblique, anisotropic grid: measurements must hold in physical space, not voxel space.
 GRID = phantoms.grid_around((4.0, -7.0, 12.0), (40, 44, 30), (0.8, 0.9, 2.5), phantoms.rotation((1, 2, 0), 20))

@@ -1,4 +1,4 @@
-"""Rating sessions (SHIVACMBLib.review): create, rate, blind invariants, crash and resume, concurrent
+"""Rating sessions (SHIVACMBLib.rating.review): create, rate, blind invariants, crash and resume, concurrent
 raters, export; `shivacmb review` commands."""
 
 import datetime as dt
@@ -19,10 +19,10 @@ from scipy.stats.contingency import crosstab
 
 import review_sim
 from helpers import run_cli
-from SHIVACMBLib import review
+from SHIVACMBLib.rating import review
 from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.findings import Finding, write_tsv
-from SHIVACMBLib.review import RatingSession
+from SHIVACMBLib.rating.review import RatingSession
 
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="kills with SIGKILL")
 
@@ -186,7 +186,7 @@ def test_kill_during_a_change_loses_at_most_that_change(scans, phase, kept):
     """A rater process killed during its fourth change (open, two statuses, then an added CMB)."""
     new_session(scans, "assisted")
     script = (f"import review_sim; review_sim.arm_kill(4, {phase!r}); "
-              f"from SHIVACMBLib.review import RatingSession\n"
+              f"from SHIVACMBLib.rating.review import RatingSession\n"
               f"with RatingSession({str(scans / 'assisted')!r}, 'ann') as s:\n"
               "    s.open_scan('sub-01_swi'); s.set_status('sub-01_swi', 1, 'definite')\n"
               "    s.set_status('sub-01_swi', 2, 'rejected'); s.add('sub-01_swi', (5, 5, 5))\n"

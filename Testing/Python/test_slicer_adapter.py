@@ -21,10 +21,13 @@ import pytest
 
 import phantoms
 from helpers import REPO
-from SHIVACMBLib import corrections, pipeline, ratingview, review, slicerbridge
+from SHIVACMBLib.slicerside import corrections, ratingview, slicerbridge
+from SHIVACMBLib import pipeline
+from SHIVACMBLib.rating import review
 from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
 from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
+from SHIVACMBLib.settings import ScanSettings
 
 MODULE_PY = REPO / "SHIVACMB" / "SHIVACMB.py"
 
@@ -563,8 +566,8 @@ def test_run_loads_the_results_of_the_real_command(tmp_path, module, iso_scan, m
 
     work = tmp_path / "work"
     work.mkdir()
-    settings = slicerbridge.SegmentSettings(model=str(model_dir), device="cpu", scan_id="iso")
-    args = slicerbridge.segment_command(sys.executable, str(iso_scan), str(work / "out"), settings)
+    settings = ScanSettings(model=str(model_dir), device="cpu", report=False)
+    args = slicerbridge.segment_command(sys.executable, str(iso_scan), str(work / "out"), settings, "iso")
     process = slicerbridge.ChildProcess(args, cwd=str(REPO / "SHIVACMB"),
                                         env=slicerbridge.child_environment(os.environ))
     progress = []

@@ -19,9 +19,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SHIVACMBLib import blobmodel, cli, findings, inference, slicerbridge
+from SHIVACMBLib.modelstore import blobmodel
+
+from SHIVACMBLib import cli, findings, inference, settings
+from SHIVACMBLib.settings import ScanSettings, settings_from_args
+
+from SHIVACMBLib.slicerside import slicerbridge
 from SHIVACMBLib.findings import Finding, read_tsv
-from SHIVACMBLib.slicerbridge import (ChildProcess, ModelChoice, RunMonitor, RunSummary, SegmentSettings,
+from SHIVACMBLib.slicerside.slicerbridge import (ChildProcess, ModelChoice, RunMonitor, RunSummary,
                                       TABLE_COLUMNS)
 from helpers import REPO, cpu_provider, files_under
 
@@ -43,33 +48,36 @@ def finding(cmb_id=1, **extra):
 
 
 def test_segment_command_is_what_the_cli_parses():
-    settings = SegmentSettings(model="shiva-cmb-swi", device="cuda", threshold=0.35, mask="/t/mask.nrrd",
-                               scan_id="my_scan")
-    args = slicerbridge.segment_command("/slicer/bin/PythonSlicer", "/t/input.nrrd", "/t/output", settings)
+    settings = ScanSettings(model="shiva-cmb-swi", device="cuda", threshold=0.35, report=False)
+    args = slicerbridge.segment_command("/slicer/bin/PythonSlicer", "/t/input.nrrd", "/t/output", settings, "my_scan",
+                                        mask="/t/mask.nrrd")
     assert args[:3] == ["/slicer/bin/PythonSlicer", "-m", "SHIVACMBLib.cli"]
     parsed = cli.build_parser().parse_args(args[3:])
     assert (parsed.command, parsed.input, parsed.out, parsed.scan_id) == ("segment", "/t/input.nrrd", "/t/output",
                                                                           "my_scan")
     assert (parsed.model, parsed.device, parsed.threshold, parsed.mask) == ("shiva-cmb-swi", "cuda", 0.35,
                                                                             "/t/mask.nrrd")
-    assert parsed.progress == "json" and parsed.no_report
+    assert parsed.progress == "json" and not parsed.report
+    assert settings_from_args(parsed) == settings
 
 
 def test_segment_command_leaves_out_what_is_not_set():
-    args = slicerbridge.segment_command("py", "in.nrrd", "out", SegmentSettings(report=True))
+    args = slicerbridge.segment_command("py", "in.nrrd", "out", ScanSettings(), "scan")
+    assert args[3:] == ["segment", "in.nrrd", "--out", "out", "--scan-id", "scan", "--progress", "json"]
     parsed = cli.build_parser().parse_args(args[3:])
     assert parsed.model is None and parsed.threshold is None and parsed.mask is None
-    assert parsed.device == "auto" and not parsed.no_report
+    assert parsed.device == "auto" and parsed.report
 
 
-@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(threshold=0.0), dict(threshold=1.0)])
-def test_segment_settings_refuse_what_the_command_would_refuse(bad):
+@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(threshold=0.0), dict(threshold=1.0), dict(precision="int8"),
+                                 dict(min_volume_mm3=-1.0)])
+def test_scan_settings_refuse_what_the_command_would_refuse(bad):
     with pytest.raises(ValueError):
-        SegmentSettings(**bad)
+        ScanSettings(**bad)
 
 
-def test_device_choices_are_the_commands():
-    assert slicerbridge.DEVICES == inference.DEVICES
+def test_device_choices_are_defined_once():
+    assert inference.DEVICES is settings.DEVICES and inference.PRECISIONS is settings.PRECISIONS
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -371,9 +379,9 @@ def test_cancel_after_the_end_does_nothing():
 # --- the module's path through the real command ----------------------------------------------
 
 
-def run_module_command(input_path, out_dir, settings):
+def run_module_command(input_path, out_dir, settings, scan_id="scan"):
     """Run `segment` as SHIVACMBLogic does: module folder as working directory, lines through a RunMonitor."""
-    args = slicerbridge.segment_command(sys.executable, str(input_path), str(out_dir), settings)
+    args = slicerbridge.segment_command(sys.executable, str(input_path), str(out_dir), settings, scan_id)
     process = ChildProcess(args, cwd=str(MODULE_DIR), env=slicerbridge.child_environment(os.environ))
     monitor = RunMonitor()
     progress = []
@@ -388,8 +396,8 @@ def run_module_command(input_path, out_dir, settings):
 
 
 def test_segment_through_the_module_path(tmp_path, iso_scan, model_dir):
-    settings = SegmentSettings(model=str(model_dir), device="cpu", threshold=0.5, scan_id="iso_scan")
-    _, monitor, returncode, progress = run_module_command(iso_scan, tmp_path / "output", settings)
+    settings = ScanSettings(model=str(model_dir), device="cpu", threshold=0.5, report=False)
+    _, monitor, returncode, progress = run_module_command(iso_scan, tmp_path / "output", settings, "iso_scan")
     assert monitor.outcome(returncode, False) == "done", list(monitor.lines)
     fractions = [p["fraction"] for p in progress]
     assert fractions == sorted(fractions) and progress[-1]["stage"] == "done"
@@ -406,7 +414,7 @@ def test_failure_through_the_module_path(tmp_path, model_dir):
     scan = tmp_path / "input.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 8, 8), np.nan, np.float32)), str(scan))
     out = tmp_path / "output"
-    _, monitor, returncode, _ = run_module_command(scan, out, SegmentSettings(model=str(model_dir)))
+    _, monitor, returncode, _ = run_module_command(scan, out, ScanSettings(model=str(model_dir), report=False))
     assert returncode == 2 and monitor.outcome(returncode, False) == "failed"
     message = monitor.failure_message(returncode, {str(scan): "scan 'Phantom'"})
     assert message.startswith("The scan or the brain mask could not be used.\n\nscan 'Phantom': ")
@@ -418,7 +426,7 @@ def test_failure_through_the_module_path(tmp_path, model_dir):
 def test_cancel_through_a_launcher_leaves_no_output(tmp_path, iso_scan):
     slow = blobmodel.write_model(tmp_path / "slow", shape=(256, 256, 256), folds=12)
     out = tmp_path / "output"
-    command = slicerbridge.segment_command(sys.executable, str(iso_scan), str(out), SegmentSettings(model=str(slow)))
+    command = slicerbridge.segment_command(sys.executable, str(iso_scan), str(out), ScanSettings(model=str(slow)), "iso")
     launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))", *command]
     process = ChildProcess(launcher, cwd=str(MODULE_DIR), env=slicerbridge.child_environment(os.environ),
                            grace_s=120)
@@ -633,7 +641,7 @@ def test_icon_is_a_128_pixel_rgba_png():
 
 
 def test_rating_shortcuts_are_distinct_and_leave_the_slice_view_keys_alone():
-    from SHIVACMBLib import ratingview
+    from SHIVACMBLib.slicerside import ratingview
 
     keys = [key.lower() for key in ratingview.SHORTCUTS.values()]
     assert len(set(keys)) == len(keys)
@@ -649,9 +657,10 @@ def test_rating_shortcuts_are_distinct_and_leave_the_slice_view_keys_alone():
 
 
 def test_compare_command_is_what_the_cli_parses():
-    from SHIVACMBLib import compareview
+    from SHIVACMBLib.slicerside import compareview
 
-    settings = SegmentSettings(model="shiva-cmb-swi", device="cpu", threshold=0.4)
+    settings = ScanSettings(model="shiva-cmb-swi", device="cpu", threshold=0.4, precision="fp16", location=False,
+                            report=False)
     args = compareview.compare_command("/slicer/PythonSlicer", "/t/b.nrrd", "/t/f.nrrd", "/t/out", settings,
                                        baseline_findings="/t/b.tsv")
     assert args[:3] == ["/slicer/PythonSlicer", "-m", "SHIVACMBLib.cli"]
@@ -660,11 +669,11 @@ def test_compare_command_is_what_the_cli_parses():
                                                                               "/t/out")
     assert (parsed.baseline_findings, parsed.followup_findings) == ("/t/b.tsv", None)
     assert (parsed.model, parsed.device, parsed.threshold, parsed.progress) == ("shiva-cmb-swi", "cpu", 0.4, "json")
-    assert parsed.no_report
+    assert settings_from_args(parsed) == settings  # --precision and --no-location reach `compare` too
 
 
 def test_compare_summary_line_and_result_text():
-    from SHIVACMBLib import compareview
+    from SHIVACMBLib.slicerside import compareview
 
     line = json.dumps({"stage": "done", "fraction": 1.0, "message": "m", "output": "/t/out", "grade": "moderate",
                        "counts": {"new": 5, "persistent": 2, "not seen at follow-up": 0}})
@@ -682,7 +691,9 @@ def test_compare_summary_line_and_result_text():
 def test_followup_is_put_on_the_baseline_by_the_registration_matrix():
     import SimpleITK as sitk
 
-    from SHIVACMBLib import compareview, longitudinal
+    from SHIVACMBLib.slicerside import compareview
+
+    from SHIVACMBLib import longitudinal
 
     transform = sitk.Euler3DTransform((10.0, -5.0, 2.0), 0.1, -0.2, 0.15, (3.0, -8.0, 12.0))
     registration = longitudinal.Registration(transform, "rigid", -0.6, 0.98, 1.0)

@@ -45,11 +45,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import __version__
-from .files import atomic_path, checksum
-from .findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
-from .geometry import Geometry
-from .location import count_locations
+from .. import __version__
+from ..files import atomic_path, checksum
+from ..findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
+from ..geometry import Geometry
+from ..location import count_locations
 from .slicerbridge import TABLE_COLUMNS, finding_row
 
 PathLike = Union[str, Path]
@@ -530,7 +530,7 @@ def save(folder: PathLike, labels: np.ndarray, grid: Geometry, run: RunState, co
     failure leaves the folder as it was (a folder this call created is removed again). Other
     files in the folder are left alone.
     """
-    from .segfile import write_seg_nrrd
+    from ..segfile import write_seg_nrrd
 
     findings = stamp_rater(run.findings, correction.findings, who)
     record = provenance(run, findings, who, when, scan, host)

@@ -45,9 +45,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import InputError, RuntimeFailure, one_line
-from .files import atomic_write_text, safe_name
-from .findings import NA, Finding, read_findings, write_tsv
+from ..errors import InputError, RuntimeFailure, one_line
+from ..files import atomic_write_text, safe_name
+from ..findings import NA, Finding, read_findings, write_tsv
+from ..mars import AREAS, SIDES, UNKNOWN
 
 PathLike = Union[str, Path]
 Clock = Callable[[], _dt.datetime]
@@ -63,8 +64,6 @@ LOCK_NAME = "lock"
 
 MODES = ("assisted", "blind")
 REASONS = ("motion", "artefact", "wrong sequence")
-MARS_AREAS = ("lobar", "deep", "infratentorial")
-SIDES = ("left", "right", "midline")
 AI_STATUSES = ("unreviewed", "definite", "possible", "rejected")  # what a rater may say of an AI finding
 MARK_STATUSES = ("added", "definite", "possible", "rejected")  # ... and of a CMB they marked
 UNRATED, IN_PROGRESS, SUBMITTED, NOT_RATABLE = "unrated", "in progress", "submitted", "not ratable"
@@ -205,7 +204,7 @@ def scans_from(source: PathLike) -> List[Tuple[str, Path]]:
     it, and every folder of ``.dcm`` files, in path order; the scan id is the file name without
     extensions. Relative paths in a list are relative to the list's folder.
     """
-    from .scan import find_scans, scan_id_from_path
+    from ..scan import find_scans, scan_id_from_path
 
     source = Path(source)
     if source.is_dir():
@@ -609,7 +608,7 @@ class RatingSession:
     def _location(self, mars_area: Optional[str], side: Optional[str]) -> Dict[str, str]:
         given = {}
         if mars_area is not None:
-            given["mars_area"] = _choice(mars_area, MARS_AREAS + (NA,), "MARS area")
+            given["mars_area"] = _choice(mars_area, AREAS + (NA,), "MARS area")
         if side is not None:
             given["side"] = _choice(side, SIDES + (NA,), "side")
         return given
@@ -681,14 +680,14 @@ def status_rows(session: Session) -> List[Dict[str, Any]]:
 
 
 SCAN_COLUMNS = ("session", "rater", "mode", "scan_id", "state", "reason", "definite", "possible", "total",
-                *(f"{c}_{a}" for c in ("definite", "possible") for a in MARS_AREAS + ("unknown",)),
+                *(f"{c}_{a}" for c in ("definite", "possible") for a in AREAS + (UNKNOWN,)),
                 "rating_s", "first_change", "finished", "note")
 FINDING_COLUMNS = ("session", "rater", "mode", "scan_id", "cmb_id", "origin", "status", "r", "a", "s",
                    "mars_area", "side", "note", "changed")
 
 
 def _area(area: str) -> str:
-    return area if area in MARS_AREAS else "unknown"
+    return area if area in AREAS else UNKNOWN
 
 
 def export_rows(session: Session, name: str = "") -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
@@ -705,7 +704,7 @@ def export_rows(session: Session, name: str = "") -> Tuple[List[Dict[str, Any]],
             rating = ratings.scans[scan_id]
             base = {"session": name, "rater": ratings.rater, "mode": session.mode, "scan_id": scan_id}
             row = {**base, "state": rating.state, "reason": rating.reason, **rating.counts()}
-            row.update({f"{c}_{a}": 0 for c in ("definite", "possible") for a in MARS_AREAS + ("unknown",)})
+            row.update({f"{c}_{a}": 0 for c in ("definite", "possible") for a in AREAS + (UNKNOWN,)})
             for mark in sorted(rating.marks.values(), key=lambda m: m.cmb_id):
                 found = ai[scan_id].get(mark.cmb_id) if mark.origin == "ai" else None
                 area = mark.mars_area if mark.mars_area != NA or found is None else found.mars_area
