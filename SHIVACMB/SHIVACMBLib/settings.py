@@ -13,7 +13,7 @@ reads it at start-up.
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -39,11 +39,10 @@ def volume(text: Any) -> float:
 @dataclass(frozen=True)
 class Gui:
     """How the Slicer module shows a setting: a parameter-node field ``kind`` ("str", "bool", "choice" or
-    "range" with ``bounds``), its default there, and the label of its widget."""
+    "range" with ``bounds``) and its default there (its widget is in Resources/UI/SHIVACMB.ui)."""
 
     kind: str
     default: Any
-    label: str
     bounds: Tuple[float, float] = (0.0, 1.0)
 
 
@@ -71,18 +70,18 @@ class ScanSettings:
 
     model: Optional[str] = setting(None, Option(
         "--model", "installed model name or model folder (default: the embedded default model)", "NAME|DIR",
-        gui=Gui("str", "", "Model")))
+        gui=Gui("str", "")))
     device: str = setting("auto", Option(
         "--device", "where the network runs; a GPU that fails falls back to CPU; tensorrt builds engines once "
                     "(minutes) and caches them (default: %(default)s)", choices=DEVICES, reuse=False,
-        gui=Gui("choice", "auto", "Device")))
+        gui=Gui("choice", "auto")))
     precision: str = setting("fp32", Option(
         "--precision", "fp16: half precision on NVIDIA GPUs; bf16: bfloat16 on CPUs through OpenVINO (extra "
                        "`openvino`; AMX or AVX-512 BF16 CPUs); check either first with `shivacmb models verify "
                        "--precision P`; elsewhere fp32 runs (default: %(default)s)", choices=PRECISIONS))
     threshold: Optional[float] = setting(None, Option(
         "--threshold", "probability threshold, 0-1 (default: the model's own, usually 0.5)", "T", probability,
-        gui=Gui("range", 0.5, "Threshold", (0.01, 0.99))))
+        gui=Gui("range", 0.5, (0.01, 0.99))))
     min_volume_mm3: float = setting(0.0, Option(
         "--min-volume", "drop CMBs smaller than this, in mm^3 on the model grid (default: keep all)", "MM3", volume))
     max_volume_mm3: Optional[float] = setting(None, Option(
@@ -108,10 +107,6 @@ class ScanSettings:
                     option.parse(value)
                 except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
                     raise ValueError(f"{item.name} {err}") from None
-
-    def scan_settings(self) -> "ScanSettings":
-        """Only the scan's settings (a subclass adds what names the scan or runs the cohort)."""
-        return ScanSettings(**self.values())
 
     def values(self) -> Dict[str, Any]:
         """Every scan setting by field name."""
@@ -166,13 +161,6 @@ def gui_fields() -> List[Tuple[str, Gui, Optional[Sequence[str]]]]:
 
 
 def settings_from_gui(values: Dict[str, Any], **overrides: Any) -> ScanSettings:
-    """ScanSettings from the module's parameter values (an empty text is the setting's default)."""
-    given = {name: (None if values[name] == "" and item_default(name) is None else values[name])
-             for name, _, _ in gui_fields()}
-    return ScanSettings(**{**given, **overrides})
-
-
-def item_default(name: str) -> Any:
-    """The default of one scan setting."""
-    item = next(item for item in scan_fields() if item.name == name)
-    return None if item.default is MISSING else item.default
+    """ScanSettings from the module's parameter values (an empty text means the setting is not given)."""
+    return ScanSettings(**{name: None if values[name] == "" else values[name] for name, _, _ in gui_fields()},
+                        **overrides)

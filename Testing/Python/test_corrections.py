@@ -51,7 +51,7 @@ def run_scene(tmp_path):
                                                  "started": "2024-01-01T00:00:00+00:00"}, indent=2) + "\n")
     segments = [SegmentRecord(f"CMB_{i}", i, i, f"CMB {i}") for i in (1, 2, 3)]
     state = RunState.from_files(folder / "findings.tsv", folder / "run.json",
-                                corrections.fingerprints_by_cmb(labels, segments))
+                                corrections.fingerprints_by_cmb(corrections.voxel_fingerprints(labels), segments))
     return labels, segments, state
 
 
@@ -92,6 +92,22 @@ def test_fingerprints_change_with_any_voxel_and_only_then():
     assert after[1] != before[1] and after[4] == before[4]
     relabelled = np.where(labels == 4, 9, labels)
     assert corrections.voxel_fingerprints(relabelled)[9] == before[4]
+
+
+def test_one_segments_bounding_box_gives_what_the_whole_label_map_gives():
+    """A segment added or deleted is measured from its own bounding box (the Slicer module's edits): same
+    measurement and fingerprint as from a label map of the whole grid, voxels outside the grid left out."""
+    labels = np.zeros(GRID.array_shape, np.int16)
+    labels[2:4, 5:9, 1:4] = 7
+    labels[10, 11, 12] = 7
+    labels[0, 0, 0] = 3
+    whole = corrections.label_voxels(labels, GRID)
+    box = labels[2:11, 5:12, 1:13] == 7
+    assert corrections.box_voxels(box, (2, 5, 1), GRID) == whole[7]
+    padded = np.pad(box, 2)  # a box reaching beyond the grid's first voxel on every axis
+    assert corrections.box_voxels(padded, (0, 3, -1), GRID) == whole[7]
+    assert corrections.box_voxels(np.zeros((2, 2, 2), bool), (1, 1, 1), GRID) is None
+    assert corrections.box_voxels(np.ones((1, 1, 1), bool), (-1, 0, 0), GRID) is None  # outside the grid only
 
 
 def test_cmb_label_map():
@@ -400,7 +416,7 @@ def test_correcting_a_real_run(tmp_path, iso_scan, model_dir):
     segments = [SegmentRecord(r["id"], int(r["labelValue"]), corrections.tag_cmb_id(r["tags"][ID_TAG]), r["name"])
                 for r in records]
     state = RunState.from_files(folder / "findings.tsv", folder / "run.json",
-                                corrections.fingerprints_by_cmb(labels, segments))
+                                corrections.fingerprints_by_cmb(corrections.voxel_fingerprints(labels), segments))
     assert len(state.findings) == 6 and state.record["model"]["name"] == "test-dark-blob"
 
     unchanged = correct(state, state.findings, segments, labels.astype(np.int16), grid)

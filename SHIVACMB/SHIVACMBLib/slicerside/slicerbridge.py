@@ -477,7 +477,9 @@ class ChildProcess:
     def _signal_group(self, sig: int) -> None:
         try:
             os.killpg(self.pid, sig)
-        except ProcessLookupError:  # the whole group has already exited
+        except (ProcessLookupError, PermissionError):
+            # The whole group has already exited; macOS says so with EPERM when only zombies (exited, not yet
+            # reaped) are left in it.
             pass
 
     def wait(self, on_line: Callable[[str], None], poll_s: float = 0.2) -> int:
