@@ -291,6 +291,9 @@ class Scene:
     def IsNodePresent(self, node):
         return node in self.nodes
 
+    def GenerateUniqueName(self, name):
+        return name
+
     def RemoveNode(self, node):
         self.nodes.remove(node)
 
@@ -359,7 +362,7 @@ class BoxMask:
 def _box(mask):
     """(corner, array) of a segment's voxels: a BoxMask, or the bounding box of a whole-grid boolean array."""
     if isinstance(mask, BoxMask):
-        return mask.corner, mask.array
+        return (mask.corner, mask.array) if mask.array.any() else None
     where = np.nonzero(mask)
     if len(where[0]) == 0:
         return None

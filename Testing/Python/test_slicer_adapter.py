@@ -436,3 +436,165 @@ def test_rating_panel_adds_a_clicked_point_and_hides_the_ai_until_submit(tmp_pat
     assert module.scene.nodes == [] and widget.observed == [] and errors == []
     with review.RatingSession(folder, "ann") as again:
         assert again.rating("s1").marks[1].status == "possible" and again.current_index() == 1
+
+
+# --- the defects found by reading the module against Slicer 5.10's source ---------------------------------
+
+
+def test_a_segment_added_or_deleted_is_measured_alone(tmp_path, module):
+    """Defect 3: adding or deleting a segment exported every segment over the whole scan grid on the GUI thread.
+    Now only the new segment is exported, in its own bounding box, and the findings are those a full update
+    gives."""
+    logic, table, segmentation, volume, grid = loaded_result(tmp_path, module)
+    module.scene.nodes.append(table)
+    widget = module.SHIVACMBWidget()
+    widget.logic, widget._observedTable = logic, table
+    widget.ui = types.SimpleNamespace(statusLabel=types.SimpleNamespace(text=""))
+    segments = segmentation.segmentation.segments
+    del segments["CMB_2"]
+    missed = np.zeros((2, 3, 2), bool)
+    missed[0, 1:, :] = True
+    segments["Segment_1"] = Segment("Segment_1", standins.BoxMask((15, 5, 5), missed))
+    segments["Segment_2"] = Segment("Segment_2", standins.BoxMask((1, 1, 1), np.zeros((1, 1, 1), bool)))  # empty
+
+    standins.EXPORT_MODES.clear()
+    widget.onSegmentsAddedOrRemoved()  # no measurement yet: every segment once, over the whole grid
+    module.timers.run()
+    assert standins.EXPORT_MODES == ["EXTENT_REFERENCE_GEOMETRY"]
+    first = cells(table, logic)
+    assert [(r["cmb_id"], r["status"]) for r in first] == [(1, "unreviewed"), (2, "rejected"), (3, "unreviewed"),
+                                                           (4, "added")]
+    assert widget.ui.statusLabel.text == "3 microbleeds (3 found by the run, 1 added, 1 rejected)."
+
+    standins.EXPORT_MODES.clear()
+    del segments["Segment_1"]
+    again = np.ones((1, 2, 2), bool)
+    segments["Segment_3"] = Segment("Segment_3", standins.BoxMask((12, 30, 10), again))
+    segments["Segment_2"].mask = standins.BoxMask((18, 2, 2), np.ones((1, 1, 1), bool))  # painted since
+    widget.onSegmentsAddedOrRemoved()
+    module.timers.run()
+    # the new segment and the one empty when last measured, each alone in its bounding box
+    assert standins.EXPORT_MODES == ["EXTENT_UNION_OF_EFFECTIVE_SEGMENTS"] * 2
+    incremental = cells(table, logic)
+    tags = {name: dict(segment.tags) for name, segment in segments.items()}
+    full = logic.updateFindings(table)
+    assert json.dumps(cells(table, logic)) == json.dumps(incremental)
+    assert {n: dict(s.tags) for n, s in segments.items()} == tags
+    # CMB 4 (added, then deleted) is gone; ids are never reused
+    assert [(r["cmb_id"], r["status"], r["voxels"]) for r in incremental] == [
+        (1, "unreviewed", 18), (2, "rejected", 3), (3, "unreviewed", 8), (5, "added", 1), (6, "added", 4)]
+    assert full.counts == {"found_by_run": 3, "added": 2, "rejected": 1, "edited": 0, "status_changed": 0,
+                           "cmb_count": 4}
+
+
+def test_the_result_segmentation_keeps_no_temporary_file(tmp_path, module):
+    """Defect 1: the segmentation was read through the IO manager (Recent files) and kept a storage node in the
+    temporary run folder, where a scene save wrote it back. Defect 5: the CMB terminology is loaded when a
+    result is loaded, not only on startupCompleted()."""
+    from SHIVACMBLib.segfile import write_seg_nrrd
+
+    grid = phantoms.grid_around((0.0, 0.0, 0.0), (20, 20, 10), (1.0, 1.0, 2.0))
+    labels = np.zeros(grid.array_shape, np.uint8)
+    labels[4:6, 8:11, 8:10] = 1
+    path = tmp_path / "SHIVACMB-run-x" / "cmb.seg.nrrd"
+    path.parent.mkdir()
+    write_seg_nrrd(path, labels, grid, [Finding(1, 0.0, 0.0, 0.0, 9, 9, 5, 12.0, 12)])
+    logic, volume = module.SHIVACMBLogic(), VolumeNode(grid)
+    node = logic.loadSegmentation(str(path), volume, show3D=False)
+    assert node.GetStorageNode() is None and not any(isinstance(n, standins.StorageNode) for n in module.scene.nodes)
+    assert list(node.GetSegmentation().segments) == ["CMB_1"] and node.reference is volume
+    assert node.GetAttribute(logic.RESULT_ATTRIBUTE) == logic.SEGMENTATION_RESULT
+    terminologies = module.slicer.modules.terminologies.logic()
+    from SHIVACMBLib.resources import cmb_terminology
+
+    assert list(terminologies.loaded) == [cmb_terminology()[0]["contextName"]]
+    logic.loadSegmentation(str(path), volume, show3D=False)
+    assert len(terminologies.loaded) == 1
+
+
+def test_the_terminology_is_loaded_when_the_module_is_added_after_startup(module):
+    """Defect 5: startupCompleted() is emitted once; a module added later loads the terminology in setup()."""
+    import ast
+    import inspect
+
+    terminologies = module.slicer.modules.terminologies.logic()
+    module.package["nodes"].ensureTerminology(module.SHIVACMBLogic.moduleDirectory())
+    module.package["nodes"].ensureTerminology(module.SHIVACMBLogic.moduleDirectory())
+    assert len(terminologies.loaded) == 1 and os.path.isfile(next(iter(terminologies.loaded.values())))
+    setup = ast.parse(inspect.getsource(module.SHIVACMBWidget.setup).strip().replace("\n    ", "\n"))
+    assert "ensureTerminology" in {n.func.id for n in ast.walk(setup) if isinstance(n, ast.Call)
+                                   and isinstance(n.func, ast.Name)}
+
+
+class ViewWidget:
+    """qMRMLSliceWidget: its slice node's orientation, its background and link, and its fitting."""
+
+    def __init__(self, orientation):
+        self.orientation, self.background, self.linked, self.fitted = orientation, None, None, False
+
+    def mrmlSliceNode(self):
+        return types.SimpleNamespace(SetOrientation=lambda name: setattr(self, "orientation", name))
+
+    def mrmlSliceCompositeNode(self):
+        return types.SimpleNamespace(SetBackgroundVolumeID=lambda node_id: setattr(self, "background", node_id),
+                                     SetLinkedControl=lambda linked: setattr(self, "linked", linked))
+
+    def sliceLogic(self):
+        return types.SimpleNamespace(FitSliceToAll=lambda: setattr(self, "fitted", True))
+
+
+def test_side_by_side_views_are_both_axial(tmp_path, module, monkeypatch):
+    """Defect 2: vtkMRMLLayoutLogic applies a layout's view properties only to views it creates, so an existing
+    Yellow view stayed sagittal beside the axial Red one."""
+    logic, table, _ = comparison_table(tmp_path, module)
+    views = {"Red": ViewWidget("Axial"), "Yellow": ViewWidget("Sagittal")}
+    layouts = []
+    monkeypatch.setattr(module.slicer, "vtkMRMLLayoutNode", types.SimpleNamespace(SlicerLayoutSideBySideView=29),
+                        raising=False)
+    module.slicer.app.layoutManager = lambda: types.SimpleNamespace(setLayout=layouts.append,
+                                                                    sliceWidget=views.__getitem__)
+    logic.showSideBySide(table)
+    assert layouts == [29] and {name: view.orientation for name, view in views.items()} == {"Red": "Axial",
+                                                                                           "Yellow": "Axial"}
+    assert all(view.fitted and view.linked is False for view in views.values())
+
+
+def test_rating_keys_need_a_main_window(module, monkeypatch):
+    """Defect 6: under --no-main-window (the generic tests) qt.QShortcut got a None parent."""
+    widget, _, _ = rating_panel(module, monkeypatch)
+    connected = []
+    for name in ("definiteButton", "possibleButton", "rejectButton", "addCmbButton", "submitScanButton",
+                 "notRatableButton", "previousScanButton", "nextScanButton", "newSessionButton",
+                 "openSessionButton", "ratingScanList", "ratingFindingsList"):
+        setattr(widget.ui, name, types.SimpleNamespace(enabled=None, connect=lambda signal, slot: connected.append(
+            signal), **({"clear": lambda: None, "addItems": lambda items: None, "setCurrentRow": lambda row: None,
+                         "blockSignals": lambda block: False} if name.endswith("List") else {})))
+    for name in ("ratingModeComboBox", "notRatableComboBox"):
+        setattr(widget.ui, name, types.SimpleNamespace(addItems=lambda items: None, currentText="motion"))
+    made = []
+    monkeypatch.setattr(module.qt, "QShortcut", lambda parent: made.append(parent), raising=False)
+    widget._ratingShortcuts = []
+    widget._setupRating()  # slicer.util.mainWindow() is None
+    assert made == [] and widget._ratingShortcuts == [] and connected.count("clicked(bool)") == 10
+
+    window = object()
+    monkeypatch.setattr(module.slicer.util, "mainWindow", lambda: window)
+    monkeypatch.setattr(module.qt, "QKeySequence", str, raising=False)
+
+    class Shortcut:
+        def __init__(self, parent):
+            self.parent, self.key = parent, None
+
+        def setKey(self, key):
+            self.key = key
+
+        def connect(self, signal, slot):
+            pass
+
+        def setEnabled(self, on):
+            pass
+
+    monkeypatch.setattr(module.qt, "QShortcut", Shortcut)
+    widget._setupRating()
+    assert {s.parent for s in widget._ratingShortcuts} == {window}
+    assert sorted(s.key for s in widget._ratingShortcuts) == sorted(ratingview.SHORTCUTS.values())
