@@ -149,10 +149,11 @@ def test_filter_trains_resumes_exports_and_loads(tmp_path) -> None:
     np.savez(tmp_path / "cand" / "scan.npz", patches=cubes, label=np.array([1, 1, 0, 0, 0, 0]),
              kind=np.array([0, 1, 0, 0, 2, 2]))
     run = tmp_path / "run"
-    filtertrain.fit_filter([tmp_path / "cand"], run, steps=4, seed=1, batch=2, until=2, checkpoint_every=1)
-    filtertrain.fit_filter([tmp_path / "cand"], run, steps=4, seed=1, batch=2, checkpoint_every=1)
+    filtertrain.fit_filter([tmp_path / "cand"], run, steps=4, seed=1, batch=2, until=2, checkpoint_every=1, width=4)
+    filtertrain.fit_filter([tmp_path / "cand"], run, steps=4, seed=1, batch=2, checkpoint_every=1, width=4)
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert config["patches"] == 6 and config["groups"] == [2, 2, 2]  # CMBs, fold false positives, mimics
+    assert filtertrain.load_filter_checkpoint(run).features[0].out_channels == 4
     import torch
 
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 4

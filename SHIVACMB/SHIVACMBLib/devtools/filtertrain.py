@@ -42,7 +42,7 @@ FILTER_DESCRIPTION = ("Candidate filter trained by the project on its own synthe
 
 
 class CandidateNet(nn.Module):
-    """Three conv-norm-act pairs with pooling (16-32-64 channels), global average, two dense layers."""
+    """Three conv-norm-act pairs with pooling (``width`` times 1-2-4 channels), global average, two dense layers."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
@@ -170,8 +170,10 @@ class CandidateSampler:
 
 
 def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int, batch: int = 32, lr: float = 1e-3,
-               threads: Optional[int] = None, until: Optional[int] = None, checkpoint_every: int = 100) -> Path:
-    """Train (or resume) the filter; checkpoints every ``checkpoint_every`` steps, exact resume."""
+               threads: Optional[int] = None, until: Optional[int] = None, checkpoint_every: int = 100,
+               width: int = 16) -> Path:
+    """Train (or resume) the filter (``width``: channels of its first level); checkpoints every
+    ``checkpoint_every`` steps, exact resume."""
     rng = np.random.default_rng(seed)
     files = sorted(f for d in candidate_dirs for f in Path(d).glob("*.npz"))
     sampler = CandidateSampler(files, rng)
@@ -179,14 +181,14 @@ def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int,
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = CandidateNet()
+    model = CandidateNet(width)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     checkpoint = run / "checkpoint.pt"
     step = resume(checkpoint, model, optimiser, rng)
     atomic_write_text(run / "config.json", json.dumps(
         {"candidates": [str(d) for d in candidate_dirs], "scans": len(files), "patches": int(len(sampler.patches)),
          "groups": [int(len(g)) for g in sampler.groups], "steps": steps, "seed": seed, "batch": batch, "lr": lr,
-         "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
+         "width": width, "command": " ".join(sys.argv), "torch": torch.__version__}, indent=2) + "\n")
     model.train()
 
     def batch_loss() -> torch.Tensor:
@@ -198,7 +200,8 @@ def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int,
 
 
 def load_filter_checkpoint(run: Path) -> CandidateNet:
-    model = CandidateNet()
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    model = CandidateNet(int(config.get("width", 16)))
     model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False)["model"])
     return model.eval()
 
@@ -232,7 +235,7 @@ def export_filter(run: Path, folder: Path, threshold: float, name: str, version:
                   "threshold": threshold, "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3},
                   "file": onnx_path.name, "sha256": checksum([onnx_path]),
                   "training": {**{k: config[k] for k in ("scans", "patches", "groups", "steps", "seed", "batch", "lr",
-                                                         "torch")},
+                                                         "width", "torch")},
                                "parity_max_abs_difference": float(f"{difference:.2e}")},
                   "metrics": metrics or {}}
     atomic_write_text(folder / DESCRIPTOR, json.dumps(descriptor, indent=2) + "\n")

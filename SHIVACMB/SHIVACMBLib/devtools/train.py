@@ -692,6 +692,7 @@ def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=1)
     f.add_argument("--batch", type=int, default=32)
     f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--width", type=int, default=16, help="channels of the filter's first level (then x2, x4)")
     f.add_argument("--threads", type=int)
     f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
     e = steps.add_parser("export-filter", help="write the filter folder (filter.onnx, filter.json)")
@@ -717,7 +718,7 @@ def run_filter_step(args: argparse.Namespace) -> int:
         print(f"{written} candidates written")
     elif args.step == "fit-filter":
         filtertrain.fit_filter(args.candidates, args.run, args.steps, args.seed, args.batch, args.lr,
-                               threads=args.threads, until=args.until)
+                               threads=args.threads, until=args.until, width=args.width)
     elif args.step == "export-filter":
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
         print(f"wrote {filtertrain.export_filter(args.run, args.out, args.threshold, args.name, args.version, metrics)}")
