@@ -72,8 +72,8 @@ def result(module: types.SimpleNamespace, grid, centres: np.ndarray, folder: Pat
     records = logic.segmentRecords(segmentation)
     voxels = {r.label: corrections.box_voxels(s.mask.array, s.mask.corner, grid)
               for r, s in zip(records, segmentation.segmentation.segments.values())}
-    state = corrections.RunState.from_files(folder / "findings.tsv", folder / "run.json", corrections.fingerprints_by_cmb(
-        {label: v.fingerprint for label, v in voxels.items()}, records))
+    fingerprints = corrections.fingerprints_by_cmb({label: v.fingerprint for label, v in voxels.items()}, records)
+    state = corrections.RunState.from_files(folder / "findings.tsv", folder / "run.json", fingerprints)
     table = standins.TableNode()
     table.SetAttribute(logic.RUN_STATE_ATTRIBUTE, state.to_json())
     logic.showFindings(table, state.findings)

@@ -198,7 +198,8 @@ class ComparisonSection:
             self._comparison = self.logic.startComparison(
                 self.ui.baselineVolumeSelector.currentNode(), self.ui.followupVolumeSelector.currentNode(),
                 self.ui.baselineFindingsSelector.currentNode(), self.ui.followupFindingsSelector.currentNode(),
-                scanSettings(pn, report=False) if pn else ScanSettings(report=False), onProgress=self.onComparisonProgress,
+                scanSettings(pn, report=False) if pn else ScanSettings(report=False),
+                onProgress=self.onComparisonProgress,
                 onFinished=self.onComparisonFinished)
         self.ui.compareStatusLabel.text = "Starting..."
         self.ui.compareButton.text = "Cancel comparison"

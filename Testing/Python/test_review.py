@@ -22,6 +22,7 @@ from helpers import run_cli
 from SHIVACMBLib.rating import review
 from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.findings import Finding, write_tsv
+from SHIVACMBLib.mars import AREAS, UNKNOWN
 from SHIVACMBLib.rating.review import RatingSession
 
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="kills with SIGKILL")
@@ -337,7 +338,7 @@ def check_export(sessions, plans, seed, out):
     assert completed.returncode == 0, completed.stderr
     lines = (out / "ratings_scans.tsv").read_text(encoding="utf-8").splitlines()[1:]
     assert len(lines) == 2 * 50 * 3
-    areas = [f"{c}_{a}" for c in ("definite", "possible") for a in review.MARS_AREAS + ("unknown",)]
+    areas = [f"{c}_{a}" for c in ("definite", "possible") for a in AREAS + (UNKNOWN,)]
     for line in lines:
         row = dict(zip(review.SCAN_COLUMNS, line.split("\t")))
         actions = plans[row["session"]][row["rater"]][row["scan_id"]]

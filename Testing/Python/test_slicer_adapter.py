@@ -57,7 +57,8 @@ def loaded_result(tmp_path, module):
     logic = module.SHIVACMBLogic()
     exported, _, segments = logic.exportLabelMap(segmentation, volume)
     state = corrections.RunState.from_files(folder / "findings.tsv", folder / "run.json",
-                                            corrections.fingerprints_by_cmb(corrections.voxel_fingerprints(exported), segments))
+                                            corrections.fingerprints_by_cmb(corrections.voxel_fingerprints(exported),
+                                                                            segments))
     table = TableNode()
     table.SetAttribute(logic.RUN_STATE_ATTRIBUTE, state.to_json())
     logic.showFindings(table, state.findings)

@@ -445,7 +445,8 @@ def test_failure_through_the_module_path(tmp_path, model_dir):
 def test_cancel_through_a_launcher_leaves_no_output(tmp_path, iso_scan):
     slow = blobmodel.write_model(tmp_path / "slow", shape=(256, 256, 256), folds=12)
     out = tmp_path / "output"
-    command = slicerbridge.segment_command(sys.executable, str(iso_scan), str(out), ScanSettings(model=str(slow)), "iso")
+    command = slicerbridge.segment_command(sys.executable, str(iso_scan), str(out), ScanSettings(model=str(slow)),
+                                           "iso")
     launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))", *command]
     process = ChildProcess(launcher, cwd=str(MODULE_DIR), env=slicerbridge.child_environment(os.environ),
                            grace_s=120)
