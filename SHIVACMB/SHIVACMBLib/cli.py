@@ -626,7 +626,8 @@ def _review_new(args: argparse.Namespace) -> int:
 
 
 def _review_status(args: argparse.Namespace) -> int:
-    from .rating.review import Session, status_rows
+    from .rating.export import status_rows
+    from .rating.review import Session
 
     session = Session.load(args.session)
     rows = status_rows(session)
@@ -645,7 +646,7 @@ def _review_status(args: argparse.Namespace) -> int:
 
 
 def _review_export(args: argparse.Namespace) -> int:
-    from .rating.review import export
+    from .rating.export import export
 
     scans, findings, n_scans, n_findings, problems = export(args.sessions, args.out)
     print(f"{n_scans} scan rating(s) -> {scans}\n{n_findings} finding rating(s) -> {findings}")

@@ -20,6 +20,7 @@ from scipy.stats.contingency import crosstab
 import review_sim
 from helpers import run_cli
 from SHIVACMBLib.rating import review
+from SHIVACMBLib.rating.export import SCAN_COLUMNS
 from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.findings import Finding, write_tsv
 from SHIVACMBLib.mars import AREAS, UNKNOWN
@@ -293,8 +294,8 @@ def test_review_commands(scans):
     export = run_cli(["review", "export", scans / "s", "--out", scans / "export"])
     assert export.returncode == 0 and "3 scan rating(s)" in export.stdout
     rows = (scans / "export" / "ratings_scans.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == list(review.SCAN_COLUMNS)
-    first = dict(zip(review.SCAN_COLUMNS, rows[1].split("\t")))
+    assert rows[0].split("\t") == list(SCAN_COLUMNS)
+    first = dict(zip(SCAN_COLUMNS, rows[1].split("\t")))
     assert (first["state"], first["possible"], first["possible_lobar"], first["definite"]) == ("submitted", "1",
                                                                                                  "1", "0")
     found = (scans / "export" / "ratings_findings.tsv").read_text().splitlines()
@@ -340,7 +341,7 @@ def check_export(sessions, plans, seed, out):
     assert len(lines) == 2 * 50 * 3
     areas = [f"{c}_{a}" for c in ("definite", "possible") for a in AREAS + (UNKNOWN,)]
     for line in lines:
-        row = dict(zip(review.SCAN_COLUMNS, line.split("\t")))
+        row = dict(zip(SCAN_COLUMNS, line.split("\t")))
         actions = plans[row["session"]][row["rater"]][row["scan_id"]]
         ai = {f.cmb_id: f for f in review_sim.ai_findings(seed, row["scan_id"])}
         expected = dict.fromkeys(areas, 0)

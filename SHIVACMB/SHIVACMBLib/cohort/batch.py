@@ -44,7 +44,7 @@ from ..location import count_locations
 from ..mars import AREAS, SIDES, UNKNOWN
 from ..modelstore.models import ModelDescriptor, load_model
 from ..pipeline import FINDINGS_NAME, LABELS_NAME, PROBABILITY_NAME, REPORT_NAME, RUN_NAME, SegmentOptions, segment
-from ..rating.review import tsv_text
+from ..rating.export import tsv_text
 from ..runrecord import RunRecord, read_if_valid
 from ..scan import find_scans, scan_id_from_path, source_files
 from ..settings import ScanSettings
