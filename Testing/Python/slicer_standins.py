@@ -84,11 +84,20 @@ class Node:
     def GetAttribute(self, key):
         return self.attributes.get(key)
 
+    scene = None  # the Scene of load_module: references given by ID are looked up there
+
     def SetNodeReferenceID(self, role, node):
-        self.references[role] = node
+        self.references[role] = node  # an ID, as MRML takes it, or the node itself
+
+    def GetNodeReferenceID(self, role):
+        node = self.references.get(role)
+        return node if node is None or isinstance(node, str) else node.GetID()
 
     def GetNodeReference(self, role):
-        return self.references.get(role)
+        node = self.references.get(role)
+        if isinstance(node, str):
+            return next((n for n in self.scene.nodes if n.GetID() == node), None)
+        return node
 
 
 class TableNode(Node):
@@ -283,7 +292,8 @@ class Scene:
         self.nodes = []
 
     def AddNewNodeByClass(self, class_name, name):
-        node = {"vtkMRMLSegmentationNode": SegmentationNode, "vtkMRMLMarkupsFiducialNode": MarkupsNode}[class_name]()
+        node = {"vtkMRMLSegmentationNode": SegmentationNode, "vtkMRMLMarkupsFiducialNode": MarkupsNode,
+                "vtkMRMLTableNode": TableNode}[class_name]()
         node.name = name
         self.nodes.append(node)
         return node
@@ -296,6 +306,11 @@ class Scene:
 
     def RemoveNode(self, node):
         self.nodes.remove(node)
+
+    def nodes_by_class(self, class_name):
+        """slicer.util.getNodesByClass."""
+        kinds = {"vtkMRMLSegmentationNode": SegmentationNode, "vtkMRMLTableNode": TableNode}
+        return [node for node in self.nodes if type(node) is kinds.get(class_name)]
 
     def load_volume(self, path):
         node = Node(path)
@@ -507,6 +522,7 @@ def load_module(patch):
     slicer.vtkMRMLSubjectHierarchyNode = types.SimpleNamespace(GetSubjectHierarchyNode=lambda scene: SubjectHierarchy())
     slicer.app = types.SimpleNamespace(applicationVersion="5.8.1")
     slicer.mrmlScene = Scene()
+    Node.scene = slicer.mrmlScene
     slicer.modules = types.SimpleNamespace(
         markups=types.SimpleNamespace(logic=lambda: types.SimpleNamespace(
             JumpSlicesToLocation=lambda r, a, s, centred: jumps.append((r, a, s, centred)))),
@@ -516,6 +532,7 @@ def load_module(patch):
     slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
     slicer.util.arrayFromVTKMatrix = lambda matrix: matrix.value
     slicer.util.loadVolume = slicer.mrmlScene.load_volume
+    slicer.util.getNodesByClass = slicer.mrmlScene.nodes_by_class
     slicer.util.loadSegmentation = _io_manager_load
     slicer.util.mainWindow = lambda: None  # as under --no-main-window
     slicer.i18n = types.ModuleType("slicer.i18n")

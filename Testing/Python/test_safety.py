@@ -192,7 +192,7 @@ def test_tiny_scan_and_tiny_mask_give_warnings_in_run_json_and_report(tmp_path, 
                    spacing=(8.0, 8.0, 8.0))
     whole = _image(tmp_path / "whole.nii.gz", np.ones((5, 5, 5), np.uint8), spacing=(8.0, 8.0, 8.0))
     run = segment(small, tmp_path / "out", SegmentOptions(model=str(model_dir), mask=whole, location=False)).run
-    assert any("the scan covers only 64 mL" in w for w in run["warnings"]), run["warnings"]
+    assert any("the scan covers only 64 mL" in w for w in run.warnings), run.warnings
 
 
 # --- compare ---------------------------------------------------------------------------------------

@@ -599,3 +599,42 @@ def test_rating_keys_need_a_main_window(module, monkeypatch):
     widget._setupRating()
     assert {s.parent for s in widget._ratingShortcuts} == {window}
     assert sorted(s.key for s in widget._ratingShortcuts) == sorted(ratingview.SHORTCUTS.values())
+
+
+def test_segment_a_scan_node_through_the_real_command(tmp_path, module, monkeypatch, iso_scan, model_dir):
+    """The one launch path (CommandLogic.startCommand): the scan node exported into a temporary folder, the real
+    `segment` run with Slicer's Python in the module folder, the results loaded as nodes linked to the scan,
+    the temporary folder removed; a segment deleted right after is measured without any export."""
+    import SimpleITK as sitk
+
+    from SHIVACMBLib.geometry import Geometry
+
+    image = sitk.ReadImage(str(iso_scan))
+    volume = VolumeNode(Geometry.of(image))
+    module.scene.nodes.append(volume)
+    exported = []
+
+    def export_node(node, path, properties):
+        sitk.WriteImage(image, path)
+        exported.append((node, os.path.basename(path), properties))
+        return True
+
+    monkeypatch.setattr(module.slicer.util, "exportNode", export_node, raising=False)
+    monkeypatch.setattr(module.slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
+    monkeypatch.setattr(module.slicer.app, "temporaryPath", str(tmp_path), raising=False)
+    logic = module.SHIVACMBLogic()
+    monkeypatch.setattr(logic, "pythonExecutable", lambda: sys.executable)
+    monkeypatch.setattr(logic, "missingPackages", lambda extra=(): [])
+    run = logic.segment(volume, settings=ScanSettings(model=str(model_dir), device="cpu", report=False), show3D=False)
+    assert run.status == "done" and run.summary.cmb_count == 6, run.errorMessage
+    assert exported == [(volume, "input.nrrd", {"useCompression": 0})]
+    assert not os.path.exists(run.tempDir) and not [p for p in tmp_path.iterdir() if p.name.startswith("SHIVACMB-")]
+    table, segmentation = run.tableNode, run.segmentationNode
+    assert table.GetNumberOfRows() == 6 and segmentation.GetSegmentation().GetNumberOfSegments() == 6
+    assert segmentation.GetStorageNode() is None and logic.resultNodes(volume) == [segmentation, table]
+    assert logic.findingsVolume(table) is volume and logic.findingsSegmentation(table) is segmentation
+
+    standins.EXPORT_MODES.clear()
+    del segmentation.GetSegmentation().segments[segmentation.GetSegmentation().GetNthSegmentID(0)]
+    update = logic.updateAddedOrRemoved(table)
+    assert standins.EXPORT_MODES == [] and update.counts["rejected"] == 1 and update.counts["cmb_count"] == 5
