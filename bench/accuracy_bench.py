@@ -30,9 +30,9 @@ from SHIVACMBLib.cli import release_freed_memory  # noqa: E402
 from SHIVACMBLib.evaluate import evaluate_folders  # noqa: E402
 from SHIVACMBLib.fpfilter import load_filter  # noqa: E402
 from SHIVACMBLib.inference import PRECISIONS, get_ensemble  # noqa: E402
-from SHIVACMBLib.models import load_model  # noqa: E402
+from SHIVACMBLib.modelstore.models import load_model  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
-from SHIVACMBLib.synthetic import generate, read_objects, truth_paths  # noqa: E402
+from SHIVACMBLib.devtools.synthetic import generate, read_objects, truth_paths  # noqa: E402
 
 TARGETS = {"sensitivity": (">=", 0.90), "precision": (">=", 0.90), "fp_avg": ("<=", 0.3)}
 PAPER = {"sensitivity": 0.67, "precision": 0.82, "f1": 0.74, "fp_avg": 0.6}  # SHIVA-CMB, 96 real held-out scans

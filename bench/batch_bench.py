@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "SHIVACMB"))
     scans = phantoms(args.n, args.seed, args.kind)
-    from SHIVACMBLib.batch import default_workers
+    from SHIVACMBLib.cohort.batch import default_workers
     from SHIVACMBLib.inference import available_cores
 
     default = default_workers(available_cores())  # what `batch` picks here without a GPU

@@ -43,8 +43,9 @@ sys.path.insert(0, str(ROOT / "Testing" / "Python"))
 
 import pair_phantoms  # noqa: E402
 import phantoms  # noqa: E402
-from SHIVACMBLib import longitudinal, synthetic  # noqa: E402
-from SHIVACMBLib.models import DEFAULT_MODEL  # noqa: E402
+from SHIVACMBLib import longitudinal  # noqa: E402
+from SHIVACMBLib.devtools import synthetic  # noqa: E402
+from SHIVACMBLib.modelstore.models import DEFAULT_MODEL  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions  # noqa: E402
 from SHIVACMBLib.preprocess import compute_brain_mask  # noqa: E402
 from SHIVACMBLib.scan import Scan  # noqa: E402

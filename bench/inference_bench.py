@@ -75,11 +75,11 @@ def build(box, base: int, levels: int, folds: int) -> Path:
         return home / "bench"
     os.environ["SHIVACMB_MODELS"] = str(home)
     import shivaweights
-    from SHIVACMBLib import blobmodel
+    from SHIVACMBLib.modelstore import blobmodel
     from SHIVACMBLib.inference import model_layout
-    from SHIVACMBLib.models import read_descriptor
-    from SHIVACMBLib.official import install
-    from SHIVACMBLib.parity import parity_input
+    from SHIVACMBLib.modelstore.models import read_descriptor
+    from SHIVACMBLib.modelstore.official import install
+    from SHIVACMBLib.modelstore.parity import parity_input
 
     weights = OUT / tag / "weights"
     weights.mkdir(parents=True, exist_ok=True)
@@ -96,8 +96,8 @@ def build(box, base: int, levels: int, folds: int) -> Path:
 
 def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
     """One backend in this (fresh) process: first scan, best warm scan, peak memory (and parity on request)."""
-    from SHIVACMBLib.models import read_descriptor
-    from SHIVACMBLib.parity import parity_input
+    from SHIVACMBLib.modelstore.models import read_descriptor
+    from SHIVACMBLib.modelstore.parity import parity_input
 
     model = read_descriptor(model_dir)
     volume = parity_input(model)
@@ -121,10 +121,10 @@ def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
     row = {"backend": backend, "provider": provider(), "first_s": times[0], "warm_s": min(times[1:]),
            "peak_rss_mib": peak / 1024, "own_mib": (peak - ready) / 1024, "gpu_mib": gpu.stop()}
     if backend in SEGMENT:
-        row["stages_s"] = result.run["timings_s"]  # of the last warm scan
+        row["stages_s"] = result.run.timings_s  # of the last warm scan
     elif check and result is not None and backend != "ort-cpu":
         from SHIVACMBLib.inference import CPU, FoldEnsemble
-        from SHIVACMBLib.parity import FP32_TOLERANCE, REDUCED_TOLERANCE, compare
+        from SHIVACMBLib.modelstore.parity import FP32_TOLERANCE, REDUCED_TOLERANCE, compare
 
         precision = ORT[backend][1] if backend in ORT else backend.rsplit("-", 1)[1]  # CPU candidates: int8, fp16
         reduced = precision != "fp32"
@@ -197,7 +197,7 @@ def _cpu_candidate(model, volume, precision: str):
     def narrowed(path: Path) -> bytes:
         if precision == "fp16":
             import onnx
-            from SHIVACMBLib.onnxfloat import to_float16
+            from SHIVACMBLib.modelstore.onnxfloat import to_float16
 
             return to_float16(onnx.load(str(path))).SerializeToString()
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -220,7 +220,7 @@ def _segment(model, device: str, precision: str):
     """The whole `segment` of a 1 mm phantom scan (sessions kept by the process between scans)."""
     from SHIVACMBLib.inference import get_ensemble
     from SHIVACMBLib.pipeline import SegmentOptions, segment
-    from SHIVACMBLib.synthetic import make_phantom, write_phantom
+    from SHIVACMBLib.devtools.synthetic import make_phantom, write_phantom
 
     scan = OUT / f"phantom-{PHANTOM_SEED}" / f"phantom-{PHANTOM_SEED}.nii.gz"
     if not scan.is_file():

@@ -80,7 +80,7 @@ def child(scan: Path, model: Path, out: Path, allocator: str) -> dict:
     import SimpleITK as sitk
 
     from SHIVACMBLib.inference import get_ensemble
-    from SHIVACMBLib.models import load_model
+    from SHIVACMBLib.modelstore.models import load_model
     from SHIVACMBLib.pipeline import SegmentOptions, segment
 
     model_d = load_model(str(model))
@@ -110,9 +110,9 @@ def child(scan: Path, model: Path, out: Path, allocator: str) -> dict:
     reference_kib = rss_kib("VmHWM") - reference_base
     size = image.GetSize()
     del image
-    return {"timings": result.run["timings_s"], "peaks_kib": peaks, "pipeline_peak_kib": pipeline_peak,
+    return {"timings": result.run.timings_s, "peaks_kib": peaks, "pipeline_peak_kib": pipeline_peak,
             "reference_s": reference_s, "reference_kib": reference_kib, "size": size,
-            "cmb_count": len(result.findings), "provider": result.run["inference"]["provider"]}
+            "cmb_count": len(result.findings), "provider": result.run.provider}
 
 
 def main() -> None:
@@ -178,8 +178,8 @@ def main() -> None:
 
 def end_to_end(work: Path) -> None:
     """`shivacmb segment` with the default model on a 1 mm phantom: wall time and peak RSS of the child."""
-    from SHIVACMBLib.models import DEFAULT_MODEL, ModelError, find_model
-    from SHIVACMBLib.synthetic import make_phantom, write_phantom
+    from SHIVACMBLib.modelstore.models import DEFAULT_MODEL, ModelError, find_model
+    from SHIVACMBLib.devtools.synthetic import make_phantom, write_phantom
 
     try:
         find_model(DEFAULT_MODEL)

@@ -17,24 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import ERROR_PREFIX, Cancelled, ModelError, ShivaError
-from .inference import DEVICES, PRECISIONS
 from .progress import PROGRESS_MODES
+from .settings import DEVICES, PRECISIONS, add_scan_options, settings_from_args, volume
 
 EPILOG = """exit codes: 0 done, 2 bad input or usage, 3 model problem, 4 runtime failure, 130 cancelled"""
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
-
-
-def _volume(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
 
 
 def _count(text: str) -> int:
@@ -57,38 +43,11 @@ def _spacing(text: str) -> tuple:
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
-    """Options of how each scan is processed, shared by `segment` and `batch`."""
-    parser.add_argument("--model", metavar="NAME|DIR",
-                        help="installed model name or model folder (default: the embedded default model)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="where the network runs; a GPU that fails falls back to CPU; tensorrt builds engines "
-                             "once (minutes) and caches them (default: %(default)s)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16: half precision on NVIDIA GPUs; bf16: bfloat16 on CPUs through OpenVINO (extra "
-                             "`openvino`; AMX or AVX-512 BF16 CPUs); check either first with `shivacmb models "
-                             "verify --precision P`; elsewhere fp32 runs (default: %(default)s)")
-    parser.add_argument("--threshold", type=_probability, metavar="T",
-                        help="probability threshold, 0-1 (default: the model's own, usually 0.5)")
-    parser.add_argument("--min-volume", type=_volume, default=0.0, metavar="MM3",
-                        help="drop CMBs smaller than this, in mm^3 on the model grid (default: keep all)")
-    parser.add_argument("--max-volume", type=_volume, metavar="MM3",
-                        help="drop CMBs larger than this, in mm^3 on the model grid (default: keep all)")
-    parser.add_argument("--no-location", action="store_true",
-                        help="skip the anatomical location (region, mars_area and side stay n/a)")
-    _add_filter_option(parser)
-    parser.add_argument("--save-probability", action="store_true",
-                        help="also write cmb_probability (ensemble probability on the scan's grid)")
-    parser.add_argument("--no-report", action="store_true", help="do not write report.html")
+    """The scan's settings (SHIVACMBLib.settings), shared by `segment`, `batch` and `compare`, and --progress."""
+    add_scan_options(parser)
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
                         help="bar: progress bar on stderr; json: one JSON object per line on stdout "
                              "(for front ends); none (default: %(default)s)")
-
-
-def _add_filter_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fp-filter", metavar="DIR|none",
-                        help="candidate filter: a second network that rejects candidates looking like veins, "
-                             "calcifications or anatomy, after any model; a filter folder, or none to switch it "
-                             "off (default: the embedded filter, where the installation has one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,18 +239,10 @@ def _add_compare_parser(commands: Any) -> None:
         compare.add_argument(f"--{when}-mask", metavar="M", help=f"brain mask of the {when} scan on any grid "
                                                                  "(default: computed)")
     compare.add_argument("--affine", action="store_true", help="add an affine stage after the rigid registration")
-    compare.add_argument("--tolerance", type=_volume, default=4.0, metavar="MM",
+    compare.add_argument("--tolerance", type=volume, default=4.0, metavar="MM",
                          help="matching distance after registration; at least twice the coarsest voxel edge "
                               "(default: %(default)s)")
-    compare.add_argument("--model", metavar="NAME|DIR",
-                         help="model for detection (default: the embedded default model)")
-    compare.add_argument("--device", choices=DEVICES, default="auto",
-                         help="where the network runs (default: %(default)s)")
-    compare.add_argument("--threshold", type=_probability, metavar="T", help="probability threshold of detection")
-    _add_filter_option(compare)
-    compare.add_argument("--no-report", action="store_true", help="do not write report.html")
-    compare.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
-                         help="bar, json (one JSON object per line on stdout) or none (default: %(default)s)")
+    _add_scan_options(compare)
     compare.set_defaults(handler=_compare)
 
 
@@ -299,7 +250,7 @@ def _add_review_parser(commands: Any) -> None:
     review = commands.add_parser(
         "review", help="rating sessions: make one, follow progress, export ratings, agreement statistics",
         description="Rating sessions (docs/rating.md): raters review every CMB of a list of scans, blind or "
-                    "assisted by the AI, in 3D Slicer or through SHIVACMBLib.review. Each rater's changes are "
+                    "assisted by the AI, in 3D Slicer or through SHIVACMBLib.rating.review. Each rater's changes are "
                     "saved one by one in SESSION/raters/<rater>/.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = review.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -410,18 +361,14 @@ def _segment(args: argparse.Namespace) -> int:
     from .pipeline import SegmentOptions, segment
     from .progress import BarReporter, json_reporter
 
-    options = SegmentOptions(model=args.model, mask=args.mask, device=args.device, precision=args.precision,
-                             threshold=args.threshold,
-                             save_probability=args.save_probability, min_volume_mm3=args.min_volume,
-                             max_volume_mm3=args.max_volume, scan_id=args.scan_id, report=not args.no_report,
-                             parcellation=args.parcellation, location=not args.no_location,
-                             fp_filter=args.fp_filter)
+    options = settings_from_args(args, SegmentOptions, mask=args.mask, scan_id=args.scan_id,
+                                 parcellation=args.parcellation)
     if args.progress == "json":
         report = json_reporter()
         result = segment(args.input, args.out, options, progress=report)
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": _summary(result),
                           "output": str(result.output_dir), "cmb_count": len(result.findings),
-                          "provider": result.run["inference"]["provider"], "warnings": result.run["warnings"]}),
+                          "provider": result.run.provider, "warnings": result.run.warnings}),
               flush=True)
         return 0
     if args.progress == "bar" and sys.stderr.isatty():
@@ -430,7 +377,7 @@ def _segment(args: argparse.Namespace) -> int:
     else:
         result = segment(args.input, args.out, options)
     print(_summary(result))
-    for warning in result.run["warnings"]:
+    for warning in result.run.warnings:
         print(f"warning: {warning}")
     return 0
 
@@ -438,7 +385,7 @@ def _segment(args: argparse.Namespace) -> int:
 def _summary(result: Any) -> str:
     n = len(result.findings)
     return (f"{n} CMB{'s' if n != 1 else ''} found in {result.scan_id} "
-            f"({result.run['inference']['provider']}, {result.run['timings_s']['total']:.1f} s) -> "
+            f"({result.run.provider}, {result.run.timings_s['total']:.1f} s) -> "
             f"{result.output_dir}{os.sep} ({', '.join(result.files)})")
 
 
@@ -446,14 +393,10 @@ def _summary(result: Any) -> str:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .batch import BatchSettings, ClusterSettings, discover, run_batch
+    from .cohort.batch import BatchSettings, ClusterSettings, discover, run_batch
 
     cohort = discover(args.input, args.bids_filter, args.out)
-    settings = BatchSettings(model=args.model, device=args.device, precision=args.precision,
-                             threshold=args.threshold, min_volume_mm3=args.min_volume,
-                             max_volume_mm3=args.max_volume, save_probability=args.save_probability,
-                             location=not args.no_location, report=not args.no_report, threads=args.threads,
-                             retry_failed=args.retry_failed, fp_filter=args.fp_filter)
+    settings = settings_from_args(args, BatchSettings, threads=args.threads, retry_failed=args.retry_failed)
     cluster = ClusterSettings(scheduler=args.scheduler, workers=args.workers)
     if args.progress == "json":
         result = run_batch(cohort, args.out, settings, cluster, progress=_batch_json)
@@ -494,7 +437,7 @@ def _batch_json(outcome: Dict[str, Any]) -> None:
 def _phantom(args: argparse.Namespace) -> int:
     from .files import safe_name
     from .pipeline import check_writable
-    from .synthetic import generate
+    from .devtools.synthetic import generate
 
     check_writable(Path(args.out))
     safe_name(args.prefix, "--prefix")
@@ -510,7 +453,7 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .devtools.demo import run_demo
 
     run_demo(Path(args.out), args.model, args.device)
     return 0
@@ -520,7 +463,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from .models import installed_models, model_search_dirs
+    from .modelstore.models import installed_models, model_search_dirs
 
     entries = installed_models()
     rows: List[Dict[str, Any]] = []
@@ -552,7 +495,7 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_verify(args: argparse.Namespace) -> int:
-    from .models import installed_models, load_model
+    from .modelstore.models import installed_models, load_model
 
     names = args.models or [str(e[0] if isinstance(e, tuple) else e.path) for e in installed_models()]
     if not names:
@@ -572,7 +515,7 @@ def _models_verify(args: argparse.Namespace) -> int:
 
 def _models_verify_numbers(args: argparse.Namespace, model: Any) -> int:
     """The --parity and --precision checks of one model; the number of failed checks."""
-    from .official import precision_parity, verify_parity
+    from .modelstore.official import precision_parity, verify_parity
 
     say = lambda line: print(f"        {line}")  # noqa: E731
     results = verify_parity(model, args.scan, say) if args.parity else []
@@ -582,7 +525,7 @@ def _models_verify_numbers(args: argparse.Namespace, model: Any) -> int:
 
 
 def _models_install(args: argparse.Namespace) -> int:
-    from .official import install
+    from .modelstore.official import install
 
     result = install(args.source, args.name, args.sha256, args.force, args.scan)
     _converted(result, result.model.name)
@@ -590,7 +533,7 @@ def _models_install(args: argparse.Namespace) -> int:
 
 
 def _models_convert(args: argparse.Namespace) -> int:
-    from .official import convert
+    from .modelstore.official import convert
 
     result = convert(args.source, args.out, args.name, args.force, args.scan)
     _converted(result, str(result.folder))
@@ -641,11 +584,10 @@ def _compare(args: argparse.Namespace) -> int:
     from .pipeline import SegmentOptions
     from .progress import BarReporter, json_reporter
 
-    detection = SegmentOptions(model=args.model, device=args.device, threshold=args.threshold,
-                               report=not args.no_report, fp_filter=args.fp_filter)
+    detection = settings_from_args(args, SegmentOptions)
     options = CompareOptions(baseline_findings=args.baseline_findings, followup_findings=args.followup_findings,
                              baseline_mask=args.baseline_mask, followup_mask=args.followup_mask, affine=args.affine,
-                             tolerance_mm=args.tolerance, detection=detection, report=not args.no_report)
+                             tolerance_mm=args.tolerance, detection=detection, report=args.report)
     if args.progress == "json":
         result = compare(args.baseline, args.followup, args.out, options, progress=json_reporter())
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": _compare_summary(result),
@@ -673,7 +615,7 @@ def _compare_summary(result: Any) -> str:
 
 
 def _review_new(args: argparse.Namespace) -> int:
-    from .review import ai_results, create_session, scans_from
+    from .rating.review import ai_results, create_session, scans_from
 
     scans = scans_from(args.scans)
     ai = ai_results(args.ai, [scan_id for scan_id, _ in scans]) if args.ai else {}
@@ -684,7 +626,8 @@ def _review_new(args: argparse.Namespace) -> int:
 
 
 def _review_status(args: argparse.Namespace) -> int:
-    from .review import Session, status_rows
+    from .rating.export import status_rows
+    from .rating.review import Session
 
     session = Session.load(args.session)
     rows = status_rows(session)
@@ -703,7 +646,7 @@ def _review_status(args: argparse.Namespace) -> int:
 
 
 def _review_export(args: argparse.Namespace) -> int:
-    from .review import export
+    from .rating.export import export
 
     scans, findings, n_scans, n_findings, problems = export(args.sessions, args.out)
     print(f"{n_scans} scan rating(s) -> {scans}\n{n_findings} finding rating(s) -> {findings}")
@@ -713,7 +656,7 @@ def _review_export(args: argparse.Namespace) -> int:
 
 
 def _review_agree(args: argparse.Namespace) -> int:
-    from .agreement import agree, plot_bland_altman, summary_table
+    from .rating.agreement import agree, plot_bland_altman, summary_table
 
     result = agree(args.sessions, args.certainty)
     print(summary_table(result))

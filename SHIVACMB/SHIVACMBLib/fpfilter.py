@@ -25,7 +25,7 @@ import numpy as np
 from .errors import InputError
 from .files import checksum
 from .geometry import Geometry
-from .models import Normalization
+from .modelstore.models import Normalization
 from .resources import bundled_models_dir
 
 DESCRIPTOR = "filter.json"

@@ -33,8 +33,9 @@ import numpy as np
 from scipy.special import expit, softmax
 
 from .errors import ModelError, RuntimeFailure, one_line
-from .models import ModelDescriptor, verify_model
+from .modelstore.models import ModelDescriptor, verify_model
 from .nativelog import native_stderr_captured
+from .settings import DEVICES, PRECISIONS
 
 CPU = "CPUExecutionProvider"
 OPENVINO = "OpenVINOExecutionProvider"
@@ -42,8 +43,6 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (CUDA, "CoreMLExecutionProvider", "DmlExecutionProvider")
 NVIDIA_PROVIDERS = (TENSORRT, CUDA)  # where IO binding keeps the input on the GPU
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 ProgressFn = Callable[[float, str], None]
 
@@ -173,7 +172,7 @@ def fp16_model(path: Path) -> bytes:
         import onnx
     except ImportError:
         raise RuntimeFailure("--precision fp16 needs the onnx package: pip install onnx") from None
-    from .onnxfloat import to_float16
+    from .modelstore.onnxfloat import to_float16
 
     return to_float16(onnx.load(str(path))).SerializeToString()
 

@@ -37,22 +37,12 @@ from scipy.spatial import cKDTree
 from .errors import InputError, RuntimeFailure
 from .findings import Finding
 from .geometry import LPS_RAS, Geometry, resample
+from .mars import AREAS, SIDES, SUBREGIONS, UNKNOWN
 from .resources import bundled_models_dir
 from .scan import read_label_image
 
 PathLike = Union[str, Path]
 
-# MARS sub-regions in the rating form's order (the tie-break order); atlas code = position + 1
-SUBREGIONS: Tuple[Tuple[str, str], ...] = (
-    ("frontal", "lobar"), ("parietal", "lobar"), ("temporal", "lobar"), ("occipital", "lobar"),
-    ("insula", "lobar"), ("unspecified_lobe", "lobar"),
-    ("basal_ganglia", "deep"), ("thalamus", "deep"), ("internal_capsule", "deep"), ("external_capsule", "deep"),
-    ("corpus_callosum", "deep"), ("deep_white_matter", "deep"),
-    ("brainstem", "infratentorial"), ("cerebellum", "infratentorial"),
-)
-AREAS = ("lobar", "deep", "infratentorial")
-SIDES = ("left", "right", "midline")
-UNKNOWN = "unknown"
 AREA_OF = dict(SUBREGIONS)
 CODE_OF = {name: code for code, (name, _area) in enumerate(SUBREGIONS, start=1)}
 WHITE_MATTER = "white_matter"  # parcellation class: lobar or deep by the distance to the cortex

@@ -45,6 +45,7 @@ from .pipeline import FINDINGS_NAME, RUN_NAME, SEGMENTATION_NAME as SEGMENT_SEGM
     check_writable, segment
 from .preprocess import BrainMask, compute_brain_mask, load_brain_mask
 from .progress import Reporter
+from .runrecord import read_if_valid
 from .scan import Scan, read_scan
 from .segfile import read_seg_nrrd, write_seg_nrrd
 
@@ -363,7 +364,7 @@ def _detect(scan: Scan, name: str, stage: Path, options: CompareOptions, progres
     detection = replace(options.detection, scan_id=name,
                         mask=options.baseline_mask if name == "baseline" else options.followup_mask)
     result = segment(scan.path, stage, detection, progress=progress)
-    provenance = {"source": "detected", "folder": name, "model": result.run["model"]}
+    provenance = {"source": "detected", "folder": name, "model": result.run.model}
     return result.findings, provenance, result.output_dir / SEGMENT_SEGMENTATION
 
 
@@ -389,11 +390,8 @@ def _given_findings(scan: Scan, given: PathLike, other: Scan) -> Inputs:
 
 def _run_input_sha256(path: Path) -> Optional[str]:
     """The input sha256 a `segment` run.json records (None without a readable one)."""
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-        return str(run["input"]["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    run = read_if_valid(path)
+    return None if run is None else str(run.input["sha256"])
 
 
 def _labels(scan: Scan, findings: Sequence[Finding], segmentation: Optional[Path]) -> np.ndarray:

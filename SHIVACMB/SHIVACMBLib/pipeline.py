@@ -27,13 +27,15 @@ from .fpfilter import FilterRun, load_filter, veto
 from .geometry import Geometry, resample
 from .inference import FoldEnsemble, get_ensemble
 from .location import Located, ParcellationLookup, locate
-from .models import ModelDescriptor, load_model
+from .modelstore.models import ModelDescriptor, load_model
 from .postprocess import OUTSIDE_RATIO, Components, find_components, map_to_native, measure
 from .preprocess import BrainMask, ModelInput, compute_brain_mask, coverage_warnings, load_brain_mask, prepare_input
 from .progress import Reporter, stage_reporter
 from .report import write_report
 from .scan import Scan, read_scan, scan_id_from_path
+from .runrecord import NOT_LOCATED, RunRecord
 from .segfile import write_seg_nrrd
+from .settings import ScanSettings
 
 PathLike = Union[str, Path]
 LABELS_NAME = "cmb_labels"
@@ -44,23 +46,13 @@ RUN_NAME = "run.json"
 REPORT_NAME = "report.html"
 
 
-@dataclass
-class SegmentOptions:
-    """Settings of one `segment` run (the command's options)."""
+@dataclass(frozen=True)
+class SegmentOptions(ScanSettings):
+    """A scan's settings (SHIVACMBLib.settings) and what belongs to this one scan."""
 
-    model: Optional[str] = None  # installed model name or model folder; None = default model
     mask: Optional[PathLike] = None
-    device: str = "auto"
-    precision: str = "fp32"  # "fp16": half precision on NVIDIA GPUs
-    threshold: Optional[float] = None  # None = the model's own
-    save_probability: bool = False
-    min_volume_mm3: float = 0.0
-    max_volume_mm3: Optional[float] = None
     scan_id: Optional[str] = None
-    report: bool = True
     parcellation: Optional[PathLike] = None  # FreeSurfer/SynthSeg labels; None = the registered MNI atlas
-    location: bool = True  # MARS region and side of every CMB
-    fp_filter: Optional[str] = None  # candidate filter folder; None = the embedded one (if any), "none" = off
     batch: Optional[Dict[str, Any]] = None  # `shivacmb batch`: input fingerprint and run id, kept in run.json
 
 
@@ -69,7 +61,7 @@ class SegmentResult:
     scan_id: str
     output_dir: Path
     findings: List[Finding]
-    run: Dict[str, Any]
+    run: RunRecord
     files: List[str] = field(default_factory=list)
 
 
@@ -147,37 +139,36 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         findings = measure(components, folds, native_labels, model_input.grid, native, threshold)
         labels = native_labels.labels
         del folds
-    located = Located(findings, {"source": "not computed"})
+    located = Located(findings, {"source": NOT_LOCATED})
     if options.location:
         with clock.stage("location"):
             stage_reporter(progress, "location")(0.0, "anatomical location (MARS)")
             located = locate(scan.image, mask.image, labels, findings, parcellation)
             findings = located.findings
 
-    run = {
-        "scan_id": scan_id,
-        "software": _software(ensemble),
-        "input": {"path": str(Path(scan.path).resolve()), "format": scan.format, "sha256": scan.sha256,
-                  "files": len(scan.files), "geometry": native.to_dict()},
-        "mask": mask.summary(),
-        "model": model.summary(),
-        "settings": {"threshold": threshold, "device": options.device, "precision": options.precision,
-                     "fold_floor": model.fold_floor,
-                     "outside_ratio": OUTSIDE_RATIO, "min_volume_mm3": options.min_volume_mm3,
-                     "max_volume_mm3": options.max_volume_mm3, "save_probability": options.save_probability},
-        "inference": ensemble.summary(),
-        "model_box": {"shape": list(model_input.grid.size), "spacing_mm": list(model_input.grid.spacing),
-                      "origin_ras": np.round(model_input.grid.index_to_ras(np.zeros(3)), 3).tolist()},
-        "results": {"cmb_count": len(findings), "dropped": components.dropped,
-                    "kept_by_single_voxel_rule": native_labels.rescued},
-        "fp_filter": filter_run.summary() if filter_run is not None else None,
-        "location": located.summary,
-        "warnings": (scan.warnings + coverage_warnings(scan, mask) + model_input.warnings + ensemble.warnings
-                     + located.warnings),
-        "started": started.isoformat(timespec="seconds"),
-    }
-    if options.batch is not None:
-        run["batch"] = options.batch
+    run = RunRecord(
+        scan_id=scan_id,
+        software=_software(ensemble),
+        input={"path": str(Path(scan.path).resolve()), "format": scan.format, "sha256": scan.sha256,
+               "files": len(scan.files), "geometry": native.to_dict()},
+        mask=mask.summary(),
+        model=model.summary(),
+        settings={"threshold": threshold, "device": options.device, "precision": options.precision,
+                  "fold_floor": model.fold_floor,
+                  "outside_ratio": OUTSIDE_RATIO, "min_volume_mm3": options.min_volume_mm3,
+                  "max_volume_mm3": options.max_volume_mm3, "save_probability": options.save_probability},
+        inference=ensemble.summary(),
+        model_box={"shape": list(model_input.grid.size), "spacing_mm": list(model_input.grid.spacing),
+                   "origin_ras": np.round(model_input.grid.index_to_ras(np.zeros(3)), 3).tolist()},
+        results={"cmb_count": len(findings), "dropped": components.dropped,
+                 "kept_by_single_voxel_rule": native_labels.rescued},
+        fp_filter=filter_run.summary() if filter_run is not None else None,
+        location=located.summary,
+        warnings=(scan.warnings + coverage_warnings(scan, mask) + model_input.warnings + ensemble.warnings
+                  + located.warnings),
+        started=started.isoformat(timespec="seconds"),
+        batch=options.batch,
+    )
 
     stage_reporter(progress, "write")(0.0, "writing results")
     with clock.stage("write"):
@@ -231,7 +222,7 @@ def check_writable(out_dir: Path) -> None:
 
 
 def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Finding], components: Components,
-                   box: Geometry, options: SegmentOptions, run: Dict[str, Any], clock: _Stopwatch) -> List[str]:
+                   box: Geometry, options: SegmentOptions, run: RunRecord, clock: _Stopwatch) -> List[str]:
     native = scan.geometry
     ext = scan.output_extension
     with staged_directory(out, is_result, RESULT_WHAT) as stage:
@@ -246,13 +237,13 @@ def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Fin
             del probability
         if options.report:
             files.append(REPORT_NAME)
-            run["timings_s"] = clock.snapshot()
+            run.timings_s = clock.snapshot()
             write_report(stage / REPORT_NAME, scan.image, labels, findings, run)
         files.append(RUN_NAME)
-        run["results"]["files"] = files
-        run["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        run["timings_s"] = clock.snapshot()
-        atomic_write_text(stage / RUN_NAME, json.dumps(run, indent=2) + "\n")
+        run.results["files"] = files
+        run.finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        run.timings_s = clock.snapshot()
+        atomic_write_text(stage / RUN_NAME, run.to_json())
     return files
 
 

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .geometry import Geometry, model_grid, resample
-from .models import ModelDescriptor, Normalization
+from .modelstore.models import ModelDescriptor, Normalization
 from .scan import Scan, read_label_image
 
 MASK_VOXEL_MM = 2.0

@@ -19,7 +19,9 @@ from scipy import ndimage
 
 from .findings import Finding
 from .geometry import LPS_RAS, Geometry, resample
-from .location import AREAS, SIDES, UNKNOWN, count_locations
+from .location import count_locations
+from .mars import AREAS, SIDES, UNKNOWN
+from .runrecord import NOT_LOCATED, RunRecord
 
 THUMB_MM = 40.0
 THUMB_PIXEL_MM = 0.5
@@ -43,7 +45,7 @@ th{background:#f0f0f0}.num{text-align:right}.warn{background:#fff4e0;border:1px 
 
 
 def write_report(path: Path, scan_image: sitk.Image, labels: np.ndarray, findings: Sequence[Finding],
-                 run: Dict[str, Any]) -> None:
+                 run: RunRecord) -> None:
     """Write the QC page for one scan; ``labels`` is the native label map ``[k, j, i]``."""
     grid = Geometry.of(scan_image)
     label_image = grid.with_image(labels)
@@ -173,28 +175,26 @@ def _rows(pairs: List[List[str]]) -> str:
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
 
 
-def _page(run: Dict[str, Any], findings: Sequence[Finding], cards: List[str]) -> str:
-    model = run.get("model", {})
-    inp = run.get("input", {})
-    geometry = inp.get("geometry", {})
-    inference = run.get("inference", {})
+def _page(run: RunRecord, findings: Sequence[Finding], cards: List[str]) -> str:
+    model, inp, inference = run.model, run.input, run.inference
+    geometry = inp["geometry"]
     summary = _rows([
-        ["Scan", str(inp.get("path", ""))],
-        ["sha256", str(inp.get("sha256", ""))],
-        ["Grid", f"{'x'.join(map(str, geometry.get('size', [])))} voxels of "
-                 f"{' x '.join(f'{s:g}' for s in geometry.get('spacing_mm', []))} mm, "
-                 f"{geometry.get('orientation', '')}, oblique {geometry.get('obliquity_deg', 0):g} deg"],
-        ["Brain mask", f"{run.get('mask', {}).get('source', '')} ({run.get('mask', {}).get('volume_ml', 0):.0f} mL)"],
-        ["Model", f"{model.get('name', '')} {model.get('version', '')} ({model.get('license', '')})"],
-        ["Ran on", f"{inference.get('provider', '')}, onnxruntime {inference.get('onnxruntime', '')}"],
-        ["Threshold", str(run.get("settings", {}).get("threshold", ""))],
+        ["Scan", str(inp["path"])],
+        ["sha256", str(inp["sha256"])],
+        ["Grid", f"{'x'.join(map(str, geometry['size']))} voxels of "
+                 f"{' x '.join(f'{s:g}' for s in geometry['spacing_mm'])} mm, "
+                 f"{geometry['orientation']}, oblique {geometry['obliquity_deg']:g} deg"],
+        ["Brain mask", f"{run.mask['source']} ({run.mask['volume_ml']:.0f} mL)"],
+        ["Model", f"{model['name']} {model['version']} ({model['license']})"],
+        ["Ran on", f"{inference['provider']}, onnxruntime {inference['onnxruntime']}"],
+        ["Threshold", str(run.settings["threshold"])],
         ["CMBs found", str(len(findings))],
-        ["Time", f"{run.get('timings_s', {}).get('total', 0):.1f} s"],
+        ["Time", f"{run.timings_s['total']:.1f} s"],
     ])
-    warnings = run.get("warnings", [])
+    warnings = run.warnings
     warn_html = ("<div class='warn'><b>Warnings</b><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
                  + "</ul></div>") if warnings else ""
-    description = model.get("description", "")
+    description = model["description"]
     note = f"<div class='note'>{html.escape(description)}</div>" if description else ""
     header = "".join(f"<th>{h}</th>" for h in ("CMB", "R", "A", "S", "volume mm&sup3;", "voxels", "max prob",
                                                  "fold agreement", "region", "MARS area", "side", "status"))
@@ -206,20 +206,20 @@ def _page(run: Dict[str, Any], findings: Sequence[Finding], cards: List[str]) ->
         f"<td>{html.escape(f.mars_area)}</td><td>{html.escape(f.side)}</td><td>{html.escape(f.status)}</td></tr>"
         for f in findings)
     more = "" if len(findings) <= MAX_THUMBNAILS else f"<p>Thumbnails of the first {MAX_THUMBNAILS} CMBs only.</p>"
-    title = html.escape(f"SHIVA-CMB report: {run.get('scan_id', '')}")
+    title = html.escape(f"SHIVA-CMB report: {run.scan_id}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
             f"</head><body><h1>{title}</h1>{note}{warn_html}<table>{summary}</table>"
-            f"{_location_section(run.get('location', {}), findings)}"
+            f"{_location_section(run.location, findings)}"
             f"<h2>Findings</h2><table><tr>{header}</tr>{body}</table>"
             f"<h2>Thumbnails</h2><p>Axial, coronal, sagittal; patient's right on the image's left; "
             f"{THUMB_MM:g} mm across.</p>{more}{''.join(cards) or '<p>No CMB detected.</p>'}"
-            f"<p><small>shivacmb {html.escape(str(run.get('software', {}).get('version', '')))}</small></p>"
+            f"<p><small>shivacmb {html.escape(str(run.software['version']))}</small></p>"
             f"</body></html>\n")
 
 
 def _location_section(location: Dict[str, Any], findings: Sequence[Finding]) -> str:
     """CMB counts by MARS area and side (definite/possible apart when rated) and the Boston distribution."""
-    if location.get("source") in (None, "not computed") or not findings:
+    if location["source"] == NOT_LOCATED or not findings:
         return ""
     counts = count_locations(findings)
     tables = [("All CMBs (not rejected)", counts["by_area_side"])]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from SHIVACMBLib import blobmodel
+from SHIVACMBLib.modelstore import blobmodel
 import phantoms
 from helpers import SMALL_BOX, SMALL_FOV
 from SHIVACMBLib import inference

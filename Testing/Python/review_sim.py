@@ -29,12 +29,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SHIVACMBLib import review
+from SHIVACMBLib.rating import review
 from SHIVACMBLib.findings import Finding, write_tsv
+from SHIVACMBLib.mars import AREAS
 
 PHASES = ("before-log", "torn-log", "after-log", "after-state")
 RATERS = ("alice", "bob", "chen", "dana", "emre")
-AREAS = review.MARS_AREAS
 Action = Tuple[Any, ...]
 
 

@@ -83,7 +83,7 @@ def save_savedmodel(model: Any, folder: Path) -> Path:
 
 
 def md5_of(path: Path) -> str:
-    from SHIVACMBLib.official import md5_of as md5
+    from SHIVACMBLib.modelstore.official import md5_of as md5
 
     return md5(path)
 

@@ -1,12 +1,12 @@
-"""Agreement statistics (SHIVACMBLib.agreement) against published and hand-computed cases."""
+"""Agreement statistics (SHIVACMBLib.rating.agreement) against published and hand-computed cases."""
 
 import sys
 
 import numpy as np
 import pytest
 
-from SHIVACMBLib import agreement, review
-from SHIVACMBLib.agreement import Reader
+from SHIVACMBLib.rating import agreement, review
+from SHIVACMBLib.rating.agreement import Reader
 from SHIVACMBLib.errors import RuntimeFailure
 from SHIVACMBLib.findings import Finding, write_tsv
 

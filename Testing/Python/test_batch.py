@@ -18,8 +18,8 @@ import SimpleITK as sitk
 
 import phantoms
 from helpers import REPO, SMALL_FOV, files_under, match, run_cli
-from SHIVACMBLib import batch
-from SHIVACMBLib.batch import BatchSettings, ClusterSettings, Job, discover, run_batch
+from SHIVACMBLib.cohort import batch
+from SHIVACMBLib.cohort.batch import BatchSettings, ClusterSettings, Job, discover, run_batch
 from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.findings import read_tsv
 from SHIVACMBLib.scan import scan_id_from_path
@@ -283,7 +283,7 @@ def test_one_scan_at_a_time_goes_through_the_network_while_others_prepare(model_
     import threading
 
     from SHIVACMBLib.inference import FoldEnsemble
-    from SHIVACMBLib.models import load_model
+    from SHIVACMBLib.modelstore.models import load_model
 
     ensemble = FoldEnsemble(load_model(str(model_dir)), "cpu")
     inside, most = [0], [0]

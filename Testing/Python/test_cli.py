@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SHIVACMBLib import blobmodel
+from SHIVACMBLib.modelstore import blobmodel
 import phantoms
 from helpers import REPO, cpu_provider, files_under, run_cli
 

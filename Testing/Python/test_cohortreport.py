@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SHIVACMBLib.cohortreport import write_cohort_report
+from SHIVACMBLib.cohort.cohortreport import write_cohort_report
 from SHIVACMBLib.findings import COLUMNS, Finding
 from SHIVACMBLib.location import AREAS, SIDES
 from SHIVACMBLib.report import write_report
+from SHIVACMBLib.runrecord import NOT_LOCATED, RunRecord
 
 SUMMARY_COLUMNS = (["scan_id", "status", "cmb_count"] + [f"{a}_{s}" for a in AREAS for s in SIDES]
                    + ["location_unknown", "boston", "total_volume_mm3", "seconds_total", "seconds_inference",
@@ -119,12 +120,15 @@ def scan_page(path: Path, scan_id: str, n_cmb: int) -> None:
         found.append(Finding(cmb_id, -x, -y, z, ci, cj, ck, float(blob.sum()), int(blob.sum()), 0.9, 0.8, 1.0))
     image = sitk.GetImageFromArray(grey.astype(np.float32))
     path.parent.mkdir(parents=True, exist_ok=True)
-    run = {"scan_id": scan_id, "input": {"path": f"in/{scan_id}.nii.gz", "sha256": "0" * 64, "geometry": {
-               "size": [size] * 3, "spacing_mm": [1.0] * 3, "orientation": "LPS", "obliquity_deg": 0.0}},
-           "mask": {"source": "synthetic", "volume_ml": 120.0}, "settings": {"threshold": 0.5},
-           "model": {"name": "shivacmb-demo-swi", "version": "2.1", "license": "Apache-2.0"},
-           "inference": {"provider": "CPUExecutionProvider", "onnxruntime": "1.20"}, "timings_s": {"total": 41.5},
-           "software": {"version": "test"}}
+    run = RunRecord(
+        scan_id=scan_id, software={"version": "test"},
+        input={"path": f"in/{scan_id}.nii.gz", "sha256": "0" * 64, "geometry": {
+            "size": [size] * 3, "spacing_mm": [1.0] * 3, "orientation": "LPS", "obliquity_deg": 0.0}},
+        mask={"source": "synthetic", "volume_ml": 120.0},
+        model={"name": "shivacmb-demo-swi", "version": "2.1", "license": "Apache-2.0", "description": ""},
+        settings={"threshold": 0.5}, inference={"provider": "CPUExecutionProvider", "onnxruntime": "1.20"},
+        model_box={}, results={}, fp_filter=None, location={"source": NOT_LOCATED}, warnings=[], started="",
+        timings_s={"total": 41.5})
     write_report(path, image, labels, found, run)
 
 

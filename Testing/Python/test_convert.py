@@ -19,14 +19,15 @@ if not os.environ.get("SHIVACMB_REQUIRE_CONVERT"):  # CI sets it: there these te
 
 import shivaweights  # noqa: E402
 from helpers import run_cli  # noqa: E402
-from SHIVACMBLib import blobmodel, cli, official  # noqa: E402
+from SHIVACMBLib.modelstore import blobmodel, official  # noqa: E402
+from SHIVACMBLib import cli  # noqa: E402
 from SHIVACMBLib.errors import ModelError  # noqa: E402
 from SHIVACMBLib.inference import FoldEnsemble, model_layout, to_probability  # noqa: E402
-from SHIVACMBLib.models import read_descriptor  # noqa: E402
-from SHIVACMBLib.parity import compare, parity_input  # noqa: E402
+from SHIVACMBLib.modelstore.models import read_descriptor  # noqa: E402
+from SHIVACMBLib.modelstore.parity import compare, parity_input  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
-from SHIVACMBLib.synthetic import make_phantom, write_phantom  # noqa: E402
-from SHIVACMBLib.tfconvert import load_fold, tf_predict  # noqa: E402
+from SHIVACMBLib.devtools.synthetic import make_phantom, write_phantom  # noqa: E402
+from SHIVACMBLib.modelstore.tfconvert import load_fold, tf_predict  # noqa: E402
 
 pytestmark = pytest.mark.convert
 BOX = (48, 56, 40)

@@ -1,4 +1,4 @@
-"""Manual corrections (SHIVACMBLib.corrections): label maps exported from Slicer to corrected findings,
+"""Manual corrections (SHIVACMBLib.slicerside.corrections): label maps exported from Slicer to corrected findings,
 review edits from the table, and the saved folder (cmb.seg.nrrd, findings.tsv, corrections.json)."""
 
 import datetime as dt
@@ -11,11 +11,12 @@ import pytest
 
 import phantoms
 from helpers import files_under
-from SHIVACMBLib import corrections, pipeline
-from SHIVACMBLib.corrections import DELETED, EDITED, RunState, SegmentRecord, apply_review_edits, correct
+from SHIVACMBLib.slicerside import corrections
+from SHIVACMBLib import pipeline
+from SHIVACMBLib.slicerside.corrections import DELETED, EDITED, RunState, SegmentRecord, apply_review_edits, correct
 from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
 from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
-from SHIVACMBLib.slicerbridge import TABLE_COLUMNS, finding_row
+from SHIVACMBLib.slicerside.slicerbridge import TABLE_COLUMNS, finding_row
 
 # An oblique, anisotropic grid: measurements must hold in physical space, not voxel space.
 GRID = phantoms.grid_around((4.0, -7.0, 12.0), (40, 44, 30), (0.8, 0.9, 2.5), phantoms.rotation((1, 2, 0), 20))
@@ -50,7 +51,7 @@ def run_scene(tmp_path):
                                                  "started": "2024-01-01T00:00:00+00:00"}, indent=2) + "\n")
     segments = [SegmentRecord(f"CMB_{i}", i, i, f"CMB {i}") for i in (1, 2, 3)]
     state = RunState.from_files(folder / "findings.tsv", folder / "run.json",
-                                corrections.fingerprints_by_cmb(labels, segments))
+                                corrections.fingerprints_by_cmb(corrections.voxel_fingerprints(labels), segments))
     return labels, segments, state
 
 
@@ -91,6 +92,22 @@ def test_fingerprints_change_with_any_voxel_and_only_then():
     assert after[1] != before[1] and after[4] == before[4]
     relabelled = np.where(labels == 4, 9, labels)
     assert corrections.voxel_fingerprints(relabelled)[9] == before[4]
+
+
+def test_one_segments_bounding_box_gives_what_the_whole_label_map_gives():
+    """A segment added or deleted is measured from its own bounding box (the Slicer module's edits): same
+    measurement and fingerprint as from a label map of the whole grid, voxels outside the grid left out."""
+    labels = np.zeros(GRID.array_shape, np.int16)
+    labels[2:4, 5:9, 1:4] = 7
+    labels[10, 11, 12] = 7
+    labels[0, 0, 0] = 3
+    whole = corrections.label_voxels(labels, GRID)
+    box = labels[2:11, 5:12, 1:13] == 7
+    assert corrections.box_voxels(box, (2, 5, 1), GRID) == whole[7]
+    padded = np.pad(box, 2)  # a box reaching beyond the grid's first voxel on every axis
+    assert corrections.box_voxels(padded, (0, 3, -1), GRID) == whole[7]
+    assert corrections.box_voxels(np.zeros((2, 2, 2), bool), (1, 1, 1), GRID) is None
+    assert corrections.box_voxels(np.ones((1, 1, 1), bool), (-1, 0, 0), GRID) is None  # outside the grid only
 
 
 def test_cmb_label_map():
@@ -399,7 +416,7 @@ def test_correcting_a_real_run(tmp_path, iso_scan, model_dir):
     segments = [SegmentRecord(r["id"], int(r["labelValue"]), corrections.tag_cmb_id(r["tags"][ID_TAG]), r["name"])
                 for r in records]
     state = RunState.from_files(folder / "findings.tsv", folder / "run.json",
-                                corrections.fingerprints_by_cmb(labels, segments))
+                                corrections.fingerprints_by_cmb(corrections.voxel_fingerprints(labels), segments))
     assert len(state.findings) == 6 and state.record["model"]["name"] == "test-dark-blob"
 
     unchanged = correct(state, state.findings, segments, labels.astype(np.int16), grid)

@@ -87,24 +87,24 @@ def oblique_scan(tmp_path_factory, scene) -> Path:
 @pytest.mark.parametrize("clip", [1.3, 1.5])  # 1.5: the model's box does not fit the filter, which makes its own
 def test_filter_reads_each_candidate_at_its_place(tmp_path, oblique_scan, model_dir, clip) -> None:
     plain = segment(oblique_scan, tmp_path / "plain", SegmentOptions(model=str(model_dir), fp_filter="none"))
-    assert len(plain.findings) >= 5 and plain.run["fp_filter"] is None
+    assert len(plain.findings) >= 5 and plain.run.fp_filter is None
     # dark centres kept: a filter reading its patches at the wrong place would see tissue and reject them
     dark = write_filter(tmp_path / "dark", centre_weight=40.0, clip=clip)
     kept = segment(oblique_scan, tmp_path / "dark-run", SegmentOptions(model=str(model_dir), fp_filter=str(dark)))
     assert [f.ras for f in kept.findings] == [f.ras for f in plain.findings]
-    record = kept.run["fp_filter"]
+    record = kept.run.fp_filter
     assert record["name"] == "test-filter" and record["candidates"] == len(plain.findings) and not record["rejected"]
-    assert kept.run["results"]["dropped"]["fp_filter"] == 0
+    assert kept.run.results["dropped"]["fp_filter"] == 0
 
 
 def test_filter_rejections_are_recorded_and_can_be_switched_off(tmp_path, oblique_scan, model_dir) -> None:
     reject = write_filter(tmp_path / "reject", bias=-10.0)
     result = segment(oblique_scan, tmp_path / "run", SegmentOptions(model=str(model_dir), fp_filter=str(reject)))
     assert result.findings == []
-    record = result.run["fp_filter"]
+    record = result.run.fp_filter
     assert record["candidates"] >= 5 and len(record["rejected"]) == record["candidates"]
     assert all(len(r["ras"]) == 3 and r["score"] < 0.5 for r in record["rejected"])
-    assert result.run["results"]["dropped"]["fp_filter"] == record["candidates"]
+    assert result.run.results["dropped"]["fp_filter"] == record["candidates"]
 
 
 def test_fp_filter_option_of_the_command(tmp_path, iso_scan, model_dir) -> None:
@@ -120,7 +120,7 @@ def test_fp_filter_option_of_the_command(tmp_path, iso_scan, model_dir) -> None:
 
 
 def test_training_candidates_label_folds_and_planted_objects() -> None:
-    filtertrain = pytest.importorskip("SHIVACMBLib.filtertrain")
+    filtertrain = pytest.importorskip("SHIVACMBLib.devtools.filtertrain")
     shape = (30, 30, 30)
     volume = np.ones(shape, np.float32)
     cmb, mimic, brain = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8), np.ones(shape, np.uint8)
@@ -141,7 +141,7 @@ def test_training_candidates_label_folds_and_planted_objects() -> None:
 
 
 def test_filter_trains_resumes_exports_and_loads(tmp_path) -> None:
-    filtertrain = pytest.importorskip("SHIVACMBLib.filtertrain")
+    filtertrain = pytest.importorskip("SHIVACMBLib.devtools.filtertrain")
     rng = np.random.default_rng(0)
     side = filtertrain.PATCH + 2 * filtertrain.MARGIN
     cubes = rng.random((6, side, side, side)).astype(np.float16)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SHIVACMBLib import anatomy, cli, headphantom, synthetic
+from SHIVACMBLib.devtools import anatomy, headphantom, synthetic
+
+from SHIVACMBLib import cli
 from SHIVACMBLib.geometry import Geometry
 from SHIVACMBLib.location import AREA_OF, SUBREGIONS, load_atlas
 

@@ -7,12 +7,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from SHIVACMBLib import blobmodel
+from SHIVACMBLib.modelstore import blobmodel
 from SHIVACMBLib import inference
 from SHIVACMBLib.errors import ModelError, RuntimeFailure
 from SHIVACMBLib.files import checksum
 from SHIVACMBLib.inference import CPU, CUDA, TENSORRT, FoldEnsemble, get_ensemble, provider_plan
-from SHIVACMBLib.models import read_descriptor
+from SHIVACMBLib.modelstore.models import read_descriptor
 
 SHAPE = (24, 28, 20)
 
@@ -244,7 +244,7 @@ def test_providers_given_replace_the_device_plan(tmp_path, monkeypatch):
 def test_real_openvino_bf16_keeps_the_detections_of_fp32(tmp_path, volume):
     if inference.OPENVINO not in ort.get_available_providers():
         pytest.skip("onnxruntime-openvino is not installed (extra `openvino`)")
-    from SHIVACMBLib.parity import REDUCED_TOLERANCE, compare
+    from SHIVACMBLib.modelstore.parity import REDUCED_TOLERANCE, compare
 
     model = read_descriptor(blobmodel.write_model(tmp_path / "m", shape=SHAPE))
     full = FoldEnsemble(model, "cpu")

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from SHIVACMBLib import blobmodel
+from SHIVACMBLib.modelstore import blobmodel
 from helpers import SHIPPED_MODEL
 from SHIVACMBLib.errors import ModelError
-from SHIVACMBLib.models import (DEFAULT_MODEL, find_model, installed_models, load_model, model_search_dirs,
+from SHIVACMBLib.modelstore.models import (DEFAULT_MODEL, find_model, installed_models, load_model, model_search_dirs,
                                 read_descriptor, user_model_dirs, verify_model)
 
 

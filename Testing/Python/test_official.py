@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 import shivaweights
-from SHIVACMBLib import official
+from SHIVACMBLib.modelstore import official
 from SHIVACMBLib.errors import InputError, ModelError
 
 

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 
 from SHIVACMBLib import inference
-from SHIVACMBLib.parity import FP32_TOLERANCE, REDUCED_TOLERANCE, compare, compare_detections
+from SHIVACMBLib.modelstore.parity import FP32_TOLERANCE, REDUCED_TOLERANCE, compare, compare_detections
 from helpers import run_cli
 
 

@@ -15,6 +15,7 @@ from SHIVACMBLib.files import checksum, staged_directory
 from SHIVACMBLib.findings import read_tsv
 from SHIVACMBLib.geometry import Geometry
 from SHIVACMBLib.pipeline import SegmentOptions, segment
+from SHIVACMBLib.runrecord import RunRecord, RunRecordError, read_if_valid
 from SHIVACMBLib.segfile import read_seg_nrrd
 
 OBLIQUE = phantoms.rotation((1.0, 0.5, 0.3), 20)
@@ -54,11 +55,11 @@ def test_planted_cmbs_come_back_at_their_physical_position(tmp_path, scene, mode
     assert len(found) == len(scene.spheres), (case, found)
     assert np.all(match(found, scene.centres) <= tolerance), (case, match(found, scene.centres))
     # the label map is in the input's own grid, with one label per finding
-    labels_file = result.output_dir / result.run["results"]["files"][0]
+    labels_file = result.output_dir / result.run.results["files"][0]
     labels = sitk.ReadImage(str(labels_file))
     native = Geometry.of(labels)
-    assert list(native.size) == result.run["input"]["geometry"]["size"]
-    assert np.allclose(native.ijk_to_ras(), result.run["input"]["geometry"]["ijk_to_ras"], atol=1e-4)
+    assert list(native.size) == result.run.input["geometry"]["size"]
+    assert np.allclose(native.ijk_to_ras(), result.run.input["geometry"]["ijk_to_ras"], atol=1e-4)
     values = sitk.GetArrayViewFromImage(labels)
     assert np.unique(values[values > 0]).tolist() == list(range(1, len(found) + 1))
 
@@ -124,6 +125,28 @@ def test_run_json_records_provenance(rich_run):
     assert run["model_box"]["shape"] == [80, 96, 80]
 
 
+def test_run_json_is_read_through_its_record(rich_run, tmp_path):
+    """run.json is written from RunRecord and read back whole; a renamed or a missing key fails where it is read."""
+    _, result = rich_run
+    path = result.output_dir / "run.json"
+    record = RunRecord.read(path)
+    assert record == result.run and record.to_json() == path.read_text(encoding="utf-8")
+    assert list(json.loads(path.read_text(encoding="utf-8"))) == [
+        "scan_id", "software", "input", "mask", "model", "settings", "inference", "model_box", "results", "fp_filter",
+        "location", "warnings", "started", "timings_s", "finished"]
+    assert record.provider == cpu_provider() and record.files[-1] == "run.json" and record.fingerprint is None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    renamed = dict(data, provider=data["inference"])
+    del renamed["inference"]
+    with pytest.raises(RunRecordError, match="lacks inference; has unknown provider"):
+        RunRecord.from_dict(renamed)
+    broken = tmp_path / "run.json"
+    broken.write_text(json.dumps({k: v for k, v in data.items() if k != "finished"}), encoding="utf-8")
+    with pytest.raises(RunRecordError, match="lacks finished"):
+        RunRecord.read(broken)
+    assert read_if_valid(broken) is None and read_if_valid(tmp_path / "missing.json") is None
+
+
 def test_count_is_the_same_in_model_and_native_space_on_thick_slices(tmp_path, model_dir):
     """Many small CMBs on 1x1x4 mm voxels: every CMB found in the model grid keeps a native voxel."""
     rng = np.random.default_rng(11)
@@ -133,7 +156,7 @@ def test_count_is_the_same_in_model_and_native_space_on_thick_slices(tmp_path, m
     path = phantoms.write(phantoms.render(scene, grid, seed=2), tmp_path / "thick.nii.gz")
     result = segment(path, tmp_path / "out", SegmentOptions(model=str(model_dir), report=False))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.output_dir / "cmb_labels.nii.gz")))
-    assert result.run["results"]["cmb_count"] == len(result.findings) > 0
+    assert result.run.results["cmb_count"] == len(result.findings) > 0
     assert np.unique(labels[labels > 0]).tolist() == list(range(1, len(result.findings) + 1))
     assert all(f.voxels >= 1 for f in result.findings)
 
@@ -148,12 +171,12 @@ def test_given_mask_limits_the_search(tmp_path, scene, iso_scan, model_dir):
     planted_left = scene.centres[scene.centres[:, 0] < -3]
     found = np.array([f.ras for f in result.findings])
     assert len(found) == len(planted_left) and np.all(match(found, planted_left) < 1.0)
-    assert result.run["mask"]["source"] == str(mask)
+    assert result.run.mask["source"] == str(mask)
 
 
 def test_threshold_override_is_used_and_recorded(tmp_path, iso_scan, model_dir):
     result = segment(iso_scan, tmp_path / "out", SegmentOptions(model=str(model_dir), threshold=0.95, report=False))
-    assert result.run["settings"]["threshold"] == 0.95
+    assert result.run.settings["threshold"] == 0.95
     assert all(f.max_prob > 0.95 for f in result.findings)
 
 
@@ -188,7 +211,7 @@ def test_bad_input_writes_nothing(tmp_path, model_dir):
 
 def test_scan_id_option_names_the_folder(tmp_path, iso_scan, model_dir):
     result = segment(iso_scan, tmp_path, SegmentOptions(model=str(model_dir), scan_id="sub-07", report=False))
-    assert result.output_dir == tmp_path / "sub-07" and result.run["scan_id"] == "sub-07"
+    assert result.output_dir == tmp_path / "sub-07" and result.run.scan_id == "sub-07"
 
 
 def test_result_killed_mid_swap_is_restored_by_the_next_run(tmp_path, iso_scan, model_dir):

@@ -8,7 +8,7 @@ import phantoms
 from helpers import SMALL_FOV
 from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.geometry import Geometry
-from SHIVACMBLib.models import Normalization
+from SHIVACMBLib.modelstore.models import Normalization
 from SHIVACMBLib.preprocess import (BrainMask, compute_brain_mask, load_brain_mask, normalise, place_model_box,
                                     prepare_input)
 from SHIVACMBLib.scan import read_scan
@@ -134,7 +134,7 @@ def test_normalise_refuses_a_brain_without_signal():
 
 
 def test_prepare_input_gives_the_model_box(model_dir, iso_scan):
-    from SHIVACMBLib.models import load_model
+    from SHIVACMBLib.modelstore.models import load_model
 
     scan = read_scan(iso_scan)
     model = load_model(str(model_dir))

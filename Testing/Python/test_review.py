@@ -1,4 +1,4 @@
-"""Rating sessions (SHIVACMBLib.review): create, rate, blind invariants, crash and resume, concurrent
+"""Rating sessions (SHIVACMBLib.rating.review): create, rate, blind invariants, crash and resume, concurrent
 raters, export; `shivacmb review` commands."""
 
 import datetime as dt
@@ -19,10 +19,12 @@ from scipy.stats.contingency import crosstab
 
 import review_sim
 from helpers import run_cli
-from SHIVACMBLib import review
+from SHIVACMBLib.rating import review
+from SHIVACMBLib.rating.export import SCAN_COLUMNS
 from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.findings import Finding, write_tsv
-from SHIVACMBLib.review import RatingSession
+from SHIVACMBLib.mars import AREAS, UNKNOWN
+from SHIVACMBLib.rating.review import RatingSession
 
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="kills with SIGKILL")
 
@@ -186,7 +188,7 @@ def test_kill_during_a_change_loses_at_most_that_change(scans, phase, kept):
     """A rater process killed during its fourth change (open, two statuses, then an added CMB)."""
     new_session(scans, "assisted")
     script = (f"import review_sim; review_sim.arm_kill(4, {phase!r}); "
-              f"from SHIVACMBLib.review import RatingSession\n"
+              f"from SHIVACMBLib.rating.review import RatingSession\n"
               f"with RatingSession({str(scans / 'assisted')!r}, 'ann') as s:\n"
               "    s.open_scan('sub-01_swi'); s.set_status('sub-01_swi', 1, 'definite')\n"
               "    s.set_status('sub-01_swi', 2, 'rejected'); s.add('sub-01_swi', (5, 5, 5))\n"
@@ -292,8 +294,8 @@ def test_review_commands(scans):
     export = run_cli(["review", "export", scans / "s", "--out", scans / "export"])
     assert export.returncode == 0 and "3 scan rating(s)" in export.stdout
     rows = (scans / "export" / "ratings_scans.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == list(review.SCAN_COLUMNS)
-    first = dict(zip(review.SCAN_COLUMNS, rows[1].split("\t")))
+    assert rows[0].split("\t") == list(SCAN_COLUMNS)
+    first = dict(zip(SCAN_COLUMNS, rows[1].split("\t")))
     assert (first["state"], first["possible"], first["possible_lobar"], first["definite"]) == ("submitted", "1",
                                                                                                  "1", "0")
     found = (scans / "export" / "ratings_findings.tsv").read_text().splitlines()
@@ -337,9 +339,9 @@ def check_export(sessions, plans, seed, out):
     assert completed.returncode == 0, completed.stderr
     lines = (out / "ratings_scans.tsv").read_text(encoding="utf-8").splitlines()[1:]
     assert len(lines) == 2 * 50 * 3
-    areas = [f"{c}_{a}" for c in ("definite", "possible") for a in review.MARS_AREAS + ("unknown",)]
+    areas = [f"{c}_{a}" for c in ("definite", "possible") for a in AREAS + (UNKNOWN,)]
     for line in lines:
-        row = dict(zip(review.SCAN_COLUMNS, line.split("\t")))
+        row = dict(zip(SCAN_COLUMNS, line.split("\t")))
         actions = plans[row["session"]][row["rater"]][row["scan_id"]]
         ai = {f.cmb_id: f for f in review_sim.ai_findings(seed, row["scan_id"])}
         expected = dict.fromkeys(areas, 0)

@@ -21,12 +21,14 @@ import SimpleITK as sitk
 
 import phantoms
 from helpers import REPO, SMALL_FOV, run_cli
-from SHIVACMBLib import cli, official, review
+from SHIVACMBLib import cli
+from SHIVACMBLib.modelstore import official
+from SHIVACMBLib.rating import review
 from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.files import safe_name
 from SHIVACMBLib.findings import read_findings, write_tsv
 from SHIVACMBLib.pipeline import SegmentOptions, segment
-from SHIVACMBLib.review import RatingSession
+from SHIVACMBLib.rating.review import RatingSession
 from SHIVACMBLib.scan import read_scan
 
 HOSTILE = ["", ".", "..", "../victim", "/tmp/abs", "a/b", "a\\b", "x" * 300, "CON", "nul.txt", "-rf", ".hidden",
@@ -81,7 +83,7 @@ def test_safe_names_are_plain_names_and_everything_else_is_refused_naming_it():
 
 
 def test_slicer_result_folders_follow_the_rule_whatever_the_node_name():
-    from SHIVACMBLib.slicerbridge import scan_id_for
+    from SHIVACMBLib.slicerside.slicerbridge import scan_id_for
 
     for node in ("3: T2* axial", "x" * 300, "CON", "...", "é"):
         assert safe_name(scan_id_for(node), "id") == scan_id_for(node)
@@ -184,13 +186,13 @@ def test_tiny_scan_and_tiny_mask_give_warnings_in_run_json_and_report(tmp_path, 
     sitk.WriteImage(labels, str(tmp_path / "mask.nii.gz"))
     options = SegmentOptions(model=str(model_dir), mask=tmp_path / "mask.nii.gz", location=False)
     result = segment(iso_scan, tmp_path / "out", options)
-    assert any("brain mask is only 0.008 mL" in w for w in result.run["warnings"]), result.run["warnings"]
+    assert any("brain mask is only 0.008 mL" in w for w in result.run.warnings), result.run.warnings
     assert "brain mask is only" in (result.output_dir / "report.html").read_text(encoding="utf-8")
     small = _image(tmp_path / "small.nii.gz", np.random.default_rng(1).random((5, 5, 5)).astype(np.float32) + 1,
                    spacing=(8.0, 8.0, 8.0))
     whole = _image(tmp_path / "whole.nii.gz", np.ones((5, 5, 5), np.uint8), spacing=(8.0, 8.0, 8.0))
     run = segment(small, tmp_path / "out", SegmentOptions(model=str(model_dir), mask=whole, location=False)).run
-    assert any("the scan covers only 64 mL" in w for w in run["warnings"]), run["warnings"]
+    assert any("the scan covers only 64 mL" in w for w in run.warnings), run.warnings
 
 
 # --- compare ---------------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ def test_rater_whose_log_is_missing_is_flagged_never_hidden(tmp_path, scan_files
 
 
 def test_batch_never_takes_its_own_outputs_or_unsafe_ids_for_scans(tmp_path):
-    from SHIVACMBLib.batch import discover
+    from SHIVACMBLib.cohort.batch import discover
 
     source = tmp_path / "cohort"
     (source / "out" / "scan1").mkdir(parents=True)
@@ -423,7 +425,7 @@ def test_full_disk_while_unpacking_names_the_member(tmp_path, monkeypatch):
 
 
 def test_install_refusals_import_no_tensorflow_and_name_no_hidden_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("SHIVACMBLib.tfconvert.check_converter", lambda: None)
+    monkeypatch.setattr("SHIVACMBLib.modelstore.tfconvert.check_converter", lambda: None)
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it would fail the test
     not_zip = tmp_path / "weights.zip"
     not_zip.write_text("not a zip")
@@ -444,7 +446,7 @@ def test_random_identifiers_never_touch_anything_outside_their_folder(tmp_path, 
                                                                       capsys, monkeypatch):
     """Every path-making option gets dots, slashes, unicode, 300 characters, empty: each run is refused in one
     line (exit 2) or succeeds, and nothing outside its output folder is created, moved or deleted."""
-    monkeypatch.setattr("SHIVACMBLib.tfconvert.check_converter", lambda: None)
+    monkeypatch.setattr("SHIVACMBLib.modelstore.tfconvert.check_converter", lambda: None)
     sandbox = tmp_path / "box"
     (sandbox / "victim").mkdir(parents=True)
     (sandbox / "victim" / "keep.txt").write_text("keep")

@@ -1,15 +1,7 @@
-"""SHIVACMB.py's own flow, run here against stand-ins for the few Slicer calls it makes.
+"""SHIVACMB.py and SHIVACMBSlicer's own flow, run here against the Slicer stand-ins (slicer_standins.py):
+table state, review edits, corrections, saving, background commands, rating sessions, comparisons, and
+the defects found by reading the module against Slicer 5.10's source."""
 
-3D Slicer cannot run here. These stand-ins (``slicer``, ``qt``, ``vtk``) do only what the
-adapter asks of them, the way the cited Slicer sources do it (vtkMRMLTableNode.SetCellText
-converts text to the column's type; GenerateMergedLabelmapInReferenceGeometry gives the n-th
-segment the label n on the reference volume's grid, later segments winning; vtkSegment.GetTag
-fills a vtk.mutable). They check that the adapter moves data between MRML and SHIVACMBLib as
-intended (table state, review edits, corrections, saving, background commands); whether Slicer
-itself behaves so is checked by SHIVACMBTest inside Slicer.
-"""
-
-import importlib.util
 import json
 import math
 import os
@@ -20,404 +12,22 @@ import numpy as np
 import pytest
 
 import phantoms
+import slicer_standins as standins
 from helpers import REPO
-from SHIVACMBLib import corrections, pipeline, ratingview, review, slicerbridge
+from slicer_standins import Array, Segment, SegmentationNode, TableNode, VolumeNode
+from SHIVACMBLib import pipeline
 from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
+from SHIVACMBLib.rating import review
 from SHIVACMBLib.segfile import ID_TAG, STATUS_TAG, read_seg_nrrd
-
-MODULE_PY = REPO / "SHIVACMB" / "SHIVACMB.py"
-
-
-# --- stand-ins ------------------------------------------------------------------------------
-
-
-class Array:
-    """vtkIntArray / vtkDoubleArray / vtkStringArray: typed values."""
-
-    kind = str
-
-    def __init__(self):
-        self.values, self.name = [], ""
-
-    def SetName(self, name):
-        self.name = name
-
-    def SetNumberOfValues(self, n):
-        self.values = [self.kind()] * n
-
-    def SetValue(self, index, value):
-        self.values[index] = self.kind(value)
-
-    def GetValue(self, index):
-        return self.values[index]
-
-    def InsertNextValue(self, value):
-        self.values.append(value)
-
-
-class IntArray(Array):
-    kind = int
-
-
-class DoubleArray(Array):
-    kind = float
-
-
-class Table:
-    def __init__(self, node):
-        self.node = node
-
-    def GetColumnByName(self, name):
-        return next((c for c in self.node.columns if c.name == name), None)
-
-    def GetNumberOfRows(self):
-        return len(self.node.columns[0].values) if self.node.columns else 0
-
-
-class Node:
-    def __init__(self, name="node"):
-        self.name, self.attributes, self.references, self.modified = name, {}, {}, 0
-
-    def GetName(self):
-        return self.name
-
-    def GetID(self):
-        return f"id-{self.name}"
-
-    def SetAttribute(self, key, value):
-        self.attributes[key] = value
-
-    def GetAttribute(self, key):
-        return self.attributes.get(key)
-
-    def SetNodeReferenceID(self, role, node):
-        self.references[role] = node
-
-    def GetNodeReference(self, role):
-        return self.references.get(role)
-
-
-class TableNode(Node):
-    def __init__(self):
-        super().__init__("findings")
-        self.columns, self.locked = [], True
-
-    def StartModify(self):
-        return 0
-
-    def EndModify(self, was):
-        self.modified += 1
-
-    def RemoveAllColumns(self):
-        self.columns = []
-
-    def AddColumn(self, array):
-        self.columns.append(array)
-
-    def SetColumnTitle(self, name, title):
-        pass
-
-    def SetColumnUnitLabel(self, name, unit):
-        pass
-
-    def SetUseColumnTitleAsColumnHeader(self, use):
-        pass
-
-    def SetLocked(self, locked):
-        self.locked = locked
-
-    def GetTable(self):
-        return Table(self)
-
-    def GetNumberOfRows(self):
-        return Table(self).GetNumberOfRows()
-
-    def GetNumberOfColumns(self):
-        return len(self.columns)
-
-    def GetColumnIndex(self, name):
-        return [c.name for c in self.columns].index(name)
-
-    def SetCellText(self, row, column, text):
-        # vtkMRMLTableNode::SetCellText -> vtkTable::SetValue(vtkVariant(text)): converted to the column's type
-        self.columns[column].SetValue(row, text)
-        self.modified += 1
-
-    def GetCellText(self, row, column):
-        return str(self.columns[column].values[row])
-
-
-class Mutable:
-    """vtk.mutable."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __str__(self):
-        return str(self.value)
-
-
-class Segment:
-    def __init__(self, name, mask, tags=None):
-        self.name, self.mask, self.tags = name, mask, dict(tags or {})
-
-    def GetName(self):
-        return self.name
-
-    def SetName(self, name):
-        self.name = name
-
-    def GetTag(self, key, value):
-        if key not in self.tags:
-            return False
-        value.value = self.tags[key]
-        return True
-
-    def SetTag(self, key, value):
-        self.tags[key] = value
-
-
-class Segmentation:
-    def __init__(self):
-        self.segments = {}
-
-    def GetNumberOfSegments(self):
-        return len(self.segments)
-
-    def GetNthSegmentID(self, index):
-        return list(self.segments)[index]
-
-    def GetSegment(self, segment_id):
-        return self.segments.get(segment_id)
-
-    def RemoveSegment(self, segment_id):
-        del self.segments[segment_id]
-
-    def RemoveAllSegments(self):
-        self.segments.clear()
-
-    def CreateRepresentation(self, name):
-        return True
-
-
-class DisplayNode:
-    visible3D = None
-
-    def SetVisibility3D(self, show):
-        self.visible3D = show
-
-
-class SegmentationNode(Node):
-    def __init__(self):
-        super().__init__("CMBs")
-        self.segmentation, self.display, self.surfaces = Segmentation(), DisplayNode(), False
-
-    def GetSegmentation(self):
-        return self.segmentation
-
-    def GetDisplayNode(self):
-        return self.display
-
-    def CreateClosedSurfaceRepresentation(self):
-        self.surfaces = True
-
-    def CreateDefaultDisplayNodes(self):
-        pass
-
-    def SetReferenceImageGeometryParameterFromVolumeNode(self, volume):
-        self.reference = volume
-
-    def AddSegmentFromClosedSurfaceRepresentation(self, surface, name, colour):
-        # a sphere's surface is kept as (centre, radius); the ID is the name, as Slicer makes it unique
-        self.segmentation.segments[name] = Segment(name, surface, {"colour": tuple(colour)})
-        return name
-
-
-class SphereSource:
-    """vtk.vtkSphereSource: its output stands for the sphere as (centre, radius)."""
-
-    def SetCenter(self, *centre):
-        self.centre = centre
-
-    def SetRadius(self, radius):
-        self.radius = radius
-
-    def SetPhiResolution(self, n):
-        pass
-
-    SetThetaResolution = SetPhiResolution
-
-    def Update(self):
-        pass
-
-    def GetOutput(self):
-        return self.centre, self.radius
-
-
-class MarkupsNode(Node):
-    """A point list: the points clicked in the slice views."""
-
-    def __init__(self):
-        super().__init__("points")
-        self.points = []
-
-    def GetNumberOfControlPoints(self):
-        return len(self.points)
-
-    def GetNthControlPointPositionWorld(self, index, position):
-        position[:] = self.points[index]
-
-    def RemoveAllControlPoints(self):
-        self.points.clear()
-
-
-class Scene:
-    """slicer.mrmlScene: the nodes added and not yet removed."""
-
-    def __init__(self):
-        self.nodes = []
-
-    def AddNewNodeByClass(self, class_name, name):
-        node = {"vtkMRMLSegmentationNode": SegmentationNode, "vtkMRMLMarkupsFiducialNode": MarkupsNode}[class_name]()
-        node.name = name
-        self.nodes.append(node)
-        return node
-
-    def IsNodePresent(self, node):
-        return node in self.nodes
-
-    def RemoveNode(self, node):
-        self.nodes.remove(node)
-
-    def load_volume(self, path):
-        node = Node(path)
-        self.nodes.append(node)
-        return node
-
-
-class ImageData:
-    def __init__(self, size):
-        self.size = size
-
-    def GetDimensions(self):
-        return self.size
-
-    def GetExtent(self):
-        return (0, self.size[0] - 1, 0, self.size[1] - 1, 0, self.size[2] - 1)
-
-
-class VolumeNode(Node):
-    def __init__(self, grid):
-        super().__init__("SWI scan")
-        self.grid = grid
-
-    def GetImageData(self):
-        return ImageData(self.grid.size)
-
-    def GetIJKToRASMatrix(self, matrix):
-        matrix.value = self.grid.ijk_to_ras()
-
-    def GetStorageNode(self):
-        return None
-
-    def GetParentTransformNode(self):
-        return None
-
-
-class Matrix:
-    value = None
-
-
-class OrientedImage:
-    """slicer.vtkOrientedImageData, as filled by the merged-labelmap call below."""
-
-    labels = None
-    extent = (0, -1, 0, -1, 0, -1)
-
-    def GetPointData(self):
-        return types.SimpleNamespace(GetScalars=lambda: self.labels)
-
-    def GetExtent(self):
-        return self.extent
-
-
-def merged_labelmap(segmentation_node, volume, segment_ids, mode, merged):
-    """GenerateMergedLabelmapInReferenceGeometry: label n for the n-th ID on the volume's grid, later wins."""
-    assert mode == "EXTENT_REFERENCE_GEOMETRY"
-    labels = np.zeros(volume.grid.array_shape, np.int16)
-    for n, segment_id in enumerate(segment_ids.values, start=1):
-        labels[segmentation_node.segmentation.segments[segment_id].mask] = n
-    merged.labels, merged.extent = labels, volume.GetImageData().GetExtent()
-
-
-class Timers:
-    """qt.QTimer.singleShot: callbacks run when the test says so (the event loop)."""
-
-    def __init__(self):
-        self.pending = []
-
-    def singleShot(self, ms, callback):
-        self.pending.append(callback)
-
-    def run(self):
-        while self.pending:
-            self.pending.pop(0)()
+from SHIVACMBLib.settings import ScanSettings
+from SHIVACMBLib.slicerside import corrections, ratingview, slicerbridge
 
 
 @pytest.fixture()
 def module(monkeypatch):
     """SHIVACMB.py imported against the stand-ins."""
-    timers = Timers()
-    jumps = []
-    vtk = types.ModuleType("vtk")
-    vtk.vtkIntArray, vtk.vtkDoubleArray, vtk.vtkStringArray = IntArray, DoubleArray, Array
-    vtk.vtkMatrix4x4, vtk.mutable, vtk.vtkSphereSource = Matrix, Mutable, SphereSource
-    vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent="Modified")
-    util = types.ModuleType("vtk.util")
-    numpy_support = types.ModuleType("vtk.util.numpy_support")
-    numpy_support.vtk_to_numpy = lambda array: array
-    util.numpy_support, vtk.util = numpy_support, util
-    qt = types.ModuleType("qt")
-    qt.QTimer = timers
-
-    slicer = types.ModuleType("slicer")
-    for name in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLNode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode",
-                 "vtkMRMLTableNode"):
-        setattr(slicer, name, type(name, (), {}))
-    slicer.vtkOrientedImageData = OrientedImage
-    slicer.vtkSegmentation = types.SimpleNamespace(EXTENT_REFERENCE_GEOMETRY="EXTENT_REFERENCE_GEOMETRY",
-                                                   SegmentAdded=1, SegmentRemoved=2, SourceRepresentationModified=3)
-    slicer.vtkSegmentationConverter = types.SimpleNamespace(
-        GetSegmentationBinaryLabelmapRepresentationName=lambda: "Binary labelmap")
-    slicer.vtkSlicerSegmentationsModuleLogic = types.SimpleNamespace(
-        GenerateMergedLabelmapInReferenceGeometry=merged_labelmap)
-    slicer.app = types.SimpleNamespace(applicationVersion="5.8.1")
-    slicer.modules = types.SimpleNamespace(markups=types.SimpleNamespace(logic=lambda: types.SimpleNamespace(
-        JumpSlicesToLocation=lambda r, a, s, centred: jumps.append((r, a, s, centred)))))
-    slicer.util = types.ModuleType("slicer.util")
-    slicer.util.VTKObservationMixin = object
-    slicer.util.arrayFromVTKMatrix = lambda matrix: matrix.value
-    slicer.mrmlScene = Scene()
-    slicer.util.loadVolume = slicer.mrmlScene.load_volume
-    slicer.i18n = types.ModuleType("slicer.i18n")
-    slicer.i18n.tr, slicer.i18n.translate = (lambda text: text), (lambda context, text: text)
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.Choice = wrapper.WithinRange = lambda *args: args
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(scripted, name, type(name, (), {"__init__": lambda self, *args: None}))
-    for name, value in (("vtk", vtk), ("vtk.util", util), ("vtk.util.numpy_support", numpy_support), ("qt", qt),
-                        ("slicer", slicer), ("slicer.util", slicer.util), ("slicer.i18n", slicer.i18n),
-                        ("slicer.parameterNodeWrapper", wrapper), ("slicer.ScriptedLoadableModule", scripted)):
-        monkeypatch.setitem(sys.modules, name, value)
-    spec = importlib.util.spec_from_file_location("SHIVACMB_under_test", MODULE_PY)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    loaded.timers, loaded.jumps, loaded.scene = timers, jumps, slicer.mrmlScene
-    return loaded
+    return standins.load_module(monkeypatch)
 
 
 # --- a result as the module holds it -------------------------------------------------------------
@@ -447,7 +57,8 @@ def loaded_result(tmp_path, module):
     logic = module.SHIVACMBLogic()
     exported, _, segments = logic.exportLabelMap(segmentation, volume)
     state = corrections.RunState.from_files(folder / "findings.tsv", folder / "run.json",
-                                            corrections.fingerprints_by_cmb(exported, segments))
+                                            corrections.fingerprints_by_cmb(corrections.voxel_fingerprints(exported),
+                                                                            segments))
     table = TableNode()
     table.SetAttribute(logic.RUN_STATE_ATTRIBUTE, state.to_json())
     logic.showFindings(table, state.findings)
@@ -563,8 +174,8 @@ def test_run_loads_the_results_of_the_real_command(tmp_path, module, iso_scan, m
 
     work = tmp_path / "work"
     work.mkdir()
-    settings = slicerbridge.SegmentSettings(model=str(model_dir), device="cpu", scan_id="iso")
-    args = slicerbridge.segment_command(sys.executable, str(iso_scan), str(work / "out"), settings)
+    settings = ScanSettings(model=str(model_dir), device="cpu", report=False)
+    args = slicerbridge.segment_command(sys.executable, str(iso_scan), str(work / "out"), settings, "iso")
     process = slicerbridge.ChildProcess(args, cwd=str(REPO / "SHIVACMB"),
                                         env=slicerbridge.child_environment(os.environ))
     progress = []
@@ -826,3 +437,204 @@ def test_rating_panel_adds_a_clicked_point_and_hides_the_ai_until_submit(tmp_pat
     assert module.scene.nodes == [] and widget.observed == [] and errors == []
     with review.RatingSession(folder, "ann") as again:
         assert again.rating("s1").marks[1].status == "possible" and again.current_index() == 1
+
+
+# --- the defects found by reading the module against Slicer 5.10's source ---------------------------------
+
+
+def test_a_segment_added_or_deleted_is_measured_alone(tmp_path, module):
+    """Defect 3: adding or deleting a segment exported every segment over the whole scan grid on the GUI thread.
+    Now only the new segment is exported, in its own bounding box, and the findings are those a full update
+    gives."""
+    logic, table, segmentation, volume, grid = loaded_result(tmp_path, module)
+    module.scene.nodes.append(table)
+    widget = module.SHIVACMBWidget()
+    widget.logic, widget._observedTable = logic, table
+    widget.ui = types.SimpleNamespace(statusLabel=types.SimpleNamespace(text=""))
+    segments = segmentation.segmentation.segments
+    del segments["CMB_2"]
+    missed = np.zeros((2, 3, 2), bool)
+    missed[0, 1:, :] = True
+    segments["Segment_1"] = Segment("Segment_1", standins.BoxMask((15, 5, 5), missed))
+    segments["Segment_2"] = Segment("Segment_2", standins.BoxMask((1, 1, 1), np.zeros((1, 1, 1), bool)))  # empty
+
+    standins.EXPORT_MODES.clear()
+    widget.onSegmentsAddedOrRemoved()  # no measurement yet: every segment once, over the whole grid
+    module.timers.run()
+    assert standins.EXPORT_MODES == ["EXTENT_REFERENCE_GEOMETRY"]
+    first = cells(table, logic)
+    assert [(r["cmb_id"], r["status"]) for r in first] == [(1, "unreviewed"), (2, "rejected"), (3, "unreviewed"),
+                                                           (4, "added")]
+    assert widget.ui.statusLabel.text == "3 microbleeds (3 found by the run, 1 added, 1 rejected)."
+
+    standins.EXPORT_MODES.clear()
+    del segments["Segment_1"]
+    again = np.ones((1, 2, 2), bool)
+    segments["Segment_3"] = Segment("Segment_3", standins.BoxMask((12, 30, 10), again))
+    segments["Segment_2"].mask = standins.BoxMask((18, 2, 2), np.ones((1, 1, 1), bool))  # painted since
+    widget.onSegmentsAddedOrRemoved()
+    module.timers.run()
+    # the new segment and the one empty when last measured, each alone in its bounding box
+    assert standins.EXPORT_MODES == ["EXTENT_UNION_OF_EFFECTIVE_SEGMENTS"] * 2
+    incremental = cells(table, logic)
+    tags = {name: dict(segment.tags) for name, segment in segments.items()}
+    full = logic.updateFindings(table)
+    assert json.dumps(cells(table, logic)) == json.dumps(incremental)
+    assert {n: dict(s.tags) for n, s in segments.items()} == tags
+    # CMB 4 (added, then deleted) is gone; ids are never reused
+    assert [(r["cmb_id"], r["status"], r["voxels"]) for r in incremental] == [
+        (1, "unreviewed", 18), (2, "rejected", 3), (3, "unreviewed", 8), (5, "added", 1), (6, "added", 4)]
+    assert full.counts == {"found_by_run": 3, "added": 2, "rejected": 1, "edited": 0, "status_changed": 0,
+                           "cmb_count": 4}
+
+
+def test_the_result_segmentation_keeps_no_temporary_file(tmp_path, module):
+    """Defect 1: the segmentation was read through the IO manager (Recent files) and kept a storage node in the
+    temporary run folder, where a scene save wrote it back. Defect 5: the CMB terminology is loaded when a
+    result is loaded, not only on startupCompleted()."""
+    from SHIVACMBLib.segfile import write_seg_nrrd
+
+    grid = phantoms.grid_around((0.0, 0.0, 0.0), (20, 20, 10), (1.0, 1.0, 2.0))
+    labels = np.zeros(grid.array_shape, np.uint8)
+    labels[4:6, 8:11, 8:10] = 1
+    path = tmp_path / "SHIVACMB-run-x" / "cmb.seg.nrrd"
+    path.parent.mkdir()
+    write_seg_nrrd(path, labels, grid, [Finding(1, 0.0, 0.0, 0.0, 9, 9, 5, 12.0, 12)])
+    logic, volume = module.SHIVACMBLogic(), VolumeNode(grid)
+    node = logic.loadSegmentation(str(path), volume, show3D=False)
+    assert node.GetStorageNode() is None and not any(isinstance(n, standins.StorageNode) for n in module.scene.nodes)
+    assert list(node.GetSegmentation().segments) == ["CMB_1"] and node.reference is volume
+    assert node.GetAttribute(logic.RESULT_ATTRIBUTE) == logic.SEGMENTATION_RESULT
+    terminologies = module.slicer.modules.terminologies.logic()
+    from SHIVACMBLib.resources import cmb_terminology
+
+    assert list(terminologies.loaded) == [cmb_terminology()[0]["contextName"]]
+    logic.loadSegmentation(str(path), volume, show3D=False)
+    assert len(terminologies.loaded) == 1
+
+
+def test_the_terminology_is_loaded_when_the_module_is_added_after_startup(module):
+    """Defect 5: startupCompleted() is emitted once; a module added later loads the terminology in setup()."""
+    import ast
+    import inspect
+
+    terminologies = module.slicer.modules.terminologies.logic()
+    module.package["nodes"].ensureTerminology(module.SHIVACMBLogic.moduleDirectory())
+    module.package["nodes"].ensureTerminology(module.SHIVACMBLogic.moduleDirectory())
+    assert len(terminologies.loaded) == 1 and os.path.isfile(next(iter(terminologies.loaded.values())))
+    setup = ast.parse(inspect.getsource(module.SHIVACMBWidget.setup).strip().replace("\n    ", "\n"))
+    assert "ensureTerminology" in {n.func.id for n in ast.walk(setup) if isinstance(n, ast.Call)
+                                   and isinstance(n.func, ast.Name)}
+
+
+class ViewWidget:
+    """qMRMLSliceWidget: its slice node's orientation, its background and link, and its fitting."""
+
+    def __init__(self, orientation):
+        self.orientation, self.background, self.linked, self.fitted = orientation, None, None, False
+
+    def mrmlSliceNode(self):
+        return types.SimpleNamespace(SetOrientation=lambda name: setattr(self, "orientation", name))
+
+    def mrmlSliceCompositeNode(self):
+        return types.SimpleNamespace(SetBackgroundVolumeID=lambda node_id: setattr(self, "background", node_id),
+                                     SetLinkedControl=lambda linked: setattr(self, "linked", linked))
+
+    def sliceLogic(self):
+        return types.SimpleNamespace(FitSliceToAll=lambda: setattr(self, "fitted", True))
+
+
+def test_side_by_side_views_are_both_axial(tmp_path, module, monkeypatch):
+    """Defect 2: vtkMRMLLayoutLogic applies a layout's view properties only to views it creates, so an existing
+    Yellow view stayed sagittal beside the axial Red one."""
+    logic, table, _ = comparison_table(tmp_path, module)
+    views = {"Red": ViewWidget("Axial"), "Yellow": ViewWidget("Sagittal")}
+    layouts = []
+    monkeypatch.setattr(module.slicer, "vtkMRMLLayoutNode", types.SimpleNamespace(SlicerLayoutSideBySideView=29),
+                        raising=False)
+    module.slicer.app.layoutManager = lambda: types.SimpleNamespace(setLayout=layouts.append,
+                                                                    sliceWidget=views.__getitem__)
+    logic.showSideBySide(table)
+    assert layouts == [29] and {name: view.orientation for name, view in views.items()} == {"Red": "Axial",
+                                                                                           "Yellow": "Axial"}
+    assert all(view.fitted and view.linked is False for view in views.values())
+
+
+def test_rating_keys_need_a_main_window(module, monkeypatch):
+    """Defect 6: under --no-main-window (the generic tests) qt.QShortcut got a None parent."""
+    widget, _, _ = rating_panel(module, monkeypatch)
+    connected = []
+    for name in ("definiteButton", "possibleButton", "rejectButton", "addCmbButton", "submitScanButton",
+                 "notRatableButton", "previousScanButton", "nextScanButton", "newSessionButton",
+                 "openSessionButton", "ratingScanList", "ratingFindingsList"):
+        setattr(widget.ui, name, types.SimpleNamespace(enabled=None, connect=lambda signal, slot: connected.append(
+            signal), **({"clear": lambda: None, "addItems": lambda items: None, "setCurrentRow": lambda row: None,
+                         "blockSignals": lambda block: False} if name.endswith("List") else {})))
+    for name in ("ratingModeComboBox", "notRatableComboBox"):
+        setattr(widget.ui, name, types.SimpleNamespace(addItems=lambda items: None, currentText="motion"))
+    made = []
+    monkeypatch.setattr(module.qt, "QShortcut", lambda parent: made.append(parent), raising=False)
+    widget._ratingShortcuts = []
+    widget._setupRating()  # slicer.util.mainWindow() is None
+    assert made == [] and widget._ratingShortcuts == [] and connected.count("clicked(bool)") == 10
+
+    window = object()
+    monkeypatch.setattr(module.slicer.util, "mainWindow", lambda: window)
+    monkeypatch.setattr(module.qt, "QKeySequence", str, raising=False)
+
+    class Shortcut:
+        def __init__(self, parent):
+            self.parent, self.key = parent, None
+
+        def setKey(self, key):
+            self.key = key
+
+        def connect(self, signal, slot):
+            pass
+
+        def setEnabled(self, on):
+            pass
+
+    monkeypatch.setattr(module.qt, "QShortcut", Shortcut)
+    widget._setupRating()
+    assert {s.parent for s in widget._ratingShortcuts} == {window}
+    assert sorted(s.key for s in widget._ratingShortcuts) == sorted(ratingview.SHORTCUTS.values())
+
+
+def test_segment_a_scan_node_through_the_real_command(tmp_path, module, monkeypatch, iso_scan, model_dir):
+    """The one launch path (CommandLogic.startCommand): the scan node exported into a temporary folder, the real
+    `segment` run with Slicer's Python in the module folder, the results loaded as nodes linked to the scan,
+    the temporary folder removed; a segment deleted right after is measured without any export."""
+    import SimpleITK as sitk
+
+    from SHIVACMBLib.geometry import Geometry
+
+    image = sitk.ReadImage(str(iso_scan))
+    volume = VolumeNode(Geometry.of(image))
+    module.scene.nodes.append(volume)
+    exported = []
+
+    def export_node(node, path, properties):
+        sitk.WriteImage(image, path)
+        exported.append((node, os.path.basename(path), properties))
+        return True
+
+    monkeypatch.setattr(module.slicer.util, "exportNode", export_node, raising=False)
+    monkeypatch.setattr(module.slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
+    monkeypatch.setattr(module.slicer.app, "temporaryPath", str(tmp_path), raising=False)
+    logic = module.SHIVACMBLogic()
+    monkeypatch.setattr(logic, "pythonExecutable", lambda: sys.executable)
+    monkeypatch.setattr(logic, "missingPackages", lambda extra=(): [])
+    run = logic.segment(volume, settings=ScanSettings(model=str(model_dir), device="cpu", report=False), show3D=False)
+    assert run.status == "done" and run.summary.cmb_count == 6, run.errorMessage
+    assert exported == [(volume, "input.nrrd", {"useCompression": 0})]
+    assert not os.path.exists(run.tempDir) and not [p for p in tmp_path.iterdir() if p.name.startswith("SHIVACMB-")]
+    table, segmentation = run.tableNode, run.segmentationNode
+    assert table.GetNumberOfRows() == 6 and segmentation.GetSegmentation().GetNumberOfSegments() == 6
+    assert segmentation.GetStorageNode() is None and logic.resultNodes(volume) == [segmentation, table]
+    assert logic.findingsVolume(table) is volume and logic.findingsSegmentation(table) is segmentation
+
+    standins.EXPORT_MODES.clear()
+    del segmentation.GetSegmentation().segments[segmentation.GetSegmentation().GetNthSegmentID(0)]
+    update = logic.updateAddedOrRemoved(table)
+    assert standins.EXPORT_MODES == [] and update.counts["rejected"] == 1 and update.counts["cmb_count"] == 5

@@ -19,14 +19,21 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SHIVACMBLib import blobmodel, cli, findings, inference, slicerbridge
+from SHIVACMBLib.modelstore import blobmodel
+
+from SHIVACMBLib import cli, findings, inference, settings
+from SHIVACMBLib.settings import ScanSettings, settings_from_args
+
+from SHIVACMBLib.slicerside import slicerbridge
 from SHIVACMBLib.findings import Finding, read_tsv
-from SHIVACMBLib.slicerbridge import (ChildProcess, ModelChoice, RunMonitor, RunSummary, SegmentSettings,
+from SHIVACMBLib.slicerside.slicerbridge import (ChildProcess, ModelChoice, RunMonitor, RunSummary,
                                       TABLE_COLUMNS)
 from helpers import REPO, cpu_provider, files_under
 
 MODULE_DIR = REPO / "SHIVACMB"
 MODULE_PY = MODULE_DIR / "SHIVACMB.py"
+SECTIONS = sorted((MODULE_DIR / "SHIVACMBSlicer").glob("*.py"))
+SLICER_FILES = [MODULE_PY, *SECTIONS]  # everything Slicer imports with slicer, qt and vtk
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SHIVACMB.ui"
 ICON = MODULE_DIR / "Resources" / "Icons" / "SHIVACMB.png"
 CMAKE = MODULE_DIR / "CMakeLists.txt"
@@ -43,33 +50,36 @@ def finding(cmb_id=1, **extra):
 
 
 def test_segment_command_is_what_the_cli_parses():
-    settings = SegmentSettings(model="shiva-cmb-swi", device="cuda", threshold=0.35, mask="/t/mask.nrrd",
-                               scan_id="my_scan")
-    args = slicerbridge.segment_command("/slicer/bin/PythonSlicer", "/t/input.nrrd", "/t/output", settings)
+    settings = ScanSettings(model="shiva-cmb-swi", device="cuda", threshold=0.35, report=False)
+    args = slicerbridge.segment_command("/slicer/bin/PythonSlicer", "/t/input.nrrd", "/t/output", settings, "my_scan",
+                                        mask="/t/mask.nrrd")
     assert args[:3] == ["/slicer/bin/PythonSlicer", "-m", "SHIVACMBLib.cli"]
     parsed = cli.build_parser().parse_args(args[3:])
     assert (parsed.command, parsed.input, parsed.out, parsed.scan_id) == ("segment", "/t/input.nrrd", "/t/output",
                                                                           "my_scan")
     assert (parsed.model, parsed.device, parsed.threshold, parsed.mask) == ("shiva-cmb-swi", "cuda", 0.35,
                                                                             "/t/mask.nrrd")
-    assert parsed.progress == "json" and parsed.no_report
+    assert parsed.progress == "json" and not parsed.report
+    assert settings_from_args(parsed) == settings
 
 
 def test_segment_command_leaves_out_what_is_not_set():
-    args = slicerbridge.segment_command("py", "in.nrrd", "out", SegmentSettings(report=True))
+    args = slicerbridge.segment_command("py", "in.nrrd", "out", ScanSettings(), "scan")
+    assert args[3:] == ["segment", "in.nrrd", "--out", "out", "--scan-id", "scan", "--progress", "json"]
     parsed = cli.build_parser().parse_args(args[3:])
     assert parsed.model is None and parsed.threshold is None and parsed.mask is None
-    assert parsed.device == "auto" and not parsed.no_report
+    assert parsed.device == "auto" and parsed.report
 
 
-@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(threshold=0.0), dict(threshold=1.0)])
-def test_segment_settings_refuse_what_the_command_would_refuse(bad):
+@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(threshold=0.0), dict(threshold=1.0), dict(precision="int8"),
+                                 dict(min_volume_mm3=-1.0)])
+def test_scan_settings_refuse_what_the_command_would_refuse(bad):
     with pytest.raises(ValueError):
-        SegmentSettings(**bad)
+        ScanSettings(**bad)
 
 
-def test_device_choices_are_the_commands():
-    assert slicerbridge.DEVICES == inference.DEVICES
+def test_device_choices_are_defined_once():
+    assert inference.DEVICES is settings.DEVICES and inference.PRECISIONS is settings.PRECISIONS
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -361,6 +371,23 @@ def test_cancel_kills_a_child_that_ignores_sigterm():
     assert process.returncode == -signal.SIGKILL
 
 
+@POSIX_ONLY
+def test_cancel_of_a_group_of_zombies_is_no_error(monkeypatch):
+    """macOS answers killpg with EPERM (PermissionError) when the group holds only zombies: it has exited."""
+    process = python_child("import time\nprint('ready', flush=True)\ntime.sleep(60)")
+    read_until(process, "ready")
+
+    def zombies(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "killpg", zombies)
+        process.cancel()
+    assert process.cancel_requested
+    os.killpg(process.pid, signal.SIGKILL)
+    lines_until_finished(process)
+
+
 def test_cancel_after_the_end_does_nothing():
     process = python_child("print('done')")
     lines_until_finished(process)
@@ -371,9 +398,9 @@ def test_cancel_after_the_end_does_nothing():
 # --- the module's path through the real command ----------------------------------------------
 
 
-def run_module_command(input_path, out_dir, settings):
+def run_module_command(input_path, out_dir, settings, scan_id="scan"):
     """Run `segment` as SHIVACMBLogic does: module folder as working directory, lines through a RunMonitor."""
-    args = slicerbridge.segment_command(sys.executable, str(input_path), str(out_dir), settings)
+    args = slicerbridge.segment_command(sys.executable, str(input_path), str(out_dir), settings, scan_id)
     process = ChildProcess(args, cwd=str(MODULE_DIR), env=slicerbridge.child_environment(os.environ))
     monitor = RunMonitor()
     progress = []
@@ -388,8 +415,8 @@ def run_module_command(input_path, out_dir, settings):
 
 
 def test_segment_through_the_module_path(tmp_path, iso_scan, model_dir):
-    settings = SegmentSettings(model=str(model_dir), device="cpu", threshold=0.5, scan_id="iso_scan")
-    _, monitor, returncode, progress = run_module_command(iso_scan, tmp_path / "output", settings)
+    settings = ScanSettings(model=str(model_dir), device="cpu", threshold=0.5, report=False)
+    _, monitor, returncode, progress = run_module_command(iso_scan, tmp_path / "output", settings, "iso_scan")
     assert monitor.outcome(returncode, False) == "done", list(monitor.lines)
     fractions = [p["fraction"] for p in progress]
     assert fractions == sorted(fractions) and progress[-1]["stage"] == "done"
@@ -406,7 +433,7 @@ def test_failure_through_the_module_path(tmp_path, model_dir):
     scan = tmp_path / "input.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 8, 8), np.nan, np.float32)), str(scan))
     out = tmp_path / "output"
-    _, monitor, returncode, _ = run_module_command(scan, out, SegmentSettings(model=str(model_dir)))
+    _, monitor, returncode, _ = run_module_command(scan, out, ScanSettings(model=str(model_dir), report=False))
     assert returncode == 2 and monitor.outcome(returncode, False) == "failed"
     message = monitor.failure_message(returncode, {str(scan): "scan 'Phantom'"})
     assert message.startswith("The scan or the brain mask could not be used.\n\nscan 'Phantom': ")
@@ -418,7 +445,8 @@ def test_failure_through_the_module_path(tmp_path, model_dir):
 def test_cancel_through_a_launcher_leaves_no_output(tmp_path, iso_scan):
     slow = blobmodel.write_model(tmp_path / "slow", shape=(256, 256, 256), folds=12)
     out = tmp_path / "output"
-    command = slicerbridge.segment_command(sys.executable, str(iso_scan), str(out), SegmentSettings(model=str(slow)))
+    command = slicerbridge.segment_command(sys.executable, str(iso_scan), str(out), ScanSettings(model=str(slow)),
+                                           "iso")
     launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))", *command]
     process = ChildProcess(launcher, cwd=str(MODULE_DIR), env=slicerbridge.child_environment(os.environ),
                            grace_s=120)
@@ -438,7 +466,11 @@ def test_cancel_through_a_launcher_leaves_no_output(tmp_path, iso_scan):
 
 
 def module_tree():
-    return ast.parse(MODULE_PY.read_text(encoding="utf-8"), filename=str(MODULE_PY))
+    """The module's Slicer-side code (SHIVACMB.py and SHIVACMBSlicer/) as one syntax tree."""
+    body = []
+    for path in SLICER_FILES:
+        body += ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body
+    return ast.Module(body=body, type_ignores=[])
 
 
 def ui_tree():
@@ -461,21 +493,37 @@ def ui_bindings():
 
 
 def parameter_fields():
-    """Field name -> annotation source of the @parameterNodeWrapper class."""
-    for node in module_tree().body:
+    """Field name -> annotation source of the @parameterNodeWrapper class, the scan settings it shows included."""
+    from SHIVACMBLib.settings import gui_fields
+
+    for node in ast.parse(MODULE_PY.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper"
                                                   for d in node.decorator_list):
-            return {item.target.id: ast.unparse(item.annotation) for item in node.body
-                    if isinstance(item, ast.AnnAssign)}
+            assert "withScanSettings" in {ast.unparse(d) for d in node.decorator_list}
+            fields = {item.target.id: ast.unparse(item.annotation) for item in node.body
+                      if isinstance(item, ast.AnnAssign)}
+            kinds = {"choice": "Choice(", "range": "WithinRange(", "str": "str", "bool": "bool"}
+            return {**fields, **{name: kinds[gui.kind] for name, gui, _ in gui_fields()}}
     raise AssertionError("no @parameterNodeWrapper class in SHIVACMB.py")
 
 
 def test_module_compiles_and_is_python_39_syntax():
-    source = MODULE_PY.read_text(encoding="utf-8")
-    compile(source, str(MODULE_PY), "exec")
-    for path in (MODULE_PY, MODULE_DIR / "SHIVACMBLib" / "slicerbridge.py",
-                 MODULE_DIR / "SHIVACMBLib" / "corrections.py"):
-        ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
+    for path in SLICER_FILES + sorted((MODULE_DIR / "SHIVACMBLib" / "slicerside").glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        compile(source, str(path), "exec")
+        ast.parse(source, feature_version=(3, 9))
+
+
+def test_module_files_are_rooms_of_one_job():
+    """SHIVACMB.py is the thin entry; each section is a file of its own, none large."""
+    assert len(MODULE_PY.read_text(encoding="utf-8").splitlines()) < 300
+    for path in SECTIONS:
+        assert len(path.read_text(encoding="utf-8").splitlines()) < 700, path.name
+    init = ast.parse((MODULE_DIR / "SHIVACMBSlicer" / "__init__.py").read_text(encoding="utf-8"))
+    submodules = next(ast.literal_eval(node.value) for node in init.body
+                      if isinstance(node, ast.Assign) and node.targets[0].id == "SUBMODULES")
+    assert sorted(f"{name}.py" for name in submodules) == sorted(
+        p.name for p in SECTIONS if p.name != "__init__.py")
 
 
 def test_every_ui_widget_the_module_uses_exists():
@@ -537,37 +585,57 @@ def is_stdlib(top_level_name):
     return STDLIB in origin.parents and "site-packages" not in origin.parts
 
 
-LIB_DIR = MODULE_DIR / "SHIVACMBLib"
+PACKAGES = {"SHIVACMBLib": MODULE_DIR / "SHIVACMBLib", "SHIVACMBSlicer": MODULE_DIR / "SHIVACMBSlicer"}
+
+
+def module_path(name):
+    """The file of a dotted SHIVACMBLib or SHIVACMBSlicer module (a package's __init__.py); None otherwise."""
+    top, *rest = name.split(".")
+    if top not in PACKAGES:
+        return None
+    base = PACKAGES[top].joinpath(*rest)
+    for candidate in (base.parent / f"{base.name}.py", base / "__init__.py"):
+        if rest and candidate.is_file() or not rest and candidate.name == "__init__.py":
+            return candidate
+    return None
+
+
+def dotted(path):
+    parts = list(path.relative_to(MODULE_DIR).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def module_level_imports(path):
-    """Modules a file imports outside functions; SHIVACMBLib modules (relative ones too) as "SHIVACMBLib.x"."""
+    """Dotted names of the modules a file imports outside functions (relative imports resolved)."""
+    package = dotted(path) if path.name == "__init__.py" else dotted(path).rpartition(".")[0]
     names = set()
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
         for sub in [node] + (list(ast.walk(node)) if isinstance(node, (ast.If, ast.Try)) else []):
             if isinstance(sub, ast.Import):
                 names |= {alias.name for alias in sub.names}
             elif isinstance(sub, ast.ImportFrom):
-                module = f"SHIVACMBLib.{sub.module}" if sub.level and sub.module else (
-                    "SHIVACMBLib" if sub.level else sub.module)
+                base = package.split(".")[:len(package.split(".")) - sub.level + 1] if sub.level else []
+                module = ".".join(base + ([sub.module] if sub.module else []))
                 names.add(module)
-                # `from SHIVACMBLib import slicerbridge` imports a module, not only a name
-                names |= {f"{module}.{alias.name}" for alias in sub.names
-                          if module == "SHIVACMBLib" and (LIB_DIR / f"{alias.name}.py").is_file()}
+                # `from SHIVACMBLib.slicerside import slicerbridge` imports a module, not only a name
+                names |= {f"{module}.{alias.name}" for alias in sub.names if module_path(f"{module}.{alias.name}")}
     return names
 
 
 def third_party_imports(path, seen):
-    """Non-standard packages importing ``path`` loads at module level, following SHIVACMBLib imports."""
+    """Non-standard packages importing ``path`` loads at module level, following the project's own imports
+    (``seen``: the project modules followed)."""
     found = set()
     for name in module_level_imports(path):
-        if name.startswith("SHIVACMBLib"):
-            for module in ("__init__", name.partition(".")[2] or "__init__"):
-                if module not in seen:
+        parts = name.split(".")
+        if parts[0] in PACKAGES:
+            for depth in range(1, len(parts) + 1):  # a.b.c runs a/__init__.py, a/b/__init__.py, a/b/c.py
+                module = ".".join(parts[:depth])
+                if module not in seen and module_path(module) is not None:
                     seen.add(module)
-                    found |= third_party_imports(LIB_DIR / f"{module}.py", seen)
-        elif not is_stdlib(name.split(".")[0]):
-            found.add(name.split(".")[0])
+                    found |= third_party_imports(module_path(module), seen)
+        elif not is_stdlib(parts[0]):
+            found.add(parts[0])
     return found
 
 
@@ -575,8 +643,18 @@ def test_module_imports_no_third_party_package_but_numpy_at_module_level():
     """A failing top-level import would stop Slicer from loading the module at all."""
     followed = set()
     assert third_party_imports(MODULE_PY, followed) <= {"numpy", "slicer", "qt", "ctk", "vtk"}
-    assert {"slicerbridge", "findings", "progress", "models", "resources"} <= followed
-    assert third_party_imports(LIB_DIR / "pipeline.py", set()) >= {"numpy", "SimpleITK", "scipy"}
+    assert {"SHIVACMBLib.slicerside.slicerbridge", "SHIVACMBLib.findings", "SHIVACMBLib.progress",
+            "SHIVACMBLib.modelstore.models", "SHIVACMBLib.resources", "SHIVACMBLib.settings",
+            "SHIVACMBSlicer.segment", "SHIVACMBSlicer.rating"} <= followed
+    assert third_party_imports(PACKAGES["SHIVACMBLib"] / "pipeline.py", set()) >= {"numpy", "SimpleITK", "scipy"}
+
+
+def test_the_core_never_imports_slicer():
+    for path in PACKAGES["SHIVACMBLib"].rglob("*.py"):
+        imported = {name.split(".")[0] for name in module_level_imports(path)}
+        source = path.read_text(encoding="utf-8")
+        assert not imported & {"slicer", "qt", "ctk", "vtk"}, path
+        assert not re.search(r"^\s*(import|from) (slicer|qt|ctk|vtk)\b", source, re.M), path
 
 
 def annotations(tree):
@@ -599,8 +677,7 @@ def uses_union_operator(annotation):
 
 def test_no_union_operator_in_annotations():
     """parameterNodeWrapper evaluates annotations, and `X | None` fails on Python 3.9 (Slicer 5.8)."""
-    for path in (MODULE_PY, MODULE_DIR / "SHIVACMBLib" / "slicerbridge.py",
-                 MODULE_DIR / "SHIVACMBLib" / "corrections.py"):
+    for path in SLICER_FILES + sorted((MODULE_DIR / "SHIVACMBLib" / "slicerside").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         assert not [ast.unparse(a) for a in annotations(tree) if uses_union_operator(a)], path
 
@@ -625,6 +702,12 @@ def test_cmake_lists_every_script_and_each_listed_file_exists():
         assert (MODULE_DIR / entry).is_file(), entry
 
 
+def test_cmake_minimum_is_that_of_slicer_510_templates():
+    """Slicer 5.10's extension templates ask for CMake 3.20.6...3.22.6 (3.16.3 predates them)."""
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"^cmake_minimum_required\(VERSION 3\.20\.6\.\.\.3\.22\.6\)$", top, re.M)
+
+
 def test_icon_is_a_128_pixel_rgba_png():
     data = ICON.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
@@ -633,7 +716,7 @@ def test_icon_is_a_128_pixel_rgba_png():
 
 
 def test_rating_shortcuts_are_distinct_and_leave_the_slice_view_keys_alone():
-    from SHIVACMBLib import ratingview
+    from SHIVACMBLib.slicerside import ratingview
 
     keys = [key.lower() for key in ratingview.SHORTCUTS.values()]
     assert len(set(keys)) == len(keys)
@@ -649,9 +732,10 @@ def test_rating_shortcuts_are_distinct_and_leave_the_slice_view_keys_alone():
 
 
 def test_compare_command_is_what_the_cli_parses():
-    from SHIVACMBLib import compareview
+    from SHIVACMBLib.slicerside import compareview
 
-    settings = SegmentSettings(model="shiva-cmb-swi", device="cpu", threshold=0.4)
+    settings = ScanSettings(model="shiva-cmb-swi", device="cpu", threshold=0.4, precision="fp16", location=False,
+                            report=False)
     args = compareview.compare_command("/slicer/PythonSlicer", "/t/b.nrrd", "/t/f.nrrd", "/t/out", settings,
                                        baseline_findings="/t/b.tsv")
     assert args[:3] == ["/slicer/PythonSlicer", "-m", "SHIVACMBLib.cli"]
@@ -660,11 +744,11 @@ def test_compare_command_is_what_the_cli_parses():
                                                                               "/t/out")
     assert (parsed.baseline_findings, parsed.followup_findings) == ("/t/b.tsv", None)
     assert (parsed.model, parsed.device, parsed.threshold, parsed.progress) == ("shiva-cmb-swi", "cpu", 0.4, "json")
-    assert parsed.no_report
+    assert settings_from_args(parsed) == settings  # --precision and --no-location reach `compare` too
 
 
 def test_compare_summary_line_and_result_text():
-    from SHIVACMBLib import compareview
+    from SHIVACMBLib.slicerside import compareview
 
     line = json.dumps({"stage": "done", "fraction": 1.0, "message": "m", "output": "/t/out", "grade": "moderate",
                        "counts": {"new": 5, "persistent": 2, "not seen at follow-up": 0}})
@@ -682,7 +766,9 @@ def test_compare_summary_line_and_result_text():
 def test_followup_is_put_on_the_baseline_by_the_registration_matrix():
     import SimpleITK as sitk
 
-    from SHIVACMBLib import compareview, longitudinal
+    from SHIVACMBLib.slicerside import compareview
+
+    from SHIVACMBLib import longitudinal
 
     transform = sitk.Euler3DTransform((10.0, -5.0, 2.0), 0.1, -0.2, 0.15, (3.0, -8.0, 12.0))
     registration = longitudinal.Registration(transform, "rigid", -0.6, 0.98, 1.0)

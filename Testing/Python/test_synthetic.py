@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SHIVACMBLib import cli, synthetic
+from SHIVACMBLib import cli
+
+from SHIVACMBLib.devtools import synthetic
 from SHIVACMBLib.geometry import Geometry
 
 

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from SHIVACMBLib import train  # noqa: E402
-from SHIVACMBLib.unet import ResidualUNet3D  # noqa: E402
+from SHIVACMBLib.devtools import train  # noqa: E402
+from SHIVACMBLib.devtools.unet import ResidualUNet3D  # noqa: E402
 
 
 def _tiny_cache(folder, seed: int = 0) -> None:
@@ -48,7 +48,7 @@ def test_onnx_export_matches_torch_on_any_size(tmp_path) -> None:
 
 
 def test_prepare_keeps_mimic_classes_when_some_mimics_leave_the_model_box(tmp_path) -> None:
-    from SHIVACMBLib import synthetic
+    from SHIVACMBLib.devtools import synthetic
 
     phantom = synthetic.make_phantom(5, "swi", (2.0, 2.0, 2.0), n_cmb=2)
     paths = synthetic.write_phantom(phantom, tmp_path / "phantoms", "scan")
@@ -272,7 +272,7 @@ def test_export_writes_one_verified_fold_per_run(tmp_path) -> None:
     train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt", patch=16)
     folder = train.write_model_folder(runs, tmp_path / "demo-model", {"precision": 0.5}, threshold=0.8, version="2.1")
 
-    from SHIVACMBLib.models import load_model
+    from SHIVACMBLib.modelstore.models import load_model
 
     model = load_model(str(folder))  # checks every fold's sha256
     assert [f.file for f in model.folds] == ["fold0.onnx", "fold1.onnx"] and model.threshold == 0.8

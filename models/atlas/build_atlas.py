@@ -10,8 +10,8 @@ files are read from the wheel (nilearn is never imported) and their sha256 check
 Writes, in MNI space (RAS mm, LPS-stored NIfTI):
   mni_t1_2mm.nii.gz        the T1 template at 2 mm (uint8), the registration target
   mars_labels_1mm.nii.gz   MARS sub-region labels at 1 mm (uint8; codes = SHIVACMBLib.location.SUBREGIONS)
-  tissue_labels_1mm.nii.gz tissue classes at 1 mm (uint8; codes = SHIVACMBLib.anatomy.TISSUES), the
-                           anatomy of the realistic phantoms (SHIVACMBLib.headphantom)
+  tissue_labels_1mm.nii.gz tissue classes at 1 mm (uint8; codes = SHIVACMBLib.devtools.anatomy.TISSUES), the
+                           anatomy of the realistic phantoms (SHIVACMBLib.devtools.headphantom)
 
 The labels come from tissue probabilities and geometric rules in MNI coordinates (README.md
 says exactly which and what they cannot do); no third-party parcellation is used.
@@ -34,7 +34,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SHIVACMB"))
 
-from SHIVACMBLib.anatomy import TISSUE_LABELS, TISSUES  # noqa: E402
+from SHIVACMBLib.devtools.anatomy import TISSUE_LABELS, TISSUES  # noqa: E402
 from SHIVACMBLib.geometry import Geometry, resample  # noqa: E402
 from SHIVACMBLib.location import ATLAS_LABELS, ATLAS_TEMPLATE, CODE_OF as CODE, JUXTACORTICAL_MM, SUBREGIONS  # noqa: E402
 

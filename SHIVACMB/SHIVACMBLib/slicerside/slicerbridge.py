@@ -6,7 +6,7 @@ results into MRML nodes. Everything here can be tested without Slicer: the comma
 model selector, the findings table columns, where results are saved, reading the command's
 output (progress, final summary, error line) and the background process itself
 (:class:`ChildProcess`: a reader thread feeding a queue, cancel by process group on POSIX and
-process tree on Windows). Manual corrections are in :mod:`SHIVACMBLib.corrections`.
+process tree on Windows). Manual corrections are in :mod:`SHIVACMBLib.slicerside.corrections`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .findings import Finding
-from .errors import ERROR_PREFIX, Cancelled, InputError, ModelError, RuntimeFailure
-from .files import safe_name
-from .models import read_descriptor
-from .progress import parse_progress_line
+from ..findings import Finding
+from ..errors import ERROR_PREFIX, Cancelled, InputError, ModelError, RuntimeFailure
+from ..files import safe_name
+from ..modelstore.models import read_descriptor
+from ..progress import parse_progress_line
+from ..settings import ScanSettings
 
 CLI_MODULE = "SHIVACMBLib.cli"
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")  # as SHIVACMBLib.inference.DEVICES, which imports scipy
 
 # Import name and pip requirement of each package the command needs beyond what Slicer ships
 # (Slicer ships numpy, scipy and SimpleITK; pip must never replace them, see pip_constraints).
@@ -57,37 +57,12 @@ FAILURE_HEADLINES: Dict[int, str] = {
 # --- command lines ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SegmentSettings:
-    """Options of one `shivacmb segment` run started by the module."""
-
-    model: str = ""  # installed model name or model folder; "" = the command's default model
-    device: str = "auto"
-    threshold: Optional[float] = None  # None = the model's own threshold
-    mask: Optional[str] = None  # brain mask file; None = computed from the scan
-    scan_id: str = "scan"
-    report: bool = False  # the module shows results in Slicer; the HTML report is not needed
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not '{self.device}'")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, not {self.threshold}")
-
-
-def segment_command(python: str, input_path: str, out_dir: str, settings: SegmentSettings) -> List[str]:
+def segment_command(python: str, input_path: str, out_dir: str, settings: ScanSettings, scan_id: str,
+                    mask: Optional[str] = None) -> List[str]:
     """Argument list running `shivacmb segment` on one scan with JSON progress lines."""
-    args = [python, "-m", CLI_MODULE, "segment", input_path, "--out", out_dir, "--scan-id", settings.scan_id,
-            "--device", settings.device, "--progress", "json"]
-    if settings.model:
-        args += ["--model", settings.model]
-    if settings.threshold is not None:
-        args += ["--threshold", f"{settings.threshold:g}"]
-    if settings.mask:
-        args += ["--mask", settings.mask]
-    if not settings.report:
-        args.append("--no-report")
-    return args
+    args = [python, "-m", CLI_MODULE, "segment", input_path, "--out", out_dir, "--scan-id", scan_id,
+            *settings.command_args(), "--progress", "json"]
+    return args + (["--mask", mask] if mask else [])
 
 
 def models_list_command(python: str) -> List[str]:
@@ -191,7 +166,7 @@ def installed_model_choices() -> Tuple[List[ModelChoice], List[str]]:
     Reading the descriptors takes milliseconds, so the module lists models without a
     background process; the entries are those of `shivacmb models list --json`.
     """
-    from .models import installed_models
+    from ..modelstore.models import installed_models
 
     rows: List[Dict[str, Any]] = []
     for entry in installed_models():
@@ -502,7 +477,9 @@ class ChildProcess:
     def _signal_group(self, sig: int) -> None:
         try:
             os.killpg(self.pid, sig)
-        except ProcessLookupError:  # the whole group has already exited
+        except (ProcessLookupError, PermissionError):
+            # The whole group has already exited; macOS says so with EPERM when only zombies (exited, not yet
+            # reaped) are left in it.
             pass
 
     def wait(self, on_line: Callable[[str], None], poll_s: float = 0.2) -> int:

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import InputError, RuntimeFailure
-from .files import atomic_path
+from ..errors import InputError, RuntimeFailure
+from ..files import atomic_path
 from .review import SUBMITTED, Session, all_ratings
 
 PathLike = Union[str, Path]
@@ -94,7 +94,7 @@ def bland_altman(first: Sequence[float], second: Sequence[float]) -> Dict[str, O
 
 def compare(first: Reader, second: Reader, scans: Sequence[str]) -> Dict[str, Any]:
     """Every statistic of one pair of readers over ``scans``."""
-    from .evaluate import ScanMetrics, match_centroids, pearson_r, pool
+    from ..evaluate import ScanMetrics, match_centroids, pearson_r, pool
 
     metrics = []
     for scan in scans:

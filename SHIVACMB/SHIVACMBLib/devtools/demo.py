@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .evaluate import evaluate_pair
-from .pipeline import SegmentOptions, segment
+from ..evaluate import evaluate_pair
+from ..pipeline import SegmentOptions, segment
 from .synthetic import make_phantom, write_phantom
 
 DEMO_SEED = 424242  # never used for training (training seeds: see models/README.md)
@@ -35,9 +35,9 @@ def run_demo(out: Path, model: Optional[str] = None, device: str = "auto") -> di
         table.add_row(rule, str(metrics["n_true"]), str(metrics["n_pred"]), str(metrics["tp"]), str(metrics["fn"]),
                       str(metrics["fp"]), _fmt(metrics["sensitivity"]), _fmt(metrics["precision"]))
     console.print(table)
-    model_summary = result.run["model"]
+    model_summary = result.run.model
     console.print(f"model: {model_summary['name']} {model_summary['version']} ({model_summary['description']})")
-    console.print(f"provider: {result.run['inference']['provider']}, {result.run['timings_s']['total']:.1f} s")
+    console.print(f"provider: {result.run.provider}, {result.run.timings_s['total']:.1f} s")
     console.print(f"outputs: {result.output_dir}: " + ", ".join(result.files))
     console.print(f"open {result.output_dir / 'report.html'} in a browser, or load {paths['image']} and "
                   f"{result.output_dir / 'cmb.seg.nrrd'} in 3D Slicer")

@@ -8,7 +8,7 @@ dark spheres of 1.5-4 mm radius in the phantoms of ``phantoms.py``.
 Variants exercise every descriptor option: layout NDHWC/NCDHW, activation none/sigmoid/
 softmax, one or several folds, fixed or dynamic spatial axes.
 
-    python -m SHIVACMBLib.blobmodel OUT_FOLDER
+    python -m SHIVACMBLib.modelstore.blobmodel OUT_FOLDER
 
 writes the test model shipped in Testing/models/dark-blob-detector.
 """
@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .files import checksum
+from ..files import checksum
 
 OPSET = 17
 BIG = 11  # voxels (mm on the 1 mm model grid)
@@ -144,5 +144,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m SHIVACMBLib.blobmodel OUT_FOLDER  (writes the shipped test model)")
+        sys.exit("usage: python -m SHIVACMBLib.modelstore.blobmodel OUT_FOLDER  (writes the shipped test model)")
     print(write_model(Path(sys.argv[1]), **SHIPPED))

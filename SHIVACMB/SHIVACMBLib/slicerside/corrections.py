@@ -45,11 +45,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import __version__
-from .files import atomic_path, checksum
-from .findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
-from .geometry import Geometry
-from .location import count_locations
+from .. import __version__
+from ..files import atomic_path, checksum
+from ..findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
+from ..geometry import Geometry
+from ..location import count_locations
 from .slicerbridge import TABLE_COLUMNS, finding_row
 
 PathLike = Union[str, Path]
@@ -103,14 +103,15 @@ def _voxels_by_label(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.nda
     return present, counts, flat[order]
 
 
+def _fingerprint(shape: Sequence[int], flat: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(shape, "<i8").tobytes() + flat.astype("<i8").tobytes()).hexdigest()
+
+
 def voxel_fingerprints(labels: np.ndarray) -> Dict[int, str]:
     """For each label value present: a digest of the grid shape and the label's voxel positions."""
     present, counts, grouped = _voxels_by_label(labels)
-    shape = np.asarray(labels.shape, "<i8").tobytes()
-    result = {}
-    for label, chunk in zip(present.tolist(), np.split(grouped, np.cumsum(counts)[:-1])):
-        result[int(label)] = hashlib.sha256(shape + chunk.astype("<i8").tobytes()).hexdigest()
-    return result
+    return {int(label): _fingerprint(labels.shape, chunk)
+            for label, chunk in zip(present.tolist(), np.split(grouped, np.cumsum(counts)[:-1]))}
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,14 @@ class Measurement:
     ijk: Tuple[int, int, int]
 
 
+def _measurements(grid: Geometry, means_ijk: np.ndarray, counts: Sequence[int]) -> List[Measurement]:
+    """Measurements of labels from their voxel counts and mean voxel indices (one row per label)."""
+    ras = grid.index_to_ras(means_ijk)
+    ijk = np.clip(np.rint(means_ijk), 0, np.asarray(grid.size) - 1).astype(int)
+    return [Measurement(int(n), float(n * grid.voxel_volume), tuple(float(v) for v in ras[row]),
+                        tuple(int(v) for v in ijk[row])) for row, n in enumerate(counts)]
+
+
 def measure_labels(labels: np.ndarray, grid: Geometry) -> Dict[int, Measurement]:
     """Voxel count, volume and centroid (mean of voxel centres; RAS mm and the voxel holding it) per label."""
     if labels.shape != grid.array_shape:
@@ -133,20 +142,43 @@ def measure_labels(labels: np.ndarray, grid: Geometry) -> Dict[int, Measurement]
     kji = np.stack(np.unravel_index(grouped, labels.shape), axis=1).astype(float)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     means_ijk = np.add.reduceat(kji, starts, axis=0)[:, ::-1] / counts[:, None]
-    ras = grid.index_to_ras(means_ijk)
-    ijk = np.clip(np.rint(means_ijk), 0, np.asarray(grid.size) - 1).astype(int)
-    return {int(label): Measurement(int(n), float(n * grid.voxel_volume), tuple(float(v) for v in ras[row]),
-                                    tuple(int(v) for v in ijk[row]))
-            for row, (label, n) in enumerate(zip(present.tolist(), counts.tolist()))}
+    return dict(zip((int(label) for label in present.tolist()), _measurements(grid, means_ijk, counts.tolist())))
 
 
-def fingerprints_by_cmb(labels: np.ndarray, segments: Sequence[SegmentRecord]) -> Dict[int, str]:
-    """Voxel fingerprint of each tagged, non-empty segment, by CMB id (the first segment of an id wins)."""
-    by_label = voxel_fingerprints(labels)
+@dataclass(frozen=True)
+class LabelVoxels:
+    """What the corrections need of one segment's voxels: its measurement and its voxel fingerprint."""
+
+    measurement: Measurement
+    fingerprint: str
+
+
+def label_voxels(labels: np.ndarray, grid: Geometry) -> Dict[int, LabelVoxels]:
+    """LabelVoxels of every label of a label map on ``grid`` (one label value per segment)."""
+    prints = voxel_fingerprints(labels)
+    return {label: LabelVoxels(m, prints[label]) for label, m in measure_labels(labels, grid).items()}
+
+
+def box_voxels(mask: np.ndarray, corner_kji: Sequence[int], grid: Geometry) -> Optional[LabelVoxels]:
+    """LabelVoxels of one segment given by its bounding box: ``mask`` ([k, j, i]) placed at voxel ``corner_kji``
+    of ``grid`` (voxels outside the grid are left out); None when it has no voxel. Equal to what
+    :func:`label_voxels` gives for the same voxels in a whole label map."""
+    kji = np.stack(np.nonzero(mask), axis=1) + np.asarray(corner_kji, int)
+    kji = kji[np.all((kji >= 0) & (kji < np.asarray(grid.array_shape)), axis=1)]
+    if len(kji) == 0:
+        return None
+    flat = np.ravel_multi_index(tuple(kji.T), grid.array_shape)  # ascending: nonzero walks in C order
+    measurement = _measurements(grid, kji.mean(axis=0)[None, ::-1], [len(kji)])[0]
+    return LabelVoxels(measurement, _fingerprint(grid.array_shape, flat))
+
+
+def fingerprints_by_cmb(fingerprints: Mapping[int, str], segments: Sequence[SegmentRecord]) -> Dict[int, str]:
+    """Voxel fingerprint (``fingerprints`` by label) of each tagged, non-empty segment, by CMB id (the first
+    segment of an id wins)."""
     result: Dict[int, str] = {}
     for segment in segments:
-        if segment.cmb_id is not None and segment.label in by_label and segment.cmb_id not in result:
-            result[segment.cmb_id] = by_label[segment.label]
+        if segment.cmb_id is not None and segment.label in fingerprints and segment.cmb_id not in result:
+            result[segment.cmb_id] = fingerprints[segment.label]
     return result
 
 
@@ -275,8 +307,13 @@ def correct(run: RunState, current: Sequence[Finding], segments: Sequence[Segmen
     ``segments`` lists the segmentation's segments in order, ``labels`` the exported label map
     (``[k, j, i]`` on ``grid``, one label value per segment).
     """
-    measured = measure_labels(labels, grid)
-    prints = voxel_fingerprints(labels)
+    return correct_voxels(run, current, segments, label_voxels(labels, grid))
+
+
+def correct_voxels(run: RunState, current: Sequence[Finding], segments: Sequence[SegmentRecord],
+                   voxels: Mapping[int, LabelVoxels]) -> Correction:
+    """:func:`correct` from each segment's LabelVoxels by label (segments without voxels left out), so that a
+    segment added or deleted needs only its own voxels measured."""
     run_findings = run.findings
     run_ids = {f.cmb_id for f in run_findings}
     shown = {f.cmb_id: f for f in current}
@@ -285,7 +322,7 @@ def correct(run: RunState, current: Sequence[Finding], segments: Sequence[Segmen
     claimed: Dict[int, SegmentRecord] = {}
     unclaimed: List[SegmentRecord] = []
     for segment in segments:
-        if segment.label not in measured:
+        if segment.label not in voxels:
             continue  # empty: not a CMB (yet)
         if segment.cmb_id in known and segment.cmb_id not in claimed:
             claimed[segment.cmb_id] = segment
@@ -308,13 +345,13 @@ def correct(run: RunState, current: Sequence[Finding], segments: Sequence[Segmen
             continue
         status = found.status if is_deleted(mine) else mine.status
         note = remove_note(mine.note, DELETED)
-        if prints[segment.label] == run.fingerprints.get(found.cmb_id):
+        if voxels[segment.label].fingerprint == run.fingerprints.get(found.cmb_id):
             findings.append(replace(found, status=status, rater=mine.rater, note=remove_note(note, EDITED)))
         else:
-            findings.append(replace(_with_measurement(found, measured[segment.label]), status=status,
+            findings.append(replace(_with_measurement(found, voxels[segment.label].measurement), status=status,
                                     rater=mine.rater, note=add_note(note, EDITED)))
     for cmb_id in sorted(set(claimed) - run_ids):
-        m = measured[claimed[cmb_id].label]
+        m = voxels[claimed[cmb_id].label].measurement
         mine = shown.get(cmb_id)
         base = _with_measurement(Finding(cmb_id, 0.0, 0.0, 0.0, 0, 0, 0, 0.0, 0, status="added"), m)
         if mine is not None:
@@ -530,7 +567,7 @@ def save(folder: PathLike, labels: np.ndarray, grid: Geometry, run: RunState, co
     failure leaves the folder as it was (a folder this call created is removed again). Other
     files in the folder are left alone.
     """
-    from .segfile import write_seg_nrrd
+    from ..segfile import write_seg_nrrd
 
     findings = stamp_rater(run.findings, correction.findings, who)
     record = provenance(run, findings, who, when, scan, host)

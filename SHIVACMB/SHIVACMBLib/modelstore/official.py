@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import InputError, ModelError, RuntimeFailure, ShivaError, one_line
-from .files import atomic_write_text, checksum, safe_name, staged_directory
+from ..errors import InputError, ModelError, RuntimeFailure, ShivaError, one_line
+from ..files import atomic_write_text, checksum, safe_name, staged_directory
 from .models import DESCRIPTOR, ModelDescriptor, read_descriptor, user_model_dirs
 from .parity import FP32_TOLERANCE, REDUCED_TOLERANCE, Parity, compare, describe_input, parity_input
 
@@ -399,7 +399,7 @@ def output_rule(proto: Any) -> Tuple[str, int]:
 
 def check_parity(model: ModelDescriptor, folds: Sequence[Any], scan: Optional[Path], say: Say) -> List[Parity]:
     """Each TF fold and its ONNX conversion (onnxruntime, CPU) on the same normalised input."""
-    from .inference import FoldEnsemble, model_layout, to_probability
+    from ..inference import FoldEnsemble, model_layout, to_probability
     from .tfconvert import tf_predict
 
     feed = model_layout(parity_input(model, scan), model.layout)
@@ -438,7 +438,7 @@ def precision_parity(model: ModelDescriptor, device: str, precision: str, scan: 
                      say: Say = print) -> Parity:
     """``precision`` on ``device`` against fp32 on onnxruntime's own CPU kernels: the mean of the folds, as
     `segment` uses it."""
-    from .inference import CPU, FoldEnsemble
+    from ..inference import CPU, FoldEnsemble
 
     volume = parity_input(model, scan)
     reference, _ = FoldEnsemble(model, "cpu", providers=[CPU]).predict(volume)

@@ -34,17 +34,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import __version__
-from .errors import InputError, ShivaError, one_line
-from .files import atomic_write_text, checksum, clean_stale_siblings, safe_name
-from .findings import COLUMNS as FINDING_COLUMNS
-from .findings import Finding, read_tsv, to_text_rows
-from .fpfilter import load_filter
-from .location import AREAS, SIDES, UNKNOWN, count_locations
-from .models import ModelDescriptor, load_model
-from .pipeline import FINDINGS_NAME, LABELS_NAME, PROBABILITY_NAME, REPORT_NAME, RUN_NAME, SegmentOptions, segment
-from .review import tsv_text
-from .scan import find_scans, scan_id_from_path, source_files
+from .. import __version__
+from ..errors import InputError, ShivaError, one_line
+from ..files import atomic_write_text, checksum, clean_stale_siblings, safe_name
+from ..findings import COLUMNS as FINDING_COLUMNS
+from ..findings import Finding, read_tsv, to_text_rows
+from ..fpfilter import load_filter
+from ..location import count_locations
+from ..mars import AREAS, SIDES, UNKNOWN
+from ..modelstore.models import ModelDescriptor, load_model
+from ..pipeline import FINDINGS_NAME, LABELS_NAME, PROBABILITY_NAME, REPORT_NAME, RUN_NAME, SegmentOptions, segment
+from ..rating.export import tsv_text
+from ..runrecord import RunRecord, read_if_valid
+from ..scan import find_scans, scan_id_from_path, source_files
+from ..settings import ScanSettings
 
 PathLike = Union[str, Path]
 STATE_DIR = ".shivacmb-batch"  # failure records and the staging area of BIDS outputs, inside OUT
@@ -244,32 +247,21 @@ def _bids_jobs(root: Path, filters: Dict[str, Tuple[str, ...]], out: Optional[Pa
 
 
 @dataclass(frozen=True)
-class BatchSettings:
-    """The options of `shivacmb batch` that each scan runs with."""
+class BatchSettings(ScanSettings):
+    """The scan settings every scan of the batch runs with (SHIVACMBLib.settings), and how workers run them."""
 
-    model: Optional[str] = None
-    device: str = "auto"
-    precision: str = "fp32"
-    threshold: Optional[float] = None
-    min_volume_mm3: float = 0.0
-    max_volume_mm3: Optional[float] = None
-    save_probability: bool = False
-    location: bool = True
-    report: bool = True
     threads: Optional[int] = None  # onnxruntime and SimpleITK threads per worker (None: every core)
     retry_failed: bool = False
-    fp_filter: Optional[str] = None  # candidate filter folder; None = the embedded one, "none" = off
 
     def result_settings(self, model: ModelDescriptor) -> Dict[str, Any]:
-        """What changes a scan's results (the device does not: a GPU and a CPU give the same CMBs)."""
+        """The settings a scan's results depend on (ScanSettings.reuse_values), the model and candidate filter
+        by their checksums and the threshold resolved."""
         candidate_filter = load_filter(self.fp_filter)
-        return {"model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},
+        return {**self.reuse_values(),
+                "model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},
                 "fp_filter": None if candidate_filter is None else {**candidate_filter.summary(),
                                                                     "sha256": candidate_filter.sha256},
-                "threshold": model.threshold if self.threshold is None else self.threshold,
-                "precision": self.precision, "min_volume_mm3": self.min_volume_mm3,
-                "max_volume_mm3": self.max_volume_mm3, "save_probability": self.save_probability,
-                "location": self.location, "report": self.report}
+                "threshold": model.threshold if self.threshold is None else self.threshold}
 
 
 def fingerprint(job: Job, model: ModelDescriptor, settings: BatchSettings) -> Dict[str, Any]:
@@ -281,13 +273,12 @@ def fingerprint(job: Job, model: ModelDescriptor, settings: BatchSettings) -> Di
     return {"inputs": inputs, **settings.result_settings(model)}
 
 
-def done_run(job: Job, out: Path, expected: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def done_run(job: Job, out: Path, expected: Dict[str, Any]) -> Optional[RunRecord]:
     """The scan's run.json when it is done with these inputs and settings and all its files exist."""
-    run = _read_json(job.output(out, RUN_NAME))
-    if run is None or run.get("batch", {}).get("fingerprint") != expected:
+    run = read_if_valid(job.output(out, RUN_NAME))
+    if run is None or run.fingerprint != expected:
         return None
-    files = run.get("results", {}).get("files", [])
-    return run if all(job.output(out, name).is_file() for name in files) else None
+    return run if all(job.output(out, name).is_file() for name in run.files) else None
 
 
 def failure_path(out: Path, job: Job) -> Path:
@@ -351,18 +342,14 @@ def process(job: Job, out: str, settings: BatchSettings, run_id: str) -> Dict[st
 
 
 def _run_scan(job: Job, root: Path, model: ModelDescriptor, settings: BatchSettings, batch: Dict[str, Any]) -> None:
-    from .inference import get_ensemble
+    from ..inference import get_ensemble
 
     if settings.threads:
         import SimpleITK as sitk
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
-    options = SegmentOptions(model=settings.model, mask=job.mask, device=settings.device,
-                             precision=settings.precision, threshold=settings.threshold,
-                             save_probability=settings.save_probability, min_volume_mm3=settings.min_volume_mm3,
-                             max_volume_mm3=settings.max_volume_mm3, scan_id=job.scan_id, report=settings.report,
-                             parcellation=job.parcellation, location=settings.location, batch=batch,
-                             fp_filter=settings.fp_filter)
+    options = SegmentOptions(**settings.values(), mask=job.mask, scan_id=job.scan_id, parcellation=job.parcellation,
+                             batch=batch)
     ensemble = get_ensemble(model, settings.device, settings.threads, settings.precision, keep_memory=True)
     if not job.prefix:
         segment(job.image, root, options, model=model, ensemble=ensemble)
@@ -530,7 +517,7 @@ def local_cluster(cluster: ClusterSettings, device: str) -> Tuple[Any, int]:
 
     from distributed import Nanny, Scheduler, SpecCluster
 
-    from .inference import available_cores
+    from ..inference import available_cores
 
     gpus = gpu_count() if device in ("auto", "cuda", "tensorrt") else 0
     envs, threads = worker_plan(available_cores(), gpus, cluster.workers)
@@ -553,7 +540,7 @@ def default_workers(cores: int, memory_gib: Optional[float] = None) -> int:
 
 def gpu_count() -> int:
     """NVIDIA GPUs onnxruntime could use here (0 without the CUDA provider or nvidia-smi)."""
-    from .inference import CUDA, onnxruntime_module
+    from ..inference import CUDA, onnxruntime_module
 
     if CUDA not in onnxruntime_module().get_available_providers():
         return 0
@@ -573,7 +560,7 @@ def summary_rows(cohort: Cohort, out: Path) -> Tuple[List[Dict[str, str]], List[
     for job in cohort.jobs:
         row = {name: "" for name in SUMMARY_COLUMNS}
         row.update(scan_id=job.scan_id, image=str(job.image))
-        run = _read_json(job.output(out, RUN_NAME))
+        run = read_if_valid(job.output(out, RUN_NAME))
         failed = read_failure(out, job)  # removed when the scan succeeds, so it is the latest word
         if failed or run is None:
             row.update(status="failed" if failed else "missing", error=(failed or {}).get("error", ""))
@@ -586,21 +573,19 @@ def summary_rows(cohort: Cohort, out: Path) -> Tuple[List[Dict[str, str]], List[
     return rows, findings_rows
 
 
-def _scan_row(job: Job, run: Dict[str, Any], findings: Sequence[Finding]) -> Dict[str, str]:
+def _scan_row(job: Job, run: RunRecord, findings: Sequence[Finding]) -> Dict[str, str]:
     counts = count_locations(findings)  # CMBs not rejected
     table = counts["by_area_side"]
     kept = [f for f in findings if f.status != "rejected"]
-    timings = run.get("timings_s", {})
-    files = run.get("results", {}).get("files", [])
-    located = run.get("location", {}).get("source") not in (None, "not computed")
     return {"status": "done", "cmb_count": str(len(kept)),
             **{f"{area}_{side}": str(table[area][side]) for area in AREAS for side in SIDES},
-            "location_unknown": str(table[UNKNOWN]["count"]), "boston": str(counts["boston"]) if located else "",
+            "location_unknown": str(table[UNKNOWN]["count"]), "boston": str(counts["boston"]) if run.located else "",
             "total_volume_mm3": f"{sum(f.volume_mm3 for f in kept):.2f}",
-            "seconds_total": f"{timings.get('total', 0):.2f}", "seconds_inference": f"{timings.get('inference', 0):.2f}",
-            "provider": run.get("inference", {}).get("provider", ""), "model": run.get("model", {}).get("name", ""),
-            "model_version": run.get("model", {}).get("version", ""), "output": job.output_folder,
-            "report": f"{job.output_folder}/{job.output_name(REPORT_NAME)}" if REPORT_NAME in files else ""}
+            "seconds_total": f"{run.timings_s['total']:.2f}",
+            "seconds_inference": f"{run.timings_s['inference']:.2f}",
+            "provider": run.provider, "model": run.model["name"], "model_version": run.model["version"],
+            "output": job.output_folder,
+            "report": f"{job.output_folder}/{job.output_name(REPORT_NAME)}" if REPORT_NAME in run.files else ""}
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:

@@ -12,12 +12,12 @@ The steps, each resumable:
   screen   every ensemble of some folds, per threshold, on prepared validation phantoms (model box);
   calibrate metrics per threshold on validation phantoms, to choose the model's threshold.
 
-    python -m SHIVACMBLib.train prepare --phantoms DIR --cache DIR
-    python -m SHIVACMBLib.train mine --cache DIR --model-dir DIR --out DIR
-    python -m SHIVACMBLib.train fit --cache DIR --run DIR --steps 9000 --seed 7 [--hard DIR --mix C M B H]
-    python -m SHIVACMBLib.train export --run DIR [DIR ...] --model-dir DIR [--threshold T] [--metrics M.json]
-    python -m SHIVACMBLib.train screen --cache VALIDATION_CACHE --folds A.onnx B.onnx [...]
-    python -m SHIVACMBLib.train calibrate --model-dir DIR --phantoms VALIDATION --work DIR
+    python -m SHIVACMBLib.devtools.train prepare --phantoms DIR --cache DIR
+    python -m SHIVACMBLib.devtools.train mine --cache DIR --model-dir DIR --out DIR
+    python -m SHIVACMBLib.devtools.train fit --cache DIR --run DIR --steps 9000 --seed 7 [--hard DIR --mix C M B H]
+    python -m SHIVACMBLib.devtools.train export --run DIR [DIR ...] --model-dir DIR [--threshold T] [--metrics M.json]
+    python -m SHIVACMBLib.devtools.train screen --cache VALIDATION_CACHE --folds A.onnx B.onnx [...]
+    python -m SHIVACMBLib.devtools.train calibrate --model-dir DIR --phantoms VALIDATION --work DIR
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .files import atomic_path
-from .geometry import resample
-from .models import Normalization
-from .postprocess import CONNECT_26
-from .preprocess import compute_brain_mask, prepare_input
-from .scan import read_scan
+from ..files import atomic_path
+from ..geometry import resample
+from ..modelstore.models import Normalization
+from ..postprocess import CONNECT_26
+from ..preprocess import compute_brain_mask, prepare_input
+from ..scan import read_scan
 from .synthetic import MIMIC_CLASSES, read_objects, truth_paths
 from .unet import ResidualUNet3D
 
@@ -398,8 +398,8 @@ def mine(cache: Path, model_dir: Path, out: Path, threshold: float = 0.5) -> Dic
     earlier run are kept; returns the number of false-positive components of each scan mined now."""
     from scipy import ndimage
 
-    from .inference import get_ensemble
-    from .models import load_model
+    from ..inference import get_ensemble
+    from ..modelstore.models import load_model
 
     ensemble = get_ensemble(load_model(str(model_dir)), "cpu")
     out.mkdir(parents=True, exist_ok=True)
@@ -461,7 +461,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
     with the provenance its own ``model.json`` records, so that an ensemble can keep a fold."""
     import shutil
 
-    from .files import atomic_write_text, checksum
+    from ..files import atomic_write_text, checksum
 
     if any(Path(run).suffix == ".onnx" and Path(run).resolve().parent == folder.resolve() for run in runs):
         raise ValueError(f"{folder}: write the model into another folder than the ONNX folds it keeps")
@@ -499,7 +499,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
 def onnx_provenance(path: Path) -> Dict:
     """What the ``model.json`` beside an exported fold records of its training: its parity and
     phases (both the one-fold and the per-fold layout), the fold's sha256 first."""
-    from .files import checksum
+    from ..files import checksum
 
     recorded: Dict = {}
     descriptor = path.parent / "model.json"
@@ -544,11 +544,11 @@ def calibrate(model_dir: Path, phantoms: Path, work: Path, thresholds: Sequence[
     Every phantom is segmented once at the lowest threshold; a higher threshold keeps the CMBs whose
     maximum probability reaches it (a component that a higher threshold would split counts once).
     """
-    from .evaluate import evaluate_pair, pool, pool_mimics, read_mimic_classes, truth_files
-    from .inference import get_ensemble
-    from .models import load_model
-    from .pipeline import LABELS_NAME, SegmentOptions, segment
-    from .scan import read_label_image
+    from ..evaluate import evaluate_pair, pool, pool_mimics, read_mimic_classes, truth_files
+    from ..inference import get_ensemble
+    from ..modelstore.models import load_model
+    from ..pipeline import LABELS_NAME, SegmentOptions, segment
+    from ..scan import read_label_image
 
     model = load_model(str(model_dir))
     ensemble = get_ensemble(model, "auto")
@@ -591,7 +591,7 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
     import onnxruntime
     from scipy import ndimage
 
-    from .postprocess import OUTSIDE_RATIO
+    from ..postprocess import OUTSIDE_RATIO
 
     sessions = [onnxruntime.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in folds]
     subsets = [c for k in range(1, len(folds) + 1) for c in itertools.combinations(range(len(folds)), k)]
@@ -735,7 +735,7 @@ def run_filter_step(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m SHIVACMBLib.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m SHIVACMBLib.devtools.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True)
     p = steps.add_parser("prepare")

@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 
 from . import anatomy
 from .anatomy import CODE, HeadShape
-from .geometry import Geometry
+from ..geometry import Geometry
 from .synthetic import (B0_AXIS, CMB_DARKNESS, ECHO_TIME_MS, IRON_DARKNESS, VEIN_DARKNESS, Acquisition, Phantom,
                         PhantomObject, Subject, _bias_field, _box_points, _local_box, _polyline, _smoothing_sigma,
                         _subject_transform, _voxel_width, acquisition_grid, cmb_count, cmb_diameter, free_place,

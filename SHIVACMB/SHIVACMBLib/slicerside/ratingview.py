@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Tuple
 
-from .findings import Finding
-from .review import IN_PROGRESS, NOT_RATABLE, SUBMITTED, UNRATED, RatingSession
+from ..findings import Finding
+from ..rating.review import IN_PROGRESS, NOT_RATABLE, SUBMITTED, UNRATED, RatingSession
 
 MARK_RADIUS_MM = 2.5
 MIN_RADIUS_MM = 1.5

@@ -1,9 +1,9 @@
 """Training the candidate filter (``fpfilter``; needs the optional ``train`` extra: torch).
 
-    python -m SHIVACMBLib.train candidates --cache DIR --folds A.onnx [B.onnx] --out DIR
-    python -m SHIVACMBLib.train fit-filter --candidates DIR --run DIR --steps 3000 --seed 1
-    python -m SHIVACMBLib.train export-filter --run DIR --out DIR --threshold T
-    python -m SHIVACMBLib.train screen-filter --candidates VALIDATION_DIR --run DIR
+    python -m SHIVACMBLib.devtools.train candidates --cache DIR --folds A.onnx [B.onnx] --out DIR
+    python -m SHIVACMBLib.devtools.train fit-filter --candidates DIR --run DIR --steps 3000 --seed 1
+    python -m SHIVACMBLib.devtools.train export-filter --run DIR --out DIR --threshold T
+    python -m SHIVACMBLib.devtools.train screen-filter --candidates VALIDATION_DIR --run DIR
 
 ``candidates`` runs segmentation folds on prepared phantoms (``train prepare``) and cuts a cube
 around the peak of every component of their mean at a low threshold (26-connected, at most a
@@ -27,9 +27,9 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
-from .files import atomic_path, atomic_write_text, checksum
-from .fpfilter import DESCRIPTOR, TARGET, patches
-from .postprocess import CONNECT_26, OUTSIDE_RATIO
+from ..files import atomic_path, atomic_write_text, checksum
+from ..fpfilter import DESCRIPTOR, TARGET, patches
+from ..postprocess import CONNECT_26, OUTSIDE_RATIO
 from .synthetic import MIMIC_CLASSES
 from .train import degrade, resume, run_steps
 

@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .longitudinal import COLUMNS, NEW
-from .progress import parse_progress_line
-from .slicerbridge import CLI_MODULE, Cell, Column, SegmentSettings
+from ..longitudinal import COLUMNS, NEW
+from ..progress import parse_progress_line
+from ..settings import ScanSettings
+from .slicerbridge import CLI_MODULE, Cell, Column
 
 # The order shown: status and ids, then the positions each view jumps to, volumes, distance.
 TABLE_COLUMNS: Tuple[Column, ...] = (
@@ -36,19 +37,14 @@ assert sorted(c.name for c in TABLE_COLUMNS) == sorted(COLUMNS)
 LPS_RAS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def compare_command(python: str, baseline: str, followup: str, out_dir: str, settings: SegmentSettings,
+def compare_command(python: str, baseline: str, followup: str, out_dir: str, settings: ScanSettings,
                     baseline_findings: Optional[str] = None, followup_findings: Optional[str] = None) -> List[str]:
     """Argument list running `shivacmb compare` with JSON progress lines (detection settings from ``settings``)."""
-    args = [python, "-m", CLI_MODULE, "compare", baseline, followup, "--out", out_dir, "--device", settings.device,
+    args = [python, "-m", CLI_MODULE, "compare", baseline, followup, "--out", out_dir, *settings.command_args(),
             "--progress", "json"]
-    for option, value in (("--baseline-findings", baseline_findings), ("--followup-findings", followup_findings),
-                          ("--model", settings.model or None)):
+    for option, value in (("--baseline-findings", baseline_findings), ("--followup-findings", followup_findings)):
         if value:
             args += [option, value]
-    if settings.threshold is not None:
-        args += ["--threshold", f"{settings.threshold:g}"]
-    if not settings.report:
-        args.append("--no-report")
     return args
 
 

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .geometry import LPS_RAS, RAS_AXES_LPS_DIRECTION, Geometry
+from ..geometry import LPS_RAS, RAS_AXES_LPS_DIRECTION, Geometry
 
 TISSUES = ("outside", "csf", "ventricle", "cortex", "white_matter", "striatum", "pallidum", "thalamus",
            "brainstem", "cerebellar_cortex", "cerebellar_white_matter", "dentate")
@@ -93,7 +93,7 @@ def _read_xyz(path) -> Tuple[np.ndarray, Geometry]:
 @lru_cache(maxsize=1)
 def head_atlas() -> HeadAtlas:
     """Load the tissue and MARS maps, pad them and compute the distance maps (a few seconds, once)."""
-    from .location import AREAS, SUBREGIONS, atlas_dir
+    from ..location import AREAS, SUBREGIONS, atlas_dir
 
     folder = atlas_dir()
     tissue, grid = _read_xyz(folder / TISSUE_LABELS)

@@ -51,7 +51,7 @@ class Detections:
 
 def compare_detections(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> Detections:
     """Pair the 26-connected components above ``threshold`` of two maps by their overlap."""
-    from .postprocess import CONNECT_26
+    from ..postprocess import CONNECT_26
 
     ref, n_ref = ndimage.label(reference > threshold, structure=CONNECT_26)
     cand, n_cand = ndimage.label(candidate > threshold, structure=CONNECT_26)
@@ -117,9 +117,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray, threshold: float, tole
 
 @lru_cache(maxsize=1)
 def _phantom() -> Tuple[Any, Any]:
-    from .preprocess import compute_brain_mask
-    from .scan import Scan
-    from .synthetic import make_phantom
+    from ..preprocess import compute_brain_mask
+    from ..scan import Scan
+    from ..devtools.synthetic import make_phantom
 
     phantom = make_phantom(PHANTOM_SEED, "swi", (1.0, 1.0, 1.0), n_cmb=8)
     scan = Scan(path=Path(f"phantom-{PHANTOM_SEED}.nii.gz"), image=phantom.image, format="NIfTI", sha256="")
@@ -128,12 +128,12 @@ def _phantom() -> Tuple[Any, Any]:
 
 def parity_input(model: ModelDescriptor, scan_path: Optional[Path] = None) -> np.ndarray:
     """The normalised model box [z, y, x] of the phantom (or of ``scan_path``) for ``model``."""
-    from .preprocess import compute_brain_mask, prepare_input
+    from ..preprocess import compute_brain_mask, prepare_input
 
     if scan_path is None:
         scan, mask = _phantom()
     else:
-        from .scan import read_scan
+        from ..scan import read_scan
 
         scan = read_scan(scan_path)
         mask = compute_brain_mask(scan)

@@ -45,9 +45,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import InputError, RuntimeFailure, one_line
-from .files import atomic_write_text, safe_name
-from .findings import NA, Finding, read_findings, write_tsv
+from ..errors import InputError, RuntimeFailure, one_line
+from ..files import atomic_write_text, safe_name
+from ..findings import NA, Finding, read_findings, write_tsv
+from ..mars import AREAS, SIDES
 
 PathLike = Union[str, Path]
 Clock = Callable[[], _dt.datetime]
@@ -63,8 +64,6 @@ LOCK_NAME = "lock"
 
 MODES = ("assisted", "blind")
 REASONS = ("motion", "artefact", "wrong sequence")
-MARS_AREAS = ("lobar", "deep", "infratentorial")
-SIDES = ("left", "right", "midline")
 AI_STATUSES = ("unreviewed", "definite", "possible", "rejected")  # what a rater may say of an AI finding
 MARK_STATUSES = ("added", "definite", "possible", "rejected")  # ... and of a CMB they marked
 UNRATED, IN_PROGRESS, SUBMITTED, NOT_RATABLE = "unrated", "in progress", "submitted", "not ratable"
@@ -83,15 +82,16 @@ def _seconds(start: str, end: str) -> float:
     return (_dt.datetime.fromisoformat(end) - _dt.datetime.fromisoformat(start)).total_seconds()
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
+    """Text on one line, runs of white space made single spaces."""
     return " ".join(str(text).split())
 
 
 def rater_folder_name(rater: str) -> str:
     """The folder of a rater inside ``raters/``: letters, digits, ``.``, ``_``, ``-`` kept, the rest ``_``;
     InputError when that is no safe folder name (empty, dots only, over 128 characters)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", _clean(rater)).strip("._-")
-    return safe_name(name, f"rater {_clean(rater)[:60]!r}: the folder name")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", clean_text(rater)).strip("._-")
+    return safe_name(name, f"rater {clean_text(rater)[:60]!r}: the folder name")
 
 
 # --- the session description ------------------------------------------------------------------
@@ -205,7 +205,7 @@ def scans_from(source: PathLike) -> List[Tuple[str, Path]]:
     it, and every folder of ``.dcm`` files, in path order; the scan id is the file name without
     extensions. Relative paths in a list are relative to the list's folder.
     """
-    from .scan import find_scans, scan_id_from_path
+    from ..scan import find_scans, scan_id_from_path
 
     source = Path(source)
     if source.is_dir():
@@ -455,7 +455,7 @@ class RatingSession:
 
     def __init__(self, folder: PathLike, rater: str, clock: Clock = _now) -> None:
         self.session = Session.load(folder)
-        self.rater = _clean(rater)
+        self.rater = clean_text(rater)
         self.folder = self.session.folder / RATERS_DIR / rater_folder_name(self.rater)
         self._clock = clock
         self._ai: Dict[str, List[Finding]] = {}
@@ -557,7 +557,7 @@ class RatingSession:
             event["status"] = _choice(status, allowed, "status")
         event.update(self._location(mars_area, side))
         if note is not None:
-            event["note"] = _clean(note)
+            event["note"] = clean_text(note)
         self._save(event)
 
     def add(self, scan_id: str, ras: Sequence[float], status: str = "added", mars_area: str = NA, side: str = NA,
@@ -573,7 +573,7 @@ class RatingSession:
         cmb_id = max(used, default=0) + 1
         location = {"mars_area": NA, "side": NA, **self._location(mars_area, side)}
         self._save({"event": "add", "scan": scan_id, "cmb_id": cmb_id, "ras": [round(v, 3) for v in ras],
-                    "status": _choice(status, MARK_STATUSES, "status"), **location, "note": _clean(note)})
+                    "status": _choice(status, MARK_STATUSES, "status"), **location, "note": clean_text(note)})
         return cmb_id
 
     def submit(self, scan_id: str, note: Optional[str] = None) -> None:
@@ -583,13 +583,13 @@ class RatingSession:
             pending = [str(f.cmb_id) for f in self.findings(scan_id) if f.status == "unreviewed"]
             if pending:
                 raise InputError(self.session.folder, f"scan '{scan_id}': CMB {', '.join(pending)} not reviewed yet")
-        self._save({"event": "submit", "scan": scan_id, **({} if note is None else {"note": _clean(note)})})
+        self._save({"event": "submit", "scan": scan_id, **({} if note is None else {"note": clean_text(note)})})
 
     def not_ratable(self, scan_id: str, reason: str, note: str = "") -> None:
         """The scan cannot be rated (motion, artefact, wrong sequence)."""
         self._changeable(scan_id)
         self._save({"event": "not_ratable", "scan": scan_id, "reason": _choice(reason, REASONS, "reason"),
-                    "note": _clean(note)})
+                    "note": clean_text(note)})
 
     def reopen(self, scan_id: str) -> None:
         """Rate a finished scan again (assisted mode only: blind marks stay as submitted)."""
@@ -609,7 +609,7 @@ class RatingSession:
     def _location(self, mars_area: Optional[str], side: Optional[str]) -> Dict[str, str]:
         given = {}
         if mars_area is not None:
-            given["mars_area"] = _choice(mars_area, MARS_AREAS + (NA,), "MARS area")
+            given["mars_area"] = _choice(mars_area, AREAS + (NA,), "MARS area")
         if side is not None:
             given["side"] = _choice(side, SIDES + (NA,), "side")
         return given
@@ -643,7 +643,7 @@ class RatingSession:
 
 
 def _choice(value: str, allowed: Sequence[str], what: str) -> str:
-    value = _clean(value)
+    value = clean_text(value)
     if value not in allowed:
         raise InputError(None, f"{what} '{value}' is not one of {', '.join(allowed)}")
     return value
@@ -656,97 +656,9 @@ def _reviewed(finding: Finding, mark: Mark, rater: str) -> Finding:
     return replace(finding, status=mark.status, mars_area=area, side=side, note=mark.note, rater=rater)
 
 
-# --- all raters: status, export ---------------------------------------------------------------
+# --- all raters (status and export: rating/export.py) ---------------------------------------------------------------
 
 
 def all_ratings(session: Session) -> List[Ratings]:
     """Every rater's ratings (read-only: a log being written by an open session is read up to its last whole line)."""
     return [read_ratings(session, folder) for folder in session.rater_folders()]
-
-
-def status_rows(session: Session) -> List[Dict[str, Any]]:
-    """Progress per rater."""
-    rows = []
-    for ratings in all_ratings(session):
-        states = [r.state for r in ratings.scans.values()]
-        current = next((s for s in session.scan_ids if ratings.scans[s].state not in DONE), None)
-        counts = [r.counts() for r in ratings.scans.values()]
-        rows.append({"rater": ratings.rater, "scans": len(states), "submitted": states.count(SUBMITTED),
-                     "not_ratable": states.count(NOT_RATABLE), "in_progress": states.count(IN_PROGRESS),
-                     "next_scan": current, "definite": sum(c["definite"] for c in counts),
-                     "possible": sum(c["possible"] for c in counts),
-                     "hours": round(sum(ratings.seconds(s) for s in ratings.scans) / 3600, 3),
-                     "changes": ratings.n, "problems": ratings.problems})
-    return rows
-
-
-SCAN_COLUMNS = ("session", "rater", "mode", "scan_id", "state", "reason", "definite", "possible", "total",
-                *(f"{c}_{a}" for c in ("definite", "possible") for a in MARS_AREAS + ("unknown",)),
-                "rating_s", "first_change", "finished", "note")
-FINDING_COLUMNS = ("session", "rater", "mode", "scan_id", "cmb_id", "origin", "status", "r", "a", "s",
-                   "mars_area", "side", "note", "changed")
-
-
-def _area(area: str) -> str:
-    return area if area in MARS_AREAS else "unknown"
-
-
-def export_rows(session: Session, name: str = "") -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """One row per scan per rater and one row per finding a rater rated, for every rater of a session.
-
-    Findings: the AI findings a rater reviewed (assisted mode) and the CMBs they marked; blind
-    ratings list only the rater's own marks. MARS areas not given by the rater are the AI's.
-    """
-    name = name or session.folder.name
-    ai = {s: {f.cmb_id: f for f in session.ai_findings(s) or []} for s in session.scan_ids}
-    scan_rows, finding_rows = [], []
-    for ratings in all_ratings(session):
-        for scan_id in session.scan_ids:
-            rating = ratings.scans[scan_id]
-            base = {"session": name, "rater": ratings.rater, "mode": session.mode, "scan_id": scan_id}
-            row = {**base, "state": rating.state, "reason": rating.reason, **rating.counts()}
-            row.update({f"{c}_{a}": 0 for c in ("definite", "possible") for a in MARS_AREAS + ("unknown",)})
-            for mark in sorted(rating.marks.values(), key=lambda m: m.cmb_id):
-                found = ai[scan_id].get(mark.cmb_id) if mark.origin == "ai" else None
-                area = mark.mars_area if mark.mars_area != NA or found is None else found.mars_area
-                certainty = {"added": "definite"}.get(mark.status, mark.status)
-                if certainty in ("definite", "possible"):
-                    row[f"{certainty}_{_area(area)}"] += 1
-                ras = found.ras if found is not None else mark.ras
-                finding_rows.append({**base, "cmb_id": mark.cmb_id, "origin": mark.origin, "status": mark.status,
-                                     "r": ras[0], "a": ras[1], "s": ras[2], "mars_area": area,
-                                     "side": mark.side if mark.side != NA or found is None else found.side,
-                                     "note": mark.note, "changed": mark.changed})
-            row.update({"rating_s": round(ratings.seconds(scan_id), 3), "first_change": rating.first,
-                        "finished": rating.finished, "note": rating.note})
-            scan_rows.append(row)
-    return scan_rows, finding_rows
-
-
-def tsv_text(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as TSV (empty cells for missing values, no tabs or newlines inside a cell)."""
-    lines = ["\t".join(columns)]
-    for row in rows:
-        lines.append("\t".join(_clean("" if row.get(c) is None else row[c]) for c in columns))
-    return "\n".join(lines) + "\n"
-
-
-def export(sessions: Sequence[PathLike], out: PathLike) -> Tuple[Path, Path, int, int, List[str]]:
-    """Write ``ratings_scans.tsv`` and ``ratings_findings.tsv`` of sessions into ``out``; paths, row counts and
-    what is wrong with a rater's files (a missing log, a rebuilt state)."""
-    out = Path(out)
-    scan_rows, finding_rows, problems = [], [], []
-    for folder in sessions:
-        session = Session.load(folder)
-        scans, found = export_rows(session)
-        scan_rows += scans
-        finding_rows += found
-        problems += [f"{session.folder}: rater {r.rater}: {p}" for r in all_ratings(session) for p in r.problems]
-    scans_path, findings_path = out / "ratings_scans.tsv", out / "ratings_findings.tsv"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(scans_path, tsv_text(scan_rows, SCAN_COLUMNS))
-        atomic_write_text(findings_path, tsv_text(finding_rows, FINDING_COLUMNS))
-    except OSError as err:
-        raise RuntimeFailure(f"cannot write into {out}: {err.strerror or err}") from None
-    return scans_path, findings_path, len(scan_rows), len(finding_rows), problems

@@ -31,12 +31,12 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .files import atomic_path, atomic_write_text
-from .geometry import LPS_RAS, Geometry
+from ..files import atomic_path, atomic_write_text
+from ..geometry import LPS_RAS, Geometry
+from ..mars import AREAS
 
 MODALITIES = ("swi", "t2s")
 MIMIC_CLASSES = ("vein", "calcification", "iron", "air_bone", "flow_void")
-AREAS = ("lobar", "deep", "infratentorial")
 
 # template tissue codes
 AIR, SCALP, SKULL, CSF, GM, WM, DEEP, PALLIDUM, STEM, CB_GM, CB_WM, DENTATE, VENTRICLE, SINUS, NECK = range(15)

@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import ModelError, RuntimeFailure, one_line
-from .nativelog import native_stderr_captured
+from ..errors import ModelError, RuntimeFailure, one_line
+from ..nativelog import native_stderr_captured
 
 OPSET = 17
 CONVERT_EXTRA = "pip install 'shivacmb[convert]'"

@@ -21,10 +21,10 @@ from urllib.parse import quote
 
 import numpy as np
 
-from . import __version__
-from .files import atomic_write_text
-from .location import AREAS, SIDES, UNKNOWN
-from .report import _STYLE, _rows
+from .. import __version__
+from ..files import atomic_write_text
+from ..mars import AREAS, SIDES, UNKNOWN
+from ..report import _STYLE, _rows
 
 # Most bars of the count histogram: above it, counts share bins (zero keeps its own) and a long tail one last bar.
 MAX_COUNT_BINS = 40

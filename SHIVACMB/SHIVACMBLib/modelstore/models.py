@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .errors import ModelError
-from .files import checksum
-from .resources import bundled_models_dir
+from ..errors import ModelError
+from ..files import checksum
+from ..resources import bundled_models_dir
 
 DESCRIPTOR = "model.json"
 DEFAULT_MODEL = "shivacmb-demo-swi"
