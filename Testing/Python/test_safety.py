@@ -26,7 +26,7 @@ from SHIVACMBLib.modelstore import official
 from SHIVACMBLib.rating import review
 from SHIVACMBLib.errors import InputError, RuntimeFailure
 from SHIVACMBLib.files import safe_name
-from SHIVACMBLib.findings import read_findings, write_tsv
+from SHIVACMBLib.findings import read_findings
 from SHIVACMBLib.pipeline import SegmentOptions, segment
 from SHIVACMBLib.rating.review import RatingSession
 from SHIVACMBLib.scan import read_scan
