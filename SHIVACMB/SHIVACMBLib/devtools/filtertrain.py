@@ -231,7 +231,7 @@ def export_filter(run: Path, folder: Path, threshold: float, name: str, version:
     difference = float(np.abs(session.run(None, {"patch": x})[0] - expected).max())
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     descriptor = {"name": name, "version": version, "target": TARGET, "description": FILTER_DESCRIPTION,
-                  "license": "Apache-2.0", "source": "SHIVACMBLib/filtertrain.py", "patch": PATCH,
+                  "license": "Apache-2.0", "source": "SHIVACMBLib/devtools/filtertrain.py", "patch": PATCH,
                   "threshold": threshold, "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3},
                   "file": onnx_path.name, "sha256": checksum([onnx_path]),
                   "training": {**{k: config[k] for k in ("scans", "patches", "groups", "steps", "seed", "batch", "lr",

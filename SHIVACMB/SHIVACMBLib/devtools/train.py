@@ -447,7 +447,8 @@ def parity(model: ResidualUNet3D, path: Path, shape: Sequence[int] = (37, 45, 29
     return float(np.abs(session.run(None, {"image": x})[0] - expected).max())
 
 
-DESCRIPTION = ("DEMONSTRATION MODEL trained by the project on its own synthetic phantoms (SHIVACMBLib/synthetic.py), "
+DESCRIPTION = ("DEMONSTRATION MODEL trained by the project on its own synthetic phantoms (procedural and "
+               "atlas-based heads, SHIVACMBLib/devtools), "
                "never on real scans: not for clinical or research reads. For real scans, install the official "
                "SHIVA-CMB weights (see models/README.md).")
 
@@ -482,7 +483,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
         training.append({"file": onnx_path.name, **provenance})
     descriptor = {
         "name": folder.name, "version": version, "target": "CMB", "modalities": ["swi", "t2s"],
-        "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/train.py",
+        "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/devtools/train.py",
         "input": {"shape": list(BOX), "layout": "NCDHW", "spacing_mm": [1, 1, 1], "orientation": "RAS",
                   "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3}},
         "output": {"activation": "none", "channel": 0},
