@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from SHIVACMBLib.devtools import train  # noqa: E402
+from SHIVACMBLib.devtools import selection, train  # noqa: E402
 from SHIVACMBLib.devtools.unet import ResidualUNet3D  # noqa: E402
 
 
@@ -316,7 +316,7 @@ def test_calibrate_counts_per_threshold(tmp_path, model_dir) -> None:
         "label\tkind\tclass\n1\tcmb\tcmb\n2\tcmb\tcmb\n3\tcmb\tcmb\n4\tcmb\tcmb\n"
         "1\tmimic\tcalcification\n2\tmimic\tvein\n", encoding="utf-8")
 
-    low = train.calibrate(model_dir, root, tmp_path / "work", [0.5])[0]
+    low = selection.calibrate(model_dir, root, tmp_path / "work", [0.5])[0]
     assert (low["tp"], low["fn"], low["fp"]) == (4, 0, 2)
     assert low["mimics"]["calcification"]["detected"] == 1 and low["mimics"]["vein"]["detected"] == 1
     # a threshold just above the weakest finding drops exactly that finding: which sphere it is
@@ -325,11 +325,11 @@ def test_calibrate_counts_per_threshold(tmp_path, model_dir) -> None:
     weakest, runner_up = sorted(findings, key=lambda f: f.max_prob)[:2]
     assert runner_up.max_prob - weakest.max_prob > 2e-4  # the TSV rounds probabilities to 6 digits
     sphere = int(np.argmin(np.linalg.norm(scene.centres - np.asarray(weakest.ras), axis=1)))
-    rows = train.calibrate(model_dir, root, tmp_path / "work2", [0.5, weakest.max_prob + 1e-4])
+    rows = selection.calibrate(model_dir, root, tmp_path / "work2", [0.5, weakest.max_prob + 1e-4])
     high = rows[1]
     assert high["threshold"] > 0.5 and high["tp"] + high["fp"] == 5
     assert (high["tp"], high["fp"]) == ((3, 2) if sphere < 4 else (4, 1))
-    table = train.calibration_table(rows).splitlines()
+    table = selection.calibration_table(rows).splitlines()
     assert len(table) == 3 and table[0].split()[:4] == ["threshold", "TP", "FN", "FP"]
 
 
@@ -361,7 +361,7 @@ def test_screen_scores_every_ensemble_per_threshold(tmp_path) -> None:
     _onnx_fold(tmp_path / "a.onnx", "Sub", 1.0)
     _onnx_fold(tmp_path / "b.onnx", "Mul", 0.0)
 
-    screened = train.screen(tmp_path, [tmp_path / "a.onnx", tmp_path / "b.onnx"], [0.5, 0.7])
+    screened = selection.screen(tmp_path, [tmp_path / "a.onnx", tmp_path / "b.onnx"], [0.5, 0.7])
     json.loads(json.dumps(screened))  # plain numbers, for --out
     rows = {(tuple(r["folds"]), r["threshold"]): r for r in screened}
     assert set(rows) == {(f, t) for f in [("a.onnx",), ("b.onnx",), ("a.onnx", "b.onnx")] for t in (0.5, 0.7)}

@@ -33,10 +33,10 @@ from scipy.spatial import cKDTree
 from . import anatomy
 from .anatomy import CODE, HeadShape
 from ..geometry import Geometry
-from .synthetic import (B0_AXIS, CMB_DARKNESS, ECHO_TIME_MS, IRON_DARKNESS, VEIN_DARKNESS, Acquisition, Phantom,
-                        PhantomObject, Subject, _bias_field, _box_points, _local_box, _polyline, _smoothing_sigma,
-                        _subject_transform, _voxel_width, acquisition_grid, cmb_count, cmb_diameter, free_place,
-                        random_rotation, render_cmb, render_mimic)
+from .render import B0_AXIS, _box_points, _local_box, _voxel_width, render_cmb, render_mimic
+from .synthetic import (CMB_DARKNESS, ECHO_TIME_MS, IRON_DARKNESS, VEIN_DARKNESS, Acquisition, Phantom, PhantomObject,
+                        Subject, _bias_field, _polyline, _smoothing_sigma, _subject_transform, acquisition_grid,
+                        cmb_count, cmb_diameter, free_place, random_rotation)
 
 AREA_NAMES = {1: "lobar", 2: "deep", 3: "infratentorial"}
 MIDLINE_MM = 2.0
