@@ -160,5 +160,6 @@ def test_filter_trains_resumes_exports_and_loads(tmp_path) -> None:
     folder = filtertrain.export_filter(run, tmp_path / "filter", 0.4, "trained", "0.1")
     loaded = fpfilter.load_filter(str(folder))
     assert loaded.patch == filtertrain.PATCH and loaded.threshold == 0.4
+    assert json.loads((folder / fpfilter.DESCRIPTOR).read_text(encoding="utf-8"))["training"]["width"] == 4
     scores = fpfilter.FilterSession(loaded).score(rng.random((40, 40, 40)).astype(np.float32), np.array([[20, 20, 20]]))
     assert scores.shape == (1,) and 0 <= scores[0] <= 1

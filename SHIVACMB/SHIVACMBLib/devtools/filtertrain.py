@@ -36,6 +36,7 @@ from .train import degrade, resume, run_steps
 PATCH = 32
 MARGIN = 4  # voxels stored around each patch for random shifts
 LOW_THRESHOLD = 0.3
+WIDTH = 16  # channels of the filter's first level (runs from before --width had this)
 FILTER_DESCRIPTION = ("Candidate filter trained by the project on its own synthetic phantoms (atlas and procedural "
                       "heads), never on real scans: it rejects segmentation candidates that look like veins, "
                       "calcifications, iron, artefacts or anatomy. Not for clinical or research reads.")
@@ -44,8 +45,9 @@ FILTER_DESCRIPTION = ("Candidate filter trained by the project on its own synthe
 class CandidateNet(nn.Module):
     """Three conv-norm-act pairs with pooling (``width`` times 1-2-4 channels), global average, two dense layers."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = WIDTH) -> None:
         super().__init__()
+        self.width = width
         layers: List[nn.Module] = []
         channels = 1
         for level in range(3):
@@ -171,7 +173,7 @@ class CandidateSampler:
 
 def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int, batch: int = 32, lr: float = 1e-3,
                threads: Optional[int] = None, until: Optional[int] = None, checkpoint_every: int = 100,
-               width: int = 16) -> Path:
+               width: int = WIDTH) -> Path:
     """Train (or resume) the filter (``width``: channels of its first level); checkpoints every
     ``checkpoint_every`` steps, exact resume."""
     rng = np.random.default_rng(seed)
@@ -201,7 +203,7 @@ def fit_filter(candidate_dirs: Sequence[Path], run: Path, steps: int, seed: int,
 
 def load_filter_checkpoint(run: Path) -> CandidateNet:
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    model = CandidateNet(int(config.get("width", 16)))
+    model = CandidateNet(int(config.get("width", WIDTH)))
     model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False)["model"])
     return model.eval()
 
@@ -235,7 +237,7 @@ def export_filter(run: Path, folder: Path, threshold: float, name: str, version:
                   "threshold": threshold, "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3},
                   "file": onnx_path.name, "sha256": checksum([onnx_path]),
                   "training": {**{k: config[k] for k in ("scans", "patches", "groups", "steps", "seed", "batch", "lr",
-                                                         "width", "torch")},
+                                                         "torch")}, "width": model.width,
                                "parity_max_abs_difference": float(f"{difference:.2e}")},
                   "metrics": metrics or {}}
     atomic_write_text(folder / DESCRIPTOR, json.dumps(descriptor, indent=2) + "\n")
