@@ -126,10 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="voxel size, one value or three (default: random, 0.5-1 mm isotropic or "
                               "anisotropic up to 1x1x3 mm)")
     phantom.add_argument("--prefix", default="phantom", help="scan id prefix (default: %(default)s)")
-    phantom.add_argument("--family", choices=("procedural", "atlas", "wide", "ood"), default="procedural",
+    phantom.add_argument("--family", choices=("procedural", "atlas", "wide", "broad", "ood"), default="procedural",
                          help="procedural: geometric heads; atlas: heads made from the MNI tissue atlas with "
                               "randomised contrast, artefacts and skull stripping (training and validation); wide: "
-                              "atlas heads with wider ranges and soft-edged CMBs (training); ood: "
+                              "atlas heads with wider ranges and soft-edged CMBs (training); broad: wide heads with "
+                              "contrast from both modalities' ranges, varying noise and CMBs beside CSF (training); ood: "
                               "the out-of-distribution test family, other contrast, noise and shapes "
                               "(default: %(default)s)")
     phantom.set_defaults(handler=_phantom)

@@ -181,3 +181,37 @@ def test_wide_family_softens_cmb_edges() -> None:
         assert signal.min() == pytest.approx(0.1)
         fall_off.append(int(np.sum((signal > 0.2) & (signal < 0.9))))
     assert fall_off[1] > 1.5 * fall_off[0]
+
+
+@pytest.mark.parametrize("family", [headphantom.ATLAS, headphantom.WIDE, headphantom.BROAD, headphantom.OOD])
+def test_ghost_mechanism_belongs_to_the_family(family: headphantom.Family) -> None:
+    """Only the ood family's scans get periodic-motion ghosts (at 1/3 or 1/4 of the field of view); every
+    training family gets the single half-field ghost."""
+    signal = np.zeros((12, 12, 12), np.float32)
+    signal[0, 0, 0] = 1.0
+    for seed in range(6):
+        out = headphantom.add_ghosts(np.random.default_rng(seed), family, signal)
+        offsets = {int(i) for i in np.argwhere(out > 0)[:, 1:].ravel()} - {0}
+        assert offsets in ([{4, 8}, {3, 6}] if family.name == "ood" else [{6}])
+
+
+def test_broad_family_randomises_beyond_both_modalities() -> None:
+    """The training-only broad family: tissue intensities from the union of the SWI and T2*-GRE ranges
+    (white matter the reference), noise whose level varies across the scan, CMBs near CSF."""
+    code = anatomy.CODE
+    cortex = [headphantom.tissue_intensities(np.random.default_rng(s), headphantom.BROAD, "t2s", 25.0)
+              for s in range(40)]
+    assert all(lut[code["white_matter"]] == 1.0 for lut in cortex)
+    cortex = np.array([lut[code["cortex"]] for lut in cortex])
+    assert cortex.min() < 0.95 and cortex.max() > 1.03  # below the T2*-GRE range, above the SWI range
+    grid = Geometry.from_matrix((40, 40, 40), np.diag([2.0, 2.0, 2.0, 1.0]))
+    zero = np.zeros(grid.array_shape, np.float32)
+    for family, varies in ((headphantom.ATLAS, False), (headphantom.BROAD, True)):
+        noise = headphantom.add_noise(np.random.default_rng(5), family, zero, 20.0, grid)
+        means = noise.reshape(5, 8, 5, 8, 5, 8).mean(axis=(1, 3, 5))  # noise level in blocks of 8 voxels
+        assert (means.max() / means.min() > 1.2) == varies, (family.name, means.max() / means.min())
+    sites = anatomy.cmb_sites(near_csf=True)
+    atlas = anatomy.head_atlas()
+    for area in (1, 2, 3):
+        depth = atlas.sulcus_mm[tuple(atlas.index(sites[area]).T)]
+        assert len(depth) > 100 and depth.min() >= 1.0 and depth.max() <= 3.5

@@ -182,14 +182,16 @@ def tissue_ml() -> float:
     return float(np.isin(head_atlas().codes, BRAIN_TISSUES).sum() / 1000.0)
 
 
-@lru_cache(maxsize=2)
-def cmb_sites(margin_mm: float = 0.0) -> Dict[int, np.ndarray]:
+@lru_cache(maxsize=4)
+def cmb_sites(margin_mm: float = 0.0, near_csf: bool = False) -> Dict[int, np.ndarray]:
     """MNI RAS of the tissue voxels where CMBs may go, by MARS area (1 lobar, 2 deep, 3 infratentorial):
-    at least 2 mm inside tissue and 12 mm from the iron nuclei, the pineal and the choroid plexus; with
-    ``margin_mm``, also farther than that from every other area (sites whose area no registration doubts)."""
+    at least 2 mm inside tissue (``near_csf``: 1-3.5 mm from CSF or the brain's outside) and 12 mm from
+    the iron nuclei, the pineal and the choroid plexus; with ``margin_mm``, also farther than that from
+    every other area (sites whose area no registration doubts)."""
     atlas = head_atlas()
     keep_away = np.array([PINEAL, *CHOROID, (-19, -3, -1), (19, -3, -1), (-14, -57, -34), (14, -57, -34)])
-    inside = (atlas.sulcus_mm >= 2.0) & (atlas.area > 0) & ~np.isin(atlas.codes, (CODE["pallidum"], CODE["dentate"]))
+    depth = (atlas.sulcus_mm >= 1.0) & (atlas.sulcus_mm <= 3.5) if near_csf else atlas.sulcus_mm >= 2.0
+    inside = depth & (atlas.area > 0) & ~np.isin(atlas.codes, (CODE["pallidum"], CODE["dentate"]))
     sites = {}
     for area in (1, 2, 3):
         where = inside & (atlas.area == area)

@@ -1,6 +1,6 @@
 """Realistic phantoms: atlas anatomy (``anatomy``), domain-randomised SWI and T2*-GRE contrast.
 
-Three families share the anatomy and the ground truth format of ``synthetic`` (``write_phantom``):
+Four families share the anatomy and the ground truth format of ``synthetic`` (``write_phantom``):
 
 - ``atlas``, for training, validation and the in-distribution held-out set: per tissue class a
   random intensity within the SWI or T2*-GRE family and a smooth texture; random head size
@@ -13,6 +13,9 @@ Three families share the anatomy and the ground truth format of ``synthetic`` (`
   scans (zero outside a brain mask that cuts the outer sulci).
 - ``wide``, for training only: the atlas family with lower SNR, slices up to 4 mm, half of the scans
   skull-stripped and CMBs with soft edges and slightly unequal axes.
+- ``broad``, for training only: ``wide`` with every tissue's intensity drawn from the union of both
+  modalities' ranges (widened by 15 %), noise whose level varies across the scan, heavier atrophy and
+  warps, CMB edges from sharp to three voxels wide, and two CMBs in five next to a sulcus or a ventricle.
 - ``ood``, the out-of-distribution test family, never sampled for training or model selection:
   other mechanisms, not only other ranges: contrast from tissue proton density and T2* at 1.5 or
   3 T (SWI with a phase mask), multi-coil noise (non-central chi, coil sensitivities, a
@@ -91,6 +94,9 @@ class Family:
     square_pixels: bool
     slice_mm: Tuple[float, float]
     cmb_edge: Tuple[float, float] = (1.0, 1.0)  # "soft" CMBs: width of the edge, in voxel widths
+    periodic_ghosts: bool = False  # ghosts at 1/3 or 1/4 of the field of view (else one at 1/2)
+    ringing_axes: int = 1
+    csf_adjacent: float = 0.0  # chance that a CMB sits 1-3.5 mm from CSF (a sulcus or a ventricle)
 
 
 ATLAS = Family(name="atlas", scale=(0.85, 1.0), rotation_deg=15.0, warp_mm=3.0, warp_terms=6,
@@ -104,12 +110,19 @@ OOD = Family(name="ood", scale=(0.82, 1.02), rotation_deg=20.0, warp_mm=3.5, war
              snr=(12.0, 40.0), contrast="relaxation", noise="multicoil", texture=(0.02, 0.08), ghost_chance=0.3,
              ringing_chance=0.3, skull_stripped_chance=0.3, cmb_shape="ellipsoid", vein_wiggle=0.45,
              vein_branches=True, calcification_shapes=("ring", "rod", "cluster"), square_pixels=False,
-             slice_mm=(1.5, 3.0))
+             slice_mm=(1.5, 3.0), periodic_ghosts=True, ringing_axes=2)
 # training only: the atlas family with wider acquisition ranges, more skull-stripped scans and CMBs with soft
 # edges and slightly unequal axes (blooming blurs a CMB's edge on real scans)
 WIDE = replace(ATLAS, name="wide", snr=(10.0, 45.0), skull_stripped_chance=0.5, slice_mm=(1.2, 4.0),
                cmb_shape="soft", cmb_edge=(1.0, 3.0))
-FAMILY = {f.name: f for f in (ATLAS, WIDE, OOD)}
+# training only: domain randomisation beyond both modalities' ranges (every tissue's intensity from the union
+# of the SWI and T2*-GRE ranges, widened), noise whose level varies smoothly across the scan, heavier atrophy
+# and larger warps, CMBs with sharp to very soft edges, two in five of them next to a sulcus or a ventricle
+BROAD = replace(WIDE, name="broad", scale=(0.8, 1.04), warp_mm=4.0, ventricle_growth_mm=(0.0, 6.0),
+                sulcal_widening_mm=(0.0, 3.5), snr=(8.0, 45.0), contrast="broad", noise="rician_field",
+                texture=(0.0, 0.1), ghost_chance=0.3, ringing_chance=0.3, vein_wiggle=0.35, cmb_edge=(0.5, 3.0),
+                csf_adjacent=0.4)
+FAMILY = {f.name: f for f in (ATLAS, WIDE, BROAD, OOD)}
 
 
 # --- subject and acquisition --------------------------------------------------------------
@@ -147,6 +160,13 @@ def random_acquisition(rng: np.random.Generator, family: Family, modality: Optio
 def tissue_intensities(rng: np.random.Generator, family: Family, modality: str, echo_time_ms: float) -> np.ndarray:
     """Intensity of each ``anatomy.HEAD_TISSUES`` code, white matter = 1."""
     lut = np.zeros(len(anatomy.HEAD_TISSUES), np.float32)
+    if family.contrast == "broad":
+        for name in CONTRAST_RANGES["swi"]:
+            lo = min(CONTRAST_RANGES[m][name][0] for m in CONTRAST_RANGES)
+            hi = max(CONTRAST_RANGES[m][name][1] for m in CONTRAST_RANGES)
+            lut[CODE[name]] = rng.uniform(0.85 * lo, 1.15 * hi) if name != "white_matter" else 1.0
+        lut[CODE["ventricle"]] = lut[CODE["csf"]] * rng.uniform(0.95, 1.05)
+        return lut
     if family.contrast == "ranges":
         for name, (lo, hi) in CONTRAST_RANGES[modality].items():
             lut[CODE[name]] = rng.uniform(lo, hi)
@@ -173,14 +193,16 @@ def _side(x_mni: float) -> str:
 def place_cmbs(rng: np.random.Generator, subject: Subject, head: np.ndarray, n: int, taken: List[np.ndarray],
                modality: str, family: Family, margin_mm: float = 0.0) -> List[PhantomObject]:
     """CMBs in brain tissue of this head, 60 % lobar, 25 % deep, 15 % infratentorial (``margin_mm``: at
-    least that far from another MARS area)."""
+    least that far from another MARS area; the family's ``csf_adjacent`` share of them next to CSF)."""
     atlas = anatomy.head_atlas()
     sites = anatomy.cmb_sites(margin_mm)
+    near_csf = anatomy.cmb_sites(margin_mm, near_csf=True) if family.csf_adjacent > 0 else sites
     cmbs: List[PhantomObject] = []
     for _ in range(n):
         area = int(rng.choice((1, 2, 3), p=[0.6, 0.25, 0.15]))
         diameter = cmb_diameter(rng)
-        place = free_place(rng, sites[area], subject, taken, diameter / 2,
+        pool = near_csf if family.csf_adjacent > 0 and rng.random() < family.csf_adjacent else sites
+        place = free_place(rng, pool[area], subject, taken, diameter / 2,
                            lambda h: head[tuple(atlas.index(h))] in anatomy.BRAIN_TISSUES)  # not where atrophy left CSF
         if place is None:
             continue
@@ -368,13 +390,19 @@ def stripping_mask(rng: np.random.Generator, head: np.ndarray) -> np.ndarray:
 # --- noise and artefacts ------------------------------------------------------------------
 
 
-def add_noise(rng: np.random.Generator, family: Family, signal: np.ndarray, snr: float) -> np.ndarray:
-    """Rician noise (atlas), or the root sum of squares of 4-8 coils with smooth sensitivities and a
-    parallel-imaging g-factor that raises the noise towards the centre (ood)."""
+def add_noise(rng: np.random.Generator, family: Family, signal: np.ndarray, snr: float, grid: Geometry
+              ) -> np.ndarray:
+    """Rician noise (atlas), Rician noise whose level varies smoothly by up to 1.6 times across the scan
+    (broad), or the root sum of squares of 4-8 coils with smooth sensitivities and a parallel-imaging
+    g-factor that raises the noise towards the centre (ood)."""
     sigma = 1.0 / snr
     if family.noise == "rician":
         return np.hypot(signal + rng.normal(0, sigma, signal.shape).astype(np.float32),
                         rng.normal(0, sigma, signal.shape).astype(np.float32))
+    if family.noise == "rician_field":
+        level = sigma * _bias_field(grid, rng, float(rng.uniform(0.1, 0.5)))
+        return np.hypot(signal + level * rng.normal(0, 1, signal.shape).astype(np.float32),
+                        level * rng.normal(0, 1, signal.shape).astype(np.float32))
     shape = signal.shape
     grid = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij", sparse=True)
     g_factor = 1.0 + rng.uniform(0.2, 0.8) * np.exp(-sum(g ** 2 for g in grid) / 0.5)
@@ -395,7 +423,7 @@ def add_ghosts(rng: np.random.Generator, family: Family, signal: np.ndarray) -> 
     periodic motion's 1/3 and 1/4 in the ood family)."""
     axis = int(rng.choice((1, 2)))
     n = signal.shape[axis]
-    shifts = [n // 2] if family.name == "atlas" else [n // int(rng.choice((3, 4)))] * 2
+    shifts = [n // int(rng.choice((3, 4)))] * 2 if family.periodic_ghosts else [n // 2]
     out = signal.copy()
     for number, shift in enumerate(shifts, start=1):
         out += rng.uniform(0.02, 0.08) * np.roll(signal, number * shift, axis=axis)
@@ -404,7 +432,7 @@ def add_ghosts(rng: np.random.Generator, family: Family, signal: np.ndarray) -> 
 
 def add_ringing(rng: np.random.Generator, family: Family, signal: np.ndarray) -> np.ndarray:
     """Gibbs ringing: k-space cut to 60-85 % of its extent along one axis (two in the ood family)."""
-    axes = [int(rng.integers(0, 3))] if family.name == "atlas" else list(rng.choice(3, 2, replace=False))
+    axes = [int(rng.integers(0, 3))] if family.ringing_axes == 1 else list(rng.choice(3, family.ringing_axes, False))
     out = signal
     for axis in axes:
         n = out.shape[axis]
@@ -496,7 +524,7 @@ def make_head_phantom(seed: int, family: str = "atlas", modality: Optional[str] 
         signal = add_ringing(rng, fam, signal)
     if rng.random() < fam.ghost_chance:
         signal = add_ghosts(rng, fam, signal)
-    noisy = add_noise(rng, fam, signal, acq.snr)
+    noisy = add_noise(rng, fam, signal, acq.snr, grid)
     del signal
     if keep is not None:
         noisy[~keep] = 0
