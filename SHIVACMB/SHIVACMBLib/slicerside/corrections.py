@@ -47,15 +47,14 @@ import numpy as np
 
 from .. import __version__
 from ..files import atomic_path, checksum
-from ..findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
+from ..findings import (DELETED, EDITED, NA, STATUSES, Finding, add_note, from_rows, is_deleted, is_edited, read_tsv,
+                        remove_note, to_rows, to_tsv)
 from ..geometry import Geometry
 from ..location import count_locations
 from .slicerbridge import TABLE_COLUMNS, finding_row
 
 PathLike = Union[str, Path]
 
-EDITED = "edited"
-DELETED = "segment deleted"
 SEGMENTATION_NAME = "cmb.seg.nrrd"  # as SHIVACMBLib.pipeline names a run's files
 FINDINGS_NAME = "findings.tsv"
 PROVENANCE_NAME = "corrections.json"
@@ -64,7 +63,6 @@ PROVENANCE_FORMAT = "shivacmb-corrections/1"
 REVIEW_COLUMNS = ("status", "rater", "note")
 RUN_STATUSES = tuple(s for s in STATUSES if s != "added")  # what a CMB found by the run may be
 ADDED_STATUSES = tuple(s for s in STATUSES if s != "unreviewed")  # what a CMB added by the reader may be
-_NOTE_SEPARATOR = "; "
 
 
 # --- segments and label maps ------------------------------------------------------------------
@@ -253,30 +251,6 @@ class RunState:
                        record_text=str(data.get("record_text", "")), record_path=str(data.get("record_path", "")))
         except (TypeError, KeyError, AttributeError, ValueError) as err:
             raise ValueError(f"not a SHIVA-CMB run state: {err}") from None
-
-
-# --- notes ------------------------------------------------------------------------------------
-
-
-def note_items(note: str) -> List[str]:
-    return [item.strip() for item in note.split(_NOTE_SEPARATOR.strip()) if item.strip()]
-
-
-def add_note(note: str, item: str) -> str:
-    items = note_items(note)
-    return _NOTE_SEPARATOR.join(items if item in items else items + [item])
-
-
-def remove_note(note: str, item: str) -> str:
-    return _NOTE_SEPARATOR.join(i for i in note_items(note) if i != item)
-
-
-def is_deleted(finding: Finding) -> bool:
-    return DELETED in note_items(finding.note)
-
-
-def is_edited(finding: Finding) -> bool:
-    return EDITED in note_items(finding.note)
 
 
 # --- correcting the findings ------------------------------------------------------------------
