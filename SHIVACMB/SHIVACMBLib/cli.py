@@ -17,7 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import ERROR_PREFIX, Cancelled, ModelError, ShivaError
+from .dicomsend import add_send_options, destination_from_args, send_results
 from .progress import PROGRESS_MODES
+from .rating.commands import add_review_parser
 from .settings import DEVICES, PRECISIONS, add_scan_options, settings_from_args, volume
 
 EPILOG = """exit codes: 0 done, 2 bad input or usage, 3 model problem, 4 runtime failure, 130 cancelled"""
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--parcellation", metavar="P",
                      help="FreeSurfer (aseg, aparc+aseg, wmparc) or SynthSeg label map on any grid, for the MARS "
                           "location of each CMB (default: the shipped MNI atlas, registered to the scan)")
+    seg.add_argument("--dicom-source", metavar="DIR",
+                     help="the DICOM series a NIfTI/NRRD scan was converted from (dcm2niix...): cmb.seg.dcm and "
+                          "cmb.sr.dcm are made against it, once its grid is found to be the scan's (a DICOM scan "
+                          "gets them against its own series)")
     _add_scan_options(seg)
     seg.set_defaults(handler=_segment)
 
@@ -108,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads of each worker's network and image filters (default: the local cores shared "
                             "among the workers; every core of a worker's machine on an existing cluster)")
     batch.add_argument("--retry-failed", action="store_true", help="rerun scans that failed in an earlier run")
+    add_send_options(batch, command=False)
     _add_scan_options(batch)
     batch.set_defaults(handler=_batch)
 
@@ -211,8 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="matching rule (default: %(default)s)")
     evaluate.add_argument("--out", metavar="JSON", help="also write every number to this JSON file")
     evaluate.set_defaults(handler=_evaluate)
-    _add_review_parser(commands)
+    add_review_parser(commands, EPILOG)
     _add_compare_parser(commands)
+    send = commands.add_parser(
+        "send", help="send DICOM results (cmb.seg.dcm, cmb.sr.dcm, comparison.sr.dcm) to a PACS",
+        description="Send the DICOM results of RESULT_DIR and of every result below it (segment, batch, compare and "
+                    "Slicer Save results folders; the .dcm files their run.json, comparison.json or corrections.json "
+                    "list) to a DICOM server, Segmentations first. Every object sent is recorded in dicom_sent.json "
+                    "beside it: a rerun sends only what that server has not received. See docs/dicom.md.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_argument("results", metavar="RESULT_DIR", type=Path, help="a result folder, or a folder of results")
+    add_send_options(send, command=True)
+    send.set_defaults(handler=_send)
     return parser
 
 
@@ -238,55 +255,14 @@ def _add_compare_parser(commands: Any) -> None:
                                   "(rejected CMBs are left out; default: detect them)")
         compare.add_argument(f"--{when}-mask", metavar="M", help=f"brain mask of the {when} scan on any grid "
                                                                  "(default: computed)")
+        compare.add_argument(f"--{when}-dicom-source", metavar="DIR",
+                             help=f"the DICOM series a NIfTI/NRRD {when} scan was converted from (see segment)")
     compare.add_argument("--affine", action="store_true", help="add an affine stage after the rigid registration")
     compare.add_argument("--tolerance", type=volume, default=4.0, metavar="MM",
                          help="matching distance after registration; at least twice the coarsest voxel edge "
                               "(default: %(default)s)")
     _add_scan_options(compare)
     compare.set_defaults(handler=_compare)
-
-
-def _add_review_parser(commands: Any) -> None:
-    review = commands.add_parser(
-        "review", help="rating sessions: make one, follow progress, export ratings, agreement statistics",
-        description="Rating sessions (docs/rating.md): raters review every CMB of a list of scans, blind or "
-                    "assisted by the AI, in 3D Slicer or through SHIVACMBLib.rating.review. Each rater's changes are "
-                    "saved one by one in SESSION/raters/<rater>/.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    actions = review.add_subparsers(dest="action", metavar="ACTION", required=True)
-    new = actions.add_parser("new", help="make a session from a scan list or folder and optional AI results")
-    new.add_argument("session", metavar="SESSION", help="folder of the new session")
-    new.add_argument("--scans", metavar="LIST|DIR", required=True,
-                     help="TSV/CSV list with a 'path' column (optional 'scan_id'), or a folder of scans "
-                          "(searched recursively, BIDS-like folders included)")
-    new.add_argument("--ai", metavar="DIR", help="AI results: DIR/<scan_id>/findings.tsv (shivacmb segment) or "
-                                                 "DIR/<scan_id>.tsv; copied into the session")
-    new.add_argument("--mode", choices=("assisted", "blind"), default="assisted",
-                     help="assisted: raters review the AI findings; blind: raters mark CMBs without the AI, "
-                          "which is shown only after each scan is submitted (default: %(default)s)")
-    new.set_defaults(handler=_review_new)
-    status = actions.add_parser("status", help="progress per rater")
-    status.add_argument("session", metavar="SESSION")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(handler=_review_status)
-    export = actions.add_parser("export", help="one row per scan per rater, and one row per finding (TSV)")
-    export.add_argument("sessions", nargs="+", metavar="SESSION")
-    export.add_argument("--out", metavar="DIR", required=True,
-                        help="writes DIR/ratings_scans.tsv and DIR/ratings_findings.tsv")
-    export.set_defaults(handler=_review_export)
-    agree = actions.add_parser(
-        "agree", help="agreement of raters with each other and with the AI",
-        description="For every pair of readers (raters and the AI) over the scans both rated: findings matched "
-                    "by centroids within 5 mm (sensitivity, precision, F1 with the first as reference), count "
-                    "ICC(A,1), Pearson R, Cohen's kappa of presence and of the count categories 0, 1, 2-4, >=5, "
-                    "Bland-Altman bias and limits of agreement.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    agree.add_argument("sessions", nargs="+", metavar="SESSION")
-    agree.add_argument("--certainty", choices=("all", "definite"), default="all",
-                       help="count definite and possible CMBs, or definite only (default: %(default)s)")
-    agree.add_argument("--plots", metavar="DIR", help="write one Bland-Altman PNG per pair (needs matplotlib)")
-    agree.add_argument("--out", metavar="JSON", help="also write every number to this JSON file")
-    agree.set_defaults(handler=_review_agree)
 
 
 def release_freed_memory() -> None:
@@ -362,7 +338,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .progress import BarReporter, json_reporter
 
     options = settings_from_args(args, SegmentOptions, mask=args.mask, scan_id=args.scan_id,
-                                 parcellation=args.parcellation)
+                                 parcellation=args.parcellation, dicom_source=args.dicom_source)
     if args.progress == "json":
         report = json_reporter()
         result = segment(args.input, args.out, options, progress=report)
@@ -395,6 +371,7 @@ def _summary(result: Any) -> str:
 def _batch(args: argparse.Namespace) -> int:
     from .cohort.batch import BatchSettings, ClusterSettings, discover, run_batch
 
+    destination = destination_from_args(args)
     cohort = discover(args.input, args.bids_filter, args.out)
     settings = settings_from_args(args, BatchSettings, threads=args.threads, retry_failed=args.retry_failed)
     cluster = ClusterSettings(scheduler=args.scheduler, workers=args.workers)
@@ -410,6 +387,8 @@ def _batch(args: argparse.Namespace) -> int:
     files = ", ".join(p.name for p in result.files)
     summary = (f"{result.total} scan(s): {result.done} done, {result.skipped} already done, {len(result.failed)} "
                f"failed in {result.seconds:.0f} s -> {Path(args.out)}{os.sep} ({files})")
+    if destination is not None:
+        summary += "; " + send_results(Path(args.out), destination, required=False).summary(destination)
     if args.progress == "json":  # front ends read JSON lines only: the summary is the last one
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": summary, "output": str(Path(args.out)),
                           "total": result.total, "done": result.done, "skipped": result.skipped,
@@ -429,6 +408,13 @@ def _batch_json(outcome: Dict[str, Any]) -> None:
                       "message": f"{outcome['scan_id']}: {outcome['status']}", **{
                           k: outcome[k] for k in ("scan_id", "status", "total", "done", "skipped", "failed",
                                                   "remaining")}}), flush=True)
+
+
+def _send(args: argparse.Namespace) -> int:
+    destination = destination_from_args(args)
+    report = send_results(args.results, destination)
+    print(f"{report.summary(destination)} from {args.results}{os.sep}")
+    return 0
 
 
 # --- phantom and demo ---------------------------------------------------------------------
@@ -559,11 +545,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     if args.out:
-        _write_json(result, args.out)
+        write_json(result, args.out)
     return 0
 
 
-def _write_json(result: Dict[str, Any], path: str) -> None:
+def write_json(result: Dict[str, Any], path: str) -> None:
     from .errors import RuntimeFailure
     from .files import atomic_write_text
 
@@ -587,7 +573,9 @@ def _compare(args: argparse.Namespace) -> int:
     detection = settings_from_args(args, SegmentOptions)
     options = CompareOptions(baseline_findings=args.baseline_findings, followup_findings=args.followup_findings,
                              baseline_mask=args.baseline_mask, followup_mask=args.followup_mask, affine=args.affine,
-                             tolerance_mm=args.tolerance, detection=detection, report=args.report)
+                             tolerance_mm=args.tolerance, detection=detection, report=args.report,
+                             baseline_dicom_source=args.baseline_dicom_source,
+                             followup_dicom_source=args.followup_dicom_source)
     if args.progress == "json":
         result = compare(args.baseline, args.followup, args.out, options, progress=json_reporter())
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": _compare_summary(result),
@@ -609,63 +597,6 @@ def _compare_summary(result: Any) -> str:
     return (f"{counts or 'no CMB'}; ARIA-H microhemorrhage: {result.summary['aria_h']['grade']} "
             f"({registration['kind']} registration, brain-mask Dice {registration['mask_dice']:.2f}, "
             f"{registration['seconds']:.1f} s) -> {result.output_dir}{os.sep} ({', '.join(result.files)})")
-
-
-# --- review -------------------------------------------------------------------------------
-
-
-def _review_new(args: argparse.Namespace) -> int:
-    from .rating.review import ai_results, create_session, scans_from
-
-    scans = scans_from(args.scans)
-    ai = ai_results(args.ai, [scan_id for scan_id, _ in scans]) if args.ai else {}
-    session = create_session(args.session, scans, args.mode, ai)
-    print(f"{session.mode} session of {len(session.scans)} scan(s), {len(ai)} with AI findings -> "
-          f"{session.folder}{os.sep}")
-    return 0
-
-
-def _review_status(args: argparse.Namespace) -> int:
-    from .rating.export import status_rows
-    from .rating.review import Session
-
-    session = Session.load(args.session)
-    rows = status_rows(session)
-    if args.json:
-        print(json.dumps({"mode": session.mode, "scans": len(session.scans), "raters": rows}, indent=2))
-        return 0
-    print(f"{session.mode} session, {len(session.scans)} scan(s), {len(rows)} rater(s)")
-    for row in rows:
-        done = row["submitted"] + row["not_ratable"]
-        print(f"{row['rater']}: {done}/{row['scans']} done ({row['not_ratable']} not ratable), "
-              f"{row['definite']} definite and {row['possible']} possible CMB(s), {row['hours']:.2f} h; "
-              f"next: {row['next_scan'] or '-'}")
-        for problem in row["problems"]:
-            print(f"warning: {row['rater']}: {problem}")
-    return 0
-
-
-def _review_export(args: argparse.Namespace) -> int:
-    from .rating.export import export
-
-    scans, findings, n_scans, n_findings, problems = export(args.sessions, args.out)
-    print(f"{n_scans} scan rating(s) -> {scans}\n{n_findings} finding rating(s) -> {findings}")
-    for problem in problems:
-        print(f"warning: {problem}")
-    return 0
-
-
-def _review_agree(args: argparse.Namespace) -> int:
-    from .rating.agreement import agree, plot_bland_altman, summary_table
-
-    result = agree(args.sessions, args.certainty)
-    print(summary_table(result))
-    if args.plots:
-        for path in plot_bland_altman(result, args.sessions, args.plots, args.certainty):
-            print(f"figure -> {path}")
-    if args.out:
-        _write_json(result, args.out)
-    return 0
 
 
 if __name__ == "__main__":

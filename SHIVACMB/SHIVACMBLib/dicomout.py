@@ -94,17 +94,23 @@ class DicomResults:
     series: SourceSeries
     objects: List[Tuple[str, Any]]
 
-    def write(self, folder: Path) -> List[str]:
-        """Write every object into ``folder`` (each atomically); their file names."""
-        for name, dataset in self.objects:
-            with atomic_path(folder / name) as tmp:
-                dataset.save_as(str(tmp))
+    @property
+    def names(self) -> List[str]:
         return [name for name, _ in self.objects]
+
+    def write(self, folder: Path, stack: Optional[contextlib.ExitStack] = None) -> List[str]:
+        """Write every object into ``folder`` under a temporary name, each renamed into place when ``stack`` closes
+        (when all are written, without one); their file names."""
+        with contextlib.ExitStack() as own:
+            for name, dataset in self.objects:
+                dataset.save_as(str((stack or own).enter_context(atomic_path(folder / name))))
+        return self.names
 
     def summary(self) -> Dict[str, Any]:
         """What run.json records: the source series and each object's series and instance UIDs."""
         return {"source": self.series.summary(),
-                "objects": {name: {"sop_class_uid": str(ds.SOPClassUID), "series_instance_uid": str(ds.SeriesInstanceUID),
+                "objects": {name: {"sop_class_uid": str(ds.SOPClassUID),
+                                   "series_instance_uid": str(ds.SeriesInstanceUID),
                                    "sop_instance_uid": str(ds.SOPInstanceUID)} for name, ds in self.objects}}
 
 

@@ -63,3 +63,13 @@ def make_segmentation(series: SourceSeries, labels: np.ndarray, findings: Sequen
     if identity["statement"]:
         segmentation.ImageComments = identity["statement"]
     return segmentation, numbers
+
+
+def segment_numbers(segmentation: Any) -> Dict[int, int]:
+    """cmb_id -> segment number of a Segmentation made by :func:`make_segmentation` (segment label "CMB <id>")."""
+    numbers = {}
+    for item in segmentation.SegmentSequence:
+        label = str(item.SegmentLabel)
+        if label.startswith("CMB ") and label[4:].isdigit():
+            numbers[int(label[4:])] = int(item.SegmentNumber)
+    return numbers
