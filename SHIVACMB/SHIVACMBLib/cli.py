@@ -413,7 +413,7 @@ def _batch_json(outcome: Dict[str, Any]) -> None:
 def _send(args: argparse.Namespace) -> int:
     destination = destination_from_args(args)
     report = send_results(args.results, destination)
-    print(f"{report.summary(destination)} from {args.results}{os.sep}")
+    print(f"{args.results}{os.sep}: {report.summary(destination)}")
     return 0
 
 

@@ -75,11 +75,18 @@ def identity(model: Mapping[str, Any], reader: str = "") -> Dict[str, Any]:
     said = statement(model)
     suffix = " (demonstration model, not for reads)" if said else ""
     return {"manufacturer": MANUFACTURER, "model_name": "shivacmb", "software_versions": __version__,
-            "device_serial_number": __version__, "device_uid": hd.UID(), "reader": reader, "statement": said,
+            "device_serial_number": __version__, "device_uid": hd.UID(), "reader": person_name(reader),
+            "statement": said,
             "content_description": f"CMBs by {_name(model)}"[:64],
             "seg_series_number": SERIES_NUMBERS["seg"], "sr_series_number": SERIES_NUMBERS["sr"],
             "seg_series_description": f"CMB segmentation{suffix}", "sr_series_description": f"CMB report{suffix}",
             "comparison_series_description": f"CMB follow-up report{suffix}"}
+
+
+def person_name(reader: str) -> str:
+    """A reader's name as a DICOM person name: "Family^Given..." as given, a single name as the family name."""
+    reader = " ".join(reader.split())[:64]
+    return reader if not reader or "^" in reader else reader + "^"
 
 
 def algorithm_model(model: Mapping[str, Any]) -> Dict[str, str]:

@@ -186,7 +186,7 @@ class SendReport:
 
     def summary(self, destination: Destination) -> str:
         return (f"{len(self.sent)} DICOM object(s) sent to {destination.key}"
-                + (f", {len(self.already)} sent there before" if self.already else ""))
+                + (f" ({len(self.already)} sent there before, not sent again)" if self.already else ""))
 
 
 def send_results(root: PathLike, destination: Destination, required: bool = True) -> SendReport:
@@ -263,7 +263,7 @@ def _stow(destination: Destination) -> Store:
             raise RuntimeFailure(f"{path}: not sent: {destination.url} answered {status}") from None
         except requests.exceptions.RequestException as err:
             raise RuntimeFailure(f"{path}: not sent: cannot reach {destination.url} ({_reason(err)})") from None
-        if "FailedSOPSequence" in answer:
+        if answer.get("FailedSOPSequence"):  # present and empty when all went well (Orthanc)
             reason = getattr(answer.FailedSOPSequence[0], "FailureReason", "?")
             raise RuntimeFailure(f"{path}: not sent: {destination.url} refused it (failure reason {reason})")
 
@@ -272,7 +272,7 @@ def _stow(destination: Destination) -> Store:
 
 def _reason(err: BaseException) -> str:
     """The last, most specific reason of a chained network error."""
-    text = one_line(err)
+    text = " ".join(str(err).split())
     for marker in ("Connection refused", "Name or service not known", "timed out", "No route to host",
                    "certificate verify failed", "Temporary failure in name resolution"):
         if marker.lower() in text.lower():
