@@ -78,12 +78,14 @@ def parse_destination(text: str, user: str = "", calling_aet: str = CALLING_AET,
     text = text.strip()
     if text.lower().startswith(("http://", "https://")):
         parts = urlsplit(text)
+        if parts.password:
+            raise InputError(None, f"a password in the URL would be kept in files and histories: give it in "
+                                   f"${PASSWORD_ENV} (and the user name as https://NAME@{parts.hostname}/...)")
         host = parts.hostname or ""
         netloc = f"[{host}]" if ":" in host else host
         netloc += f":{parts.port}" if parts.port else ""
         return Destination(url=urlunsplit(parts._replace(netloc=netloc)).rstrip("/"), user=parts.username or user,
-                           password=parts.password or environ.get(PASSWORD_ENV, ""), token=environ.get(TOKEN_ENV, ""),
-                           ca_bundle=ca_bundle)
+                           password=environ.get(PASSWORD_ENV, ""), token=environ.get(TOKEN_ENV, ""), ca_bundle=ca_bundle)
     host, port, aet = dimse_address(text)
     return Destination(host=host, port=port, called_aet=aet, calling_aet=calling_aet)
 

@@ -129,9 +129,12 @@ def _group(cmb: ReportedCMB, algorithm: Any, frame_of_reference: str, segmentati
                   finding_sites=None if location is None else [dc.finding_site(location, cells["side"])],
                   measurements=measurements, qualitative_evaluations=evaluations)
     if cmb.segment is not None and segmentation is not None:
-        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(segmentation, segment_number=cmb.segment),
-            **common)
+        reference = hd.sr.ReferencedSegment(  # what dcmqi writes; from_segmentation fails on a one-segment SEG
+            sop_class_uid=str(segmentation.SOPClassUID), sop_instance_uid=str(segmentation.SOPInstanceUID),
+            segment_number=cmb.segment,
+            source_series=hd.sr.SourceSeriesForSegmentation(str(segmentation.ReferencedSeriesSequence[0]
+                                                                .SeriesInstanceUID)))
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=reference, **common)
     else:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(**common)
     group[0].ContentSequence.append(hd.sr.Scoord3DContentItem(

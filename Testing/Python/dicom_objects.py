@@ -17,14 +17,19 @@ from SHIVACMBLib.dicomseries import SourceSeries
 REQUIRE_TOOLS = "SHIVACMB_REQUIRE_DICOM_TOOLS"  # set by .ci/run once it installed them: a missing tool then fails
 
 
+def missing(what: str) -> None:
+    """Skip the test where a DICOM tool cannot be installed; fail it where .ci/run installed them."""
+    if os.environ.get(REQUIRE_TOOLS):
+        pytest.fail(f"{what} is missing although {REQUIRE_TOOLS} is set")
+    pytest.skip(f"{what} is not installed (Debian: dicom3tools, orthanc, orthanc-dicomweb)")
+
+
 def tool(name: str) -> str:
-    """The path of a DICOM tool; the test is skipped where it cannot be installed (and fails where .ci/run did)."""
+    """The path of a DICOM tool (``/usr/sbin`` is searched too: Orthanc lives there)."""
     path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)),
                                       None)
     if path is None:
-        if os.environ.get(REQUIRE_TOOLS):
-            pytest.fail(f"{name} is missing although {REQUIRE_TOOLS} is set")
-        pytest.skip(f"{name} is not installed (Debian: dicom3tools, orthanc, orthanc-dicomweb)")
+        missing(name)
     return path
 
 

@@ -214,6 +214,19 @@ def test_a_dicom_source_that_cannot_serve_is_refused_in_one_line(tmp_path, scene
     assert files_under(tmp_path / "out") == []
 
 
+def test_a_single_cmb_is_one_segment_its_report_references(tmp_path, demo_model):
+    grid = phantoms.grid_around((0, 0, 0), SMALL_FOV, (1.0, 1.0, 2.0))
+    scene = phantoms.Scene(spheres=[phantoms.Sphere((5.0, 8.0, 4.0), 3.0)])
+    folder = phantoms.write_dicom_series(phantoms.render(scene, grid, seed=6), tmp_path / "one")
+    result = segment(folder, tmp_path / "out", SegmentOptions(model=str(demo_model), report=False, location=False))
+    out = result.output_dir
+    assert len(result.findings) == 1 and all(dciodvfy_errors(out / n) == [] for n in ("cmb.seg.dcm", "cmb.sr.dcm"))
+    series = source(folder, out / "cmb_labels.nii.gz")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cmb_labels.nii.gz")))
+    assert np.array_equal(seg_cmb_labels(out / "cmb.seg.dcm", series), series.frames(labels))
+    assert sr_groups(out / "cmb.sr.dcm")["CMB 1"]["segment"][1] == 1
+
+
 def test_no_dicom_leaves_them_out_and_a_scan_without_cmbs_gets_a_report_only(tmp_path, demo_model):
     grid = phantoms.grid_around((0, 0, 0), SMALL_FOV, (1.0, 1.0, 2.0))
     folder = phantoms.write_dicom_series(phantoms.render(phantoms.Scene(), grid, seed=5), tmp_path / "clean")

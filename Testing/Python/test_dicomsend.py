@@ -17,7 +17,7 @@ import pytest
 
 import phantoms
 import slicer_standins as standins
-from dicom_objects import tool
+from dicom_objects import missing, tool
 from helpers import SMALL_FOV, files_under, run_cli
 from SHIVACMBLib.dicomsend import PASSWORD_ENV, SENT_NAME, dimse_address, parse_destination
 from SHIVACMBLib.errors import InputError, RuntimeFailure
@@ -42,7 +42,7 @@ class Orthanc:
     def __init__(self, folder: Path):
         plugin = DICOMWEB_PLUGIN
         if not plugin.is_file():
-            tool("orthanc-dicomweb plugin")  # skipped (or failed under .ci/run) like a missing tool
+            missing(f"the DICOMweb plugin of Orthanc ({plugin})")
         self.http, self.dicom = free_port(), free_port()
         config = {"Name": "shivacmb-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
                   "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": AET, "RemoteAccessAllowed": False,
@@ -194,6 +194,8 @@ def test_a_folder_without_dicom_results_and_bad_destinations_are_refused(tmp_pat
     assert (where.url, where.user, where.password, where.key) == (
         "https://pacs.example:8443/dicom-web", "ann", "pw", "dicomweb https://pacs.example:8443/dicom-web")
     assert "pw" not in repr(where) and parse_destination("::1:11112:PACS").key == "dimse PACS@::1:11112"
+    with pytest.raises(InputError, match="SHIVACMB_DICOMWEB_PASSWORD"):
+        parse_destination("https://ann:secret@pacs.example/dicom-web")
 
 
 def test_batch_send_delivers_every_scan(tmp_path, orthanc, scene, model_dir):
