@@ -13,16 +13,21 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from . import __version__
-from .errors import ERROR_PREFIX, Cancelled, ModelError, ShivaError
+from .errors import ERROR_PREFIX, Cancelled, ShivaError
 from .dicomsend import add_send_options, destination_from_args, send_results
+from .modelstore.commands import models_convert, models_install, models_list, models_verify
 from .progress import PROGRESS_MODES
-from .rating.commands import add_review_parser
 from .settings import DEVICES, PRECISIONS, add_scan_options, settings_from_args, volume
 
 EPILOG = """exit codes: 0 done, 2 bad input or usage, 3 model problem, 4 runtime failure, 130 cancelled"""
+SEND_DESCRIPTION = ("Send the DICOM objects that the results in and below RESULT_DIR list (the .dcm files of "
+                    "their run.json, comparison.json or corrections.json) to a DICOM server, Segmentations first. "
+                    "Each object sent is recorded in dicom_sent.json beside it: a rerun sends only what that server "
+                    "has not received. A failure is one line and exit 4; the results stay as they are. See "
+                    "docs/dicom.md.")
 
 
 def _count(text: str) -> int:
@@ -159,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = models.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="installed models with modality, licence and location")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(handler=_models_list)
+    listing.set_defaults(handler=models_list)
     verify = actions.add_parser("verify", help="check every fold file against its sha256 (and, with --parity, "
                                                "against the TensorFlow original)")
     verify.add_argument("models", nargs="*", metavar="NAME|DIR", help="models to verify (default: all installed)")
@@ -172,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", choices=DEVICES, default="auto",
                         help="device of the precision check (default: %(default)s)")
     verify.add_argument("--scan", metavar="FILE", type=Path, help="scan for the checks (default: a phantom SWI scan)")
-    verify.set_defaults(handler=_models_verify)
+    verify.set_defaults(handler=models_verify)
     install = actions.add_parser(
         "install", help="install SHIVA-CMB TensorFlow/Keras weights (zip or folder) as an ONNX model",
         description="Install the official SHIVA-CMB weights as downloaded (zip or unpacked folder: a descriptor JSON "
@@ -186,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--sha256", metavar="HEX", help="published sha256 of the zip, checked before anything else")
     install.add_argument("--force", action="store_true", help="replace an installed model of the same name")
     install.add_argument("--scan", metavar="FILE", type=Path, help="scan for the parity check (default: a phantom)")
-    install.set_defaults(handler=_models_install)
+    install.set_defaults(handler=models_install)
     convert = actions.add_parser(
         "convert", help="convert one Keras (.h5/.keras) or SavedModel fold into an ONNX model folder",
         description="Convert one fold into OUT (model.json, fold0.onnx, the original in source/), checking parity "
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--name", metavar="N", help="model name (default: the file name)")
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
     convert.add_argument("--scan", metavar="FILE", type=Path, help="scan for the parity check (default: a phantom)")
-    convert.set_defaults(handler=_models_convert)
+    convert.set_defaults(handler=models_convert)
 
     evaluate = commands.add_parser(
         "evaluate", help="score predicted CMBs against ground truth",
@@ -218,16 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="matching rule (default: %(default)s)")
     evaluate.add_argument("--out", metavar="JSON", help="also write every number to this JSON file")
     evaluate.set_defaults(handler=_evaluate)
-    add_review_parser(commands, EPILOG)
+    _add_review_parser(commands)
     _add_compare_parser(commands)
-    send = commands.add_parser(
-        "send", help="send DICOM results (cmb.seg.dcm, cmb.sr.dcm, comparison.sr.dcm) to a PACS",
-        description="Send the DICOM results of RESULT_DIR and of every result below it (segment, batch, compare and "
-                    "Slicer Save results folders; the .dcm files their run.json, comparison.json or corrections.json "
-                    "list) to a DICOM server, Segmentations first. Every object sent is recorded in dicom_sent.json "
-                    "beside it: a rerun sends only what that server has not received. See docs/dicom.md.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    send.add_argument("results", metavar="RESULT_DIR", type=Path, help="a result folder, or a folder of results")
+    send = commands.add_parser("send", help="send DICOM results (cmb.seg.dcm, cmb.sr.dcm, comparison.sr.dcm) to a "
+                                             "PACS", description=SEND_DESCRIPTION, epilog=EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_argument("results", metavar="RESULT_DIR", type=Path,
+                      help="a segment, batch, compare or Slicer Save results folder, or a folder above results")
     add_send_options(send, command=True)
     send.set_defaults(handler=_send)
     return parser
@@ -263,6 +265,49 @@ def _add_compare_parser(commands: Any) -> None:
                               "(default: %(default)s)")
     _add_scan_options(compare)
     compare.set_defaults(handler=_compare)
+
+
+def _add_review_parser(commands: Any) -> None:
+    review = commands.add_parser(
+        "review", help="rating sessions: make one, follow progress, export ratings, agreement statistics",
+        description="Rating sessions (docs/rating.md): raters review every CMB of a list of scans, blind or "
+                    "assisted by the AI, in 3D Slicer or through SHIVACMBLib.rating.review. Each rater's changes are "
+                    "saved one by one in SESSION/raters/<rater>/.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = review.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new = actions.add_parser("new", help="make a session from a scan list or folder and optional AI results")
+    new.add_argument("session", metavar="SESSION", help="folder of the new session")
+    new.add_argument("--scans", metavar="LIST|DIR", required=True,
+                     help="TSV/CSV list with a 'path' column (optional 'scan_id'), or a folder of scans "
+                          "(searched recursively, BIDS-like folders included)")
+    new.add_argument("--ai", metavar="DIR", help="AI results: DIR/<scan_id>/findings.tsv (shivacmb segment) or "
+                                                 "DIR/<scan_id>.tsv; copied into the session")
+    new.add_argument("--mode", choices=("assisted", "blind"), default="assisted",
+                     help="assisted: raters review the AI findings; blind: raters mark CMBs without the AI, "
+                          "which is shown only after each scan is submitted (default: %(default)s)")
+    new.set_defaults(handler=_review_new)
+    status = actions.add_parser("status", help="progress per rater")
+    status.add_argument("session", metavar="SESSION")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_review_status)
+    export = actions.add_parser("export", help="one row per scan per rater, and one row per finding (TSV)")
+    export.add_argument("sessions", nargs="+", metavar="SESSION")
+    export.add_argument("--out", metavar="DIR", required=True,
+                        help="writes DIR/ratings_scans.tsv and DIR/ratings_findings.tsv")
+    export.set_defaults(handler=_review_export)
+    agree = actions.add_parser(
+        "agree", help="agreement of raters with each other and with the AI",
+        description="For every pair of readers (raters and the AI) over the scans both rated: findings matched "
+                    "by centroids within 5 mm (sensitivity, precision, F1 with the first as reference), count "
+                    "ICC(A,1), Pearson R, Cohen's kappa of presence and of the count categories 0, 1, 2-4, >=5, "
+                    "Bland-Altman bias and limits of agreement.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    agree.add_argument("sessions", nargs="+", metavar="SESSION")
+    agree.add_argument("--certainty", choices=("all", "definite"), default="all",
+                       help="count definite and possible CMBs, or definite only (default: %(default)s)")
+    agree.add_argument("--plots", metavar="DIR", help="write one Bland-Altman PNG per pair (needs matplotlib)")
+    agree.add_argument("--out", metavar="JSON", help="also write every number to this JSON file")
+    agree.set_defaults(handler=_review_agree)
 
 
 def release_freed_memory() -> None:
@@ -445,94 +490,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- models -------------------------------------------------------------------------------
-
-
-def _models_list(args: argparse.Namespace) -> int:
-    from .modelstore.models import installed_models, model_search_dirs
-
-    entries = installed_models()
-    rows: List[Dict[str, Any]] = []
-    for entry in entries:
-        if isinstance(entry, tuple):
-            rows.append({"name": entry[0].name, "path": str(entry[0]), "error": entry[1]})
-        else:
-            row = entry.summary()
-            row["folds"] = len(entry.folds)
-            rows.append(row)
-    if args.json:
-        print(json.dumps({"search_path": [str(p) for p in model_search_dirs()], "models": rows}, indent=2))
-        return 0
-    if not rows:
-        print("no models installed; searched: " + ", ".join(str(p) for p in model_search_dirs()))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("name", "version", "modalities", "folds", "licence", "location")
-    for row in rows:
-        if "error" in row:
-            table.add_row(row["name"], "-", "-", "-", "-", f"{row['path']} [red](unusable: {row['error']})[/red]")
-        else:
-            table.add_row(row["name"], row["version"], ",".join(row["modalities"]), str(row["folds"]),
-                          row["license"], row["path"])
-    Console(width=max(120, Console().width)).print(table)
-    return 0
-
-
-def _models_verify(args: argparse.Namespace) -> int:
-    from .modelstore.models import installed_models, load_model
-
-    names = args.models or [str(e[0] if isinstance(e, tuple) else e.path) for e in installed_models()]
-    if not names:
-        print("no models installed")
-        return 0
-    failed = 0
-    for name in names:
-        try:
-            model = load_model(name)
-            print(f"ok      {model.name} {model.version} ({len(model.folds)} fold(s), {model.path})")
-            failed += _models_verify_numbers(args, model)
-        except ModelError as err:
-            failed += 1
-            print(f"FAILED  {err}")
-    return ModelError.exit_code if failed else 0
-
-
-def _models_verify_numbers(args: argparse.Namespace, model: Any) -> int:
-    """The --parity and --precision checks of one model; the number of failed checks."""
-    from .modelstore.official import precision_parity, verify_parity
-
-    say = lambda line: print(f"        {line}")  # noqa: E731
-    results = verify_parity(model, args.scan, say) if args.parity else []
-    if args.precision != "fp32":
-        results.append(precision_parity(model, args.device, args.precision, args.scan, say))
-    return sum(not r.passed for r in results)
-
-
-def _models_install(args: argparse.Namespace) -> int:
-    from .modelstore.official import install
-
-    result = install(args.source, args.name, args.sha256, args.force, args.scan)
-    _converted(result, result.model.name)
-    return 0
-
-
-def _models_convert(args: argparse.Namespace) -> int:
-    from .modelstore.official import convert
-
-    result = convert(args.source, args.out, args.name, args.force, args.scan)
-    _converted(result, str(result.folder))
-    return 0
-
-
-def _converted(result: Any, model_option: str) -> None:
-    worst = max(p.max_abs_diff for p in result.parity)
-    print(f"installed {result.model.name} ({len(result.model.folds)} fold(s), converted in {result.seconds:.1f} s, "
-          f"parity max abs diff {worst:.1e}) -> {result.folder}{os.sep}; run it with "
-          f"`shivacmb segment SCAN --model {model_option}`")
-
-
 # --- evaluate -----------------------------------------------------------------------------
 
 
@@ -545,11 +502,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     if args.out:
-        write_json(result, args.out)
+        _write_json(result, args.out)
     return 0
 
 
-def write_json(result: Dict[str, Any], path: str) -> None:
+def _write_json(result: Dict[str, Any], path: str) -> None:
     from .errors import RuntimeFailure
     from .files import atomic_write_text
 
@@ -597,6 +554,63 @@ def _compare_summary(result: Any) -> str:
     return (f"{counts or 'no CMB'}; ARIA-H microhemorrhage: {result.summary['aria_h']['grade']} "
             f"({registration['kind']} registration, brain-mask Dice {registration['mask_dice']:.2f}, "
             f"{registration['seconds']:.1f} s) -> {result.output_dir}{os.sep} ({', '.join(result.files)})")
+
+
+# --- review -------------------------------------------------------------------------------
+
+
+def _review_new(args: argparse.Namespace) -> int:
+    from .rating.review import ai_results, create_session, scans_from
+
+    scans = scans_from(args.scans)
+    ai = ai_results(args.ai, [scan_id for scan_id, _ in scans]) if args.ai else {}
+    session = create_session(args.session, scans, args.mode, ai)
+    print(f"{session.mode} session of {len(session.scans)} scan(s), {len(ai)} with AI findings -> "
+          f"{session.folder}{os.sep}")
+    return 0
+
+
+def _review_status(args: argparse.Namespace) -> int:
+    from .rating.export import status_rows
+    from .rating.review import Session
+
+    session = Session.load(args.session)
+    rows = status_rows(session)
+    if args.json:
+        print(json.dumps({"mode": session.mode, "scans": len(session.scans), "raters": rows}, indent=2))
+        return 0
+    print(f"{session.mode} session, {len(session.scans)} scan(s), {len(rows)} rater(s)")
+    for row in rows:
+        done = row["submitted"] + row["not_ratable"]
+        print(f"{row['rater']}: {done}/{row['scans']} done ({row['not_ratable']} not ratable), "
+              f"{row['definite']} definite and {row['possible']} possible CMB(s), {row['hours']:.2f} h; "
+              f"next: {row['next_scan'] or '-'}")
+        for problem in row["problems"]:
+            print(f"warning: {row['rater']}: {problem}")
+    return 0
+
+
+def _review_export(args: argparse.Namespace) -> int:
+    from .rating.export import export
+
+    scans, findings, n_scans, n_findings, problems = export(args.sessions, args.out)
+    print(f"{n_scans} scan rating(s) -> {scans}\n{n_findings} finding rating(s) -> {findings}")
+    for problem in problems:
+        print(f"warning: {problem}")
+    return 0
+
+
+def _review_agree(args: argparse.Namespace) -> int:
+    from .rating.agreement import agree, plot_bland_altman, summary_table
+
+    result = agree(args.sessions, args.certainty)
+    print(summary_table(result))
+    if args.plots:
+        for path in plot_bland_altman(result, args.sessions, args.plots, args.certainty):
+            print(f"figure -> {path}")
+    if args.out:
+        _write_json(result, args.out)
+    return 0
 
 
 if __name__ == "__main__":
