@@ -126,7 +126,7 @@ def _refused_by(series: SourceSeries) -> Iterator[None]:
     """What highdicom refuses in the source series becomes one line naming it."""
     try:
         yield
-    except (ValueError, TypeError, AttributeError) as err:
+    except (ValueError, AttributeError) as err:  # what highdicom raises for what a source image lacks
         raise InputError(series.folder, f"cannot make DICOM results against this series: {one_line(err)} (give "
                                         "--no-dicom to leave them out)") from None
 
@@ -152,8 +152,3 @@ def comparison_results(series: SourceSeries, cmbs: Sequence[ReportedCMB], new_cm
         report = make_report(series, cmbs, comparison_numbers(new_cmbs, grade), named, algorithm_model(model),
                              segmentation, description_key="comparison_series_description")
     return DicomResults(series, [(COMPARISON_NAME, report)])
-
-
-def written_objects(folder: Path, names: Sequence[str]) -> List[Path]:
-    """The DICOM objects among a result's file ``names`` that exist in ``folder``."""
-    return [folder / name for name in names if name.endswith(".dcm") and (folder / name).is_file()]

@@ -3,9 +3,10 @@
 BINARY segmentation (not the label-map class of DICOM 2024, which validators and viewers of before it do not know).
 Segment n is the n-th CMB that has voxels (label ``CMB <id>``, tracking ID the same, a new tracking UID), coded with
 the CMB terminology of the module (category Morphologically Altered Structure, type Hemorrhage, anatomic region
-Brain). A CMB the model found is AUTOMATIC with the model as algorithm (name, version, family Artificial
-Intelligence); one a reader added is MANUAL; one a reader painted is SEMIAUTOMATIC. Frames without a CMB are left
-out; every frame references its source instance, and the series the frame of reference.
+Brain) and described as a cerebral microbleed. A CMB the model found is AUTOMATIC with the model as algorithm
+(name, version, family Artificial Intelligence); one a reader added is MANUAL; one a reader painted is
+SEMIAUTOMATIC. Frames without a CMB are left out; every frame references its source instance, and the series the
+frame of reference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import numpy as np
 from .dicomcodes import cmb_category_and_type, standard
 from .dicomseries import SourceSeries
 from .findings import Finding, is_edited
+
+
+DESCRIPTION = "cerebral microbleed"  # Segment Description of every segment (the terminology's Slicer label)
 
 
 def algorithm_type(finding: Finding) -> str:
@@ -60,6 +64,8 @@ def make_segmentation(series: SourceSeries, labels: np.ndarray, findings: Sequen
         device_serial_number=identity["device_serial_number"], content_label="CMB",
         content_description=identity["content_description"], content_creator_name=identity["reader"],
         series_description=identity["seg_series_description"])
+    for item in segmentation.SegmentSequence:
+        item.SegmentDescription = DESCRIPTION
     if identity["statement"]:
         segmentation.ImageComments = identity["statement"]
     return segmentation, numbers

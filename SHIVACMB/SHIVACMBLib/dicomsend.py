@@ -34,7 +34,6 @@ PASSWORD_ENV = "SHIVACMB_DICOMWEB_PASSWORD"
 TOKEN_ENV = "SHIVACMB_DICOMWEB_TOKEN"
 CALLING_AET = "SHIVACMB"
 TIMEOUT_S = 30.0
-SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,8 @@ def parse_destination(text: str, user: str = "", calling_aet: str = CALLING_AET,
         netloc = f"[{host}]" if ":" in host else host
         netloc += f":{parts.port}" if parts.port else ""
         return Destination(url=urlunsplit(parts._replace(netloc=netloc)).rstrip("/"), user=parts.username or user,
-                           password=environ.get(PASSWORD_ENV, ""), token=environ.get(TOKEN_ENV, ""), ca_bundle=ca_bundle)
+                           password=environ.get(PASSWORD_ENV, ""), token=environ.get(TOKEN_ENV, ""),
+                           ca_bundle=ca_bundle)
     host, port, aet = dimse_address(text)
     return Destination(host=host, port=port, called_aet=aet, calling_aet=calling_aet)
 

@@ -123,7 +123,8 @@ def _stack(datasets: List[Any], folder: Path) -> Tuple[List[Any], Geometry]:
     return [datasets[n] for n in order], grid
 
 
-def _lattice_map(series: Geometry, scan: Geometry, folder: Path) -> Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]:
+def _lattice_map(series: Geometry, scan: Geometry,
+                 folder: Path) -> Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]:
     """For each series axis, the scan axis it runs along and whether it runs against it; refused unless both grids
     are one lattice of voxel centres over the same extent."""
     to_scan = np.linalg.inv(scan.ijk_to_lps()) @ series.ijk_to_lps()

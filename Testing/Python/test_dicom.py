@@ -85,6 +85,7 @@ def test_the_seg_read_back_is_cmb_labels_on_the_native_grid(dicom_run):
         assert segment_item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == category.value == "49755003"
         assert segment_item.SegmentedPropertyTypeCodeSequence[0].CodeValue == kind.value == "50960005"
         assert segment_item.SegmentAlgorithmType == "AUTOMATIC"
+        assert segment_item.SegmentDescription == "cerebral microbleed"
         algorithm = segment_item.SegmentationAlgorithmIdentificationSequence[0]
         assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("demo-blob", "1.0")
     assert "demonstration model" in seg.SeriesDescription and NOT_FOR_READS in seg.ImageComments
@@ -126,29 +127,29 @@ def test_the_sr_holds_the_values_of_findings_tsv(dicom_run):
     assert summary["codes"]["Boston criteria CMB distribution"] == dicomcodes.BOSTON_CODES[counts["boston"]][0]
     assert NOT_FOR_READS in sr_comment(out / "cmb.sr.dcm") and "demonstration model" in sr.SeriesDescription
     assert sr.VerificationFlag == "UNVERIFIED" and sr.PatientID == seg.PatientID == "PHANTOM"
-    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    evidence = {i.ReferencedSOPInstanceUID  # highdicom 0.22 (Python 3.9) lists the images as other evidence
+                for key in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence")
+                for s in sr.get(key, []) for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert seg.SOPInstanceUID in evidence and len(evidence) == len(series_files(series_folder)) + 1
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == dicomcodes.PRIVATE
 
 
 def test_standard_codes_are_those_of_the_dicom_standard():
-    from pydicom.sr.codedict import codes
+    from pydicom.sr._concepts_dict import concepts  # pydicom's copy of PS3.16: scheme -> keyword -> value -> meaning
 
-    named = {"brain": codes.SCT.Brain, "frontal": codes.SCT.FrontalLobe, "parietal": codes.SCT.ParietalLobe,
-             "temporal": codes.SCT.TemporalLobe, "occipital": codes.SCT.OccipitalLobe, "insula": codes.SCT.Insula,
-             "thalamus": codes.SCT.Thalamus, "internal_capsule": codes.SCT.InternalCapsule,
-             "external_capsule": codes.SCT.ExternalCapsule, "corpus_callosum": codes.SCT.CorpusCallosum,
-             "brainstem": codes.SCT.BrainStem, "cerebellum": codes.SCT.Cerebellum, "left": codes.SCT.Left,
-             "right": codes.SCT.Right, "median": codes.DCM.Median, "volume": codes.SCT.Volume,
-             "probability": codes.DCM.Probability, "maximum": codes.SCT.Maximum, "mean": codes.SCT.Mean,
-             "number_of_lesions": codes.SCT.NumberOfLesions, "cubic_millimeter": codes.UCUM.CubicMillimeter,
-             "no_units": codes.UCUM.NoUnits, "brain_mri": codes.LN.BrainMRI, "comment": codes.DCM.Comment,
-             "center_of_mass": codes.DCM.CenterOfMass, "artificial_intelligence": codes.DCM.ArtificialIntelligence,
-             "device": codes.DCM.Device, "person": codes.DCM.Person}
+    named = {"brain": "Brain", "frontal": "FrontalLobe", "parietal": "ParietalLobe", "temporal": "TemporalLobe",
+             "occipital": "OccipitalLobe", "insula": "Insula", "thalamus": "Thalamus",
+             "internal_capsule": "InternalCapsule", "external_capsule": "ExternalCapsule",
+             "corpus_callosum": "CorpusCallosum", "brainstem": "BrainStem", "cerebellum": "Cerebellum",
+             "left": "Left", "right": "Right", "median": "Median", "volume": "Volume", "probability": "Probability",
+             "maximum": "Maximum", "mean": "Mean", "number_of_lesions": "NumberOfLesions",
+             "cubic_millimeter": "CubicMillimeter", "no_units": "NoUnits", "brain_mri": "BrainMRI",
+             "comment": "Comment", "center_of_mass": "CenterOfMass",
+             "artificial_intelligence": "ArtificialIntelligence", "device": "Device", "person": "Person"}
     assert set(named) == set(dicomcodes.STANDARD)
-    for key, standard in named.items():
-        assert dicomcodes.STANDARD[key] == (standard.value, standard.scheme_designator, standard.meaning), key
+    for key, keyword in named.items():
+        value, scheme, meaning = dicomcodes.STANDARD[key]
+        assert concepts[scheme][keyword][value][0].lower() == meaning.lower(), key  # editions differ in case
     assert all(dicomcodes.region(name) is not None for name, _ in SUBREGIONS)
     assert dicomcodes.region("unknown") is None and dicomcodes.region("n/a") is None
 
@@ -225,6 +226,32 @@ def test_a_single_cmb_is_one_segment_its_report_references(tmp_path, demo_model)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cmb_labels.nii.gz")))
     assert np.array_equal(seg_cmb_labels(out / "cmb.seg.dcm", series), series.frames(labels))
     assert sr_groups(out / "cmb.sr.dcm")["CMB 1"]["segment"][1] == 1
+
+
+def test_dicom_source_reaches_segment_batch_and_compare(tmp_path, model_dir, monkeypatch):
+    from SHIVACMBLib import cli, longitudinal, pipeline
+    from SHIVACMBLib.cohort import batch
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "segment", lambda scan, out, options, progress=None: seen.setdefault("s", options))
+    monkeypatch.setattr(longitudinal, "compare", lambda b, f, o, options, progress=None: seen.setdefault("c", options))
+    cli.main(["segment", "scan.nii.gz", "--dicom-source", "dcm", "--no-dicom", "--progress", "none"])
+    assert (seen["s"].dicom_source, seen["s"].dicom) == ("dcm", False)
+    cli.main(["compare", "a.nii.gz", "b.nii.gz", "--out", "o", "--followup-dicom-source", "f", "--progress", "none"])
+    assert (seen["c"].baseline_dicom_source, seen["c"].followup_dicom_source, seen["c"].detection.dicom) == (
+        None, "f", True)
+    image = tmp_path / "scan.nii.gz"
+    image.write_bytes(b"checksummed only")
+    (tmp_path / "dcm").mkdir()
+    (tmp_path / "dcm" / "1.dcm").write_bytes(b"one")
+    model = batch.load_model(str(model_dir))
+    with_source = batch.fingerprint(batch.Job("s", image, dicom_source=tmp_path / "dcm"), model, batch.BatchSettings())
+    without = batch.fingerprint(batch.Job("s", image), model, batch.BatchSettings())
+    assert with_source["inputs"]["dicom_source"] and without["inputs"]["dicom_source"] is None
+    (tmp_path / "dcm" / "1.dcm").write_bytes(b"changed")  # another series: the result is made again
+    assert batch.fingerprint(batch.Job("s", image, dicom_source=tmp_path / "dcm"), model,
+                             batch.BatchSettings())["inputs"] != with_source["inputs"]
+    assert batch.fingerprint(batch.Job("s", image), model, batch.BatchSettings(dicom=False)) != without
 
 
 def test_no_dicom_leaves_them_out_and_a_scan_without_cmbs_gets_a_report_only(tmp_path, demo_model):

@@ -80,7 +80,8 @@ class Orthanc:
         return answer.json() if answer.content else None
 
     def find(self, sop_instance_uid: str) -> list:
-        return self.rest("POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}})
+        query = {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}
+        return self.rest("POST", "/tools/find", json=query)
 
     def tags(self, sop_instance_uid: str) -> dict:
         (orthanc_id,) = self.find(sop_instance_uid)
@@ -139,8 +140,10 @@ def test_dicomweb_then_dimse_deliver_both_objects_and_a_rerun_sends_nothing_twic
     assert seg["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == "1.2.826.0.1.3680043.2.1125.31"
     assert seg["Modality"] == "SEG" and sr["Modality"] == "SR"
     assert seg["StudyInstanceUID"] == sr["StudyInstanceUID"] == "1.2.826.0.1.3680043.2.1125.31.0"
-    evidence = {i["ReferencedSOPInstanceUID"] for study in sr["CurrentRequestedProcedureEvidenceSequence"]
-                for s in study["ReferencedSeriesSequence"] for i in s["ReferencedSOPSequence"]}
+    evidence = {i["ReferencedSOPInstanceUID"]  # highdicom 0.22 (Python 3.9) lists the images as other evidence
+                for key in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence")
+                for study in sr.get(key, []) for s in study["ReferencedSeriesSequence"]
+                for i in s["ReferencedSOPSequence"]}
     assert evidence == source_uids | {seg_uid} and all(orthanc.find(uid) for uid in evidence)
     study = orthanc.find(seg_uid) and orthanc.rest("POST", "/tools/find", json={
         "Level": "Study", "Query": {"StudyInstanceUID": seg["StudyInstanceUID"]}})
