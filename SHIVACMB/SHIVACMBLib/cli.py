@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "segment", help="find the CMBs of one scan",
         description="Find the CMBs of one scan and write, into OUT/<scan-id>/: cmb_labels (label k = CMB k, in "
                     "the input's format), cmb.seg.nrrd (one Slicer segment per CMB), findings.tsv (one row per "
-                    "CMB), run.json (provenance, timings, warnings) and report.html (QC thumbnails).",
+                    "CMB), run.json (provenance, timings, warnings) and report.html (QC thumbnails); for a DICOM "
+                    "series (or --dicom-source), cmb.seg.dcm and cmb.sr.dcm (DICOM Segmentation and measurement "
+                    "report, docs/dicom.md).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     seg.add_argument("input", metavar="INPUT",
                      help="scan: NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM "
@@ -244,7 +246,8 @@ def _add_compare_parser(commands: Any) -> None:
                     "status new / persistent / not seen at follow-up, positions in each scan's RAS space, volumes, "
                     "distance), comparison.json (counts, ARIA-H microhemorrhage grade from the new CMBs, "
                     "registration quality), comparison.seg.nrrd (the follow-up's CMBs, new ones named 'new CMB k' "
-                    "in orange) and report.html; without given findings, DIR/baseline/ and DIR/followup/ hold the "
+                    "in orange), report.html and, for a DICOM follow-up, comparison.sr.dcm (DICOM report: status of "
+                    "every CMB, ARIA-H grade); without given findings, DIR/baseline/ and DIR/followup/ hold the "
                     "`segment` results. A registration below the quality threshold is refused (exit 4). "
                     "See docs/longitudinal.md.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("baseline", metavar="BASELINE", help="the earlier scan (any format `segment` reads)")

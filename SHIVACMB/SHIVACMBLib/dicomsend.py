@@ -173,7 +173,11 @@ def _note_sent(path: Path, uid: str, destination: Destination) -> None:
     record = _record(path.parent)
     record["sent"].append({"file": path.name, "sop_instance_uid": uid, "destination": destination.key,
                            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-    atomic_write_text(path.parent / SENT_NAME, json.dumps(record, indent=2) + "\n")
+    try:
+        atomic_write_text(path.parent / SENT_NAME, json.dumps(record, indent=2) + "\n")
+    except OSError as err:
+        raise RuntimeFailure(f"{path}: sent to {destination.key}, but {SENT_NAME} cannot be written beside it "
+                             f"({err.strerror or err}): a rerun would send it again") from None
 
 
 # --- sending --------------------------------------------------------------------------------

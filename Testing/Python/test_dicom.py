@@ -178,6 +178,7 @@ def test_dicom_source_gives_a_converted_scan_its_dicom_results(tmp_path, scene, 
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out" / "converted"
     assert {"cmb.seg.dcm", "cmb.sr.dcm"} <= set(files_under(out))
+    assert all(dciodvfy_errors(out / name) == [] for name in ("cmb.seg.dcm", "cmb.sr.dcm"))
     series = source(folder, out / "cmb_labels.nii.gz")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cmb_labels.nii.gz")))
     assert labels.max() == 6 and np.array_equal(seg_cmb_labels(out / "cmb.seg.dcm", series), series.frames(labels))

@@ -184,6 +184,22 @@ def test_an_unreachable_or_refusing_server_is_one_line_exit_4_and_the_results_st
     assert {name: checksum([result / name]) for name in files_under(result)} == before
 
 
+def test_an_object_sent_but_not_recorded_is_one_line(tmp_path, dicom_result, monkeypatch):
+    """The server took it, the record cannot be written (a read-only result folder): exit 4, saying so."""
+    import shutil
+
+    from SHIVACMBLib import dicomsend
+
+    copy = tmp_path / "result"
+    shutil.copytree(dicom_result[1], copy)
+    (copy / SENT_NAME).unlink(missing_ok=True)
+    (copy / SENT_NAME).mkdir()  # cannot be replaced by a file
+    monkeypatch.setattr(dicomsend, "_stow", lambda destination: lambda path, dataset: None)
+    with pytest.raises(RuntimeFailure, match="sent to dicomweb https://pacs.example/dicom-web, but dicom_sent.json "
+                                             "cannot be written beside it"):
+        dicomsend.send_results(copy, parse_destination("https://pacs.example/dicom-web"))
+
+
 def test_a_folder_without_dicom_results_and_bad_destinations_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     done = run_cli(["send", tmp_path / "empty", "--dimse", "127.0.0.1:104:PACS"])
