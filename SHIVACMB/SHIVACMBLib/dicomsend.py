@@ -113,13 +113,13 @@ def add_send_options(parser: argparse.ArgumentParser, command: bool) -> None:
 
 def destination_from_args(args: argparse.Namespace) -> Optional[Destination]:
     """The destination the options name (None when none is given)."""
-    dicomweb = getattr(args, "dicomweb", None)
+    dicomweb, dimse = getattr(args, "dicomweb", None), getattr(args, "dimse", None)
     if dicomweb and not dicomweb.lower().startswith(("http://", "https://")):
         raise InputError(None, f"--dicomweb '{dicomweb}': give an http:// or https:// URL")
-    text = dicomweb or getattr(args, "dimse", None) or getattr(args, "send", None)
-    if not text:
-        return None
-    return parse_destination(text, args.user, args.calling_aet, args.ca_bundle)
+    if dimse:
+        dimse_address(dimse)  # HOST:PORT:AET, not a URL
+    text = dicomweb or dimse or getattr(args, "send", None)
+    return parse_destination(text, args.user, args.calling_aet, args.ca_bundle) if text else None
 
 
 # --- what to send ---------------------------------------------------------------------------

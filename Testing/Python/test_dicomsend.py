@@ -209,6 +209,8 @@ def test_a_folder_without_dicom_results_and_bad_destinations_are_refused(tmp_pat
             dimse_address(bad)
     done = run_cli(["send", tmp_path, "--dicomweb", "ftp://pacs/dicom-web"])
     assert done.returncode == InputError.exit_code and "give an http:// or https:// URL" in done.stderr
+    done = run_cli(["send", tmp_path, "--dimse", "https://pacs/dicom-web"])
+    assert done.returncode == InputError.exit_code and "nor a DIMSE peer HOST:PORT:AET" in done.stderr
     where = parse_destination("https://ann@pacs.example:8443/dicom-web/", environ={PASSWORD_ENV: "pw"})
     assert (where.url, where.user, where.password, where.key) == (
         "https://pacs.example:8443/dicom-web", "ann", "pw", "dicomweb https://pacs.example:8443/dicom-web")
