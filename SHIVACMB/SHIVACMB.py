@@ -57,7 +57,9 @@ must be reviewed by a qualified reader before any use.</b><br><br>
 To correct the result, edit its segments in the Segment Editor (paint, erase, delete a segment, add a
 segment for a missed microbleed) and click <b>Update table</b> (adding or deleting a segment updates the
 table by itself); double-click the Status, Note or Rater cell of a row to review it. <b>Save results</b>
-writes the corrected cmb.seg.nrrd, findings.tsv and a record of who changed what (corrections.json).
+writes the corrected cmb.seg.nrrd, findings.tsv and a record of who changed what (corrections.json), and for
+a scan loaded from DICOM a DICOM Segmentation and measurement report (cmb.seg.dcm, cmb.sr.dcm), sent to the
+DICOM server named in <b>Send to</b> when there is one.
 """)
         self.parent.acknowledgementText = _("""
 The method is that of SHIVA-CMB: Tsuchida A. et al., "SHIVA-CMB: a deep-learning-based robust cerebral
@@ -90,6 +92,8 @@ class SHIVACMBParameterNode:
     show3D - show the microbleeds in the 3D views.
     rater - who reviews, named in the saved findings and corrections.json ("" = login name).
     saveFolder - the folder results were last saved in (results go to <saveFolder>/<scan id>).
+    sendTo - where Save results sends the DICOM results of a scan from DICOM (a DICOMweb URL or HOST:PORT:AET;
+        "" = not sent).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -99,6 +103,7 @@ class SHIVACMBParameterNode:
     show3D: bool = True
     rater: str
     saveFolder: str
+    sendTo: str
 
 
 #

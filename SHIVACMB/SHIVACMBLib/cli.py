@@ -13,14 +13,21 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from . import __version__
-from .errors import ERROR_PREFIX, Cancelled, ModelError, ShivaError
+from .errors import ERROR_PREFIX, Cancelled, ShivaError
+from .dicomsend import add_send_options, destination_from_args, send_results
+from .modelstore.commands import models_convert, models_install, models_list, models_verify
 from .progress import PROGRESS_MODES
 from .settings import DEVICES, PRECISIONS, add_scan_options, settings_from_args, volume
 
 EPILOG = """exit codes: 0 done, 2 bad input or usage, 3 model problem, 4 runtime failure, 130 cancelled"""
+SEND_DESCRIPTION = ("Send the DICOM objects that the results in and below RESULT_DIR list (the .dcm files of "
+                    "their run.json, comparison.json or corrections.json) to a DICOM server, Segmentations first. "
+                    "Each object sent is recorded in dicom_sent.json beside it: a rerun sends only what that server "
+                    "has not received. A failure is one line and exit 4; the results stay as they are. See "
+                    "docs/dicom.md.")
 
 
 def _count(text: str) -> int:
@@ -63,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "segment", help="find the CMBs of one scan",
         description="Find the CMBs of one scan and write, into OUT/<scan-id>/: cmb_labels (label k = CMB k, in "
                     "the input's format), cmb.seg.nrrd (one Slicer segment per CMB), findings.tsv (one row per "
-                    "CMB), run.json (provenance, timings, warnings) and report.html (QC thumbnails).",
+                    "CMB), run.json (provenance, timings, warnings) and report.html (QC thumbnails); for a DICOM "
+                    "series (or --dicom-source), cmb.seg.dcm and cmb.sr.dcm (DICOM Segmentation and measurement "
+                    "report, docs/dicom.md).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     seg.add_argument("input", metavar="INPUT",
                      help="scan: NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM "
@@ -76,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--parcellation", metavar="P",
                      help="FreeSurfer (aseg, aparc+aseg, wmparc) or SynthSeg label map on any grid, for the MARS "
                           "location of each CMB (default: the shipped MNI atlas, registered to the scan)")
+    seg.add_argument("--dicom-source", metavar="DIR",
+                     help="the DICOM series a NIfTI/NRRD scan was converted from (dcm2niix...): cmb.seg.dcm and "
+                          "cmb.sr.dcm are made against it, once its grid is found to be the scan's (a DICOM scan "
+                          "gets them against its own series)")
     _add_scan_options(seg)
     seg.set_defaults(handler=_segment)
 
@@ -108,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads of each worker's network and image filters (default: the local cores shared "
                             "among the workers; every core of a worker's machine on an existing cluster)")
     batch.add_argument("--retry-failed", action="store_true", help="rerun scans that failed in an earlier run")
+    add_send_options(batch, command=False)
     _add_scan_options(batch)
     batch.set_defaults(handler=_batch)
 
@@ -153,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = models.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="installed models with modality, licence and location")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(handler=_models_list)
+    listing.set_defaults(handler=models_list)
     verify = actions.add_parser("verify", help="check every fold file against its sha256 (and, with --parity, "
                                                "against the TensorFlow original)")
     verify.add_argument("models", nargs="*", metavar="NAME|DIR", help="models to verify (default: all installed)")
@@ -166,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", choices=DEVICES, default="auto",
                         help="device of the precision check (default: %(default)s)")
     verify.add_argument("--scan", metavar="FILE", type=Path, help="scan for the checks (default: a phantom SWI scan)")
-    verify.set_defaults(handler=_models_verify)
+    verify.set_defaults(handler=models_verify)
     install = actions.add_parser(
         "install", help="install SHIVA-CMB TensorFlow/Keras weights (zip or folder) as an ONNX model",
         description="Install the official SHIVA-CMB weights as downloaded (zip or unpacked folder: a descriptor JSON "
@@ -180,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--sha256", metavar="HEX", help="published sha256 of the zip, checked before anything else")
     install.add_argument("--force", action="store_true", help="replace an installed model of the same name")
     install.add_argument("--scan", metavar="FILE", type=Path, help="scan for the parity check (default: a phantom)")
-    install.set_defaults(handler=_models_install)
+    install.set_defaults(handler=models_install)
     convert = actions.add_parser(
         "convert", help="convert one Keras (.h5/.keras) or SavedModel fold into an ONNX model folder",
         description="Convert one fold into OUT (model.json, fold0.onnx, the original in source/), checking parity "
@@ -191,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--name", metavar="N", help="model name (default: the file name)")
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
     convert.add_argument("--scan", metavar="FILE", type=Path, help="scan for the parity check (default: a phantom)")
-    convert.set_defaults(handler=_models_convert)
+    convert.set_defaults(handler=models_convert)
 
     evaluate = commands.add_parser(
         "evaluate", help="score predicted CMBs against ground truth",
@@ -214,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
     _add_review_parser(commands)
     _add_compare_parser(commands)
+    send = commands.add_parser("send", help="send DICOM results (cmb.seg.dcm, cmb.sr.dcm, comparison.sr.dcm) to a "
+                                             "PACS", description=SEND_DESCRIPTION, epilog=EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_argument("results", metavar="RESULT_DIR", type=Path,
+                      help="a segment, batch, compare or Slicer Save results folder, or a folder above results")
+    add_send_options(send, command=True)
+    send.set_defaults(handler=_send)
     return parser
 
 
@@ -226,7 +247,8 @@ def _add_compare_parser(commands: Any) -> None:
                     "status new / persistent / not seen at follow-up, positions in each scan's RAS space, volumes, "
                     "distance), comparison.json (counts, ARIA-H microhemorrhage grade from the new CMBs, "
                     "registration quality), comparison.seg.nrrd (the follow-up's CMBs, new ones named 'new CMB k' "
-                    "in orange) and report.html; without given findings, DIR/baseline/ and DIR/followup/ hold the "
+                    "in orange), report.html and, for a DICOM follow-up, comparison.sr.dcm (DICOM report: status of "
+                    "every CMB, ARIA-H grade); without given findings, DIR/baseline/ and DIR/followup/ hold the "
                     "`segment` results. A registration below the quality threshold is refused (exit 4). "
                     "See docs/longitudinal.md.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("baseline", metavar="BASELINE", help="the earlier scan (any format `segment` reads)")
@@ -239,6 +261,8 @@ def _add_compare_parser(commands: Any) -> None:
                                   "(rejected CMBs are left out; default: detect them)")
         compare.add_argument(f"--{when}-mask", metavar="M", help=f"brain mask of the {when} scan on any grid "
                                                                  "(default: computed)")
+        compare.add_argument(f"--{when}-dicom-source", metavar="DIR",
+                             help=f"the DICOM series a NIfTI/NRRD {when} scan was converted from (see segment)")
     compare.add_argument("--affine", action="store_true", help="add an affine stage after the rigid registration")
     compare.add_argument("--tolerance", type=volume, default=4.0, metavar="MM",
                          help="matching distance after registration; at least twice the coarsest voxel edge "
@@ -363,7 +387,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .progress import BarReporter, json_reporter
 
     options = settings_from_args(args, SegmentOptions, mask=args.mask, scan_id=args.scan_id,
-                                 parcellation=args.parcellation)
+                                 parcellation=args.parcellation, dicom_source=args.dicom_source)
     if args.progress == "json":
         report = json_reporter()
         result = segment(args.input, args.out, options, progress=report)
@@ -396,6 +420,7 @@ def _summary(result: Any) -> str:
 def _batch(args: argparse.Namespace) -> int:
     from .cohort.batch import BatchSettings, ClusterSettings, discover, run_batch
 
+    destination = destination_from_args(args)
     cohort = discover(args.input, args.bids_filter, args.out)
     settings = settings_from_args(args, BatchSettings, threads=args.threads, retry_failed=args.retry_failed)
     cluster = ClusterSettings(scheduler=args.scheduler, workers=args.workers)
@@ -411,6 +436,8 @@ def _batch(args: argparse.Namespace) -> int:
     files = ", ".join(p.name for p in result.files)
     summary = (f"{result.total} scan(s): {result.done} done, {result.skipped} already done, {len(result.failed)} "
                f"failed in {result.seconds:.0f} s -> {Path(args.out)}{os.sep} ({files})")
+    if destination is not None:
+        summary += "; " + send_results(Path(args.out), destination, required=False).summary(destination)
     if args.progress == "json":  # front ends read JSON lines only: the summary is the last one
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": summary, "output": str(Path(args.out)),
                           "total": result.total, "done": result.done, "skipped": result.skipped,
@@ -430,6 +457,13 @@ def _batch_json(outcome: Dict[str, Any]) -> None:
                       "message": f"{outcome['scan_id']}: {outcome['status']}", **{
                           k: outcome[k] for k in ("scan_id", "status", "total", "done", "skipped", "failed",
                                                   "remaining")}}), flush=True)
+
+
+def _send(args: argparse.Namespace) -> int:
+    destination = destination_from_args(args)
+    report = send_results(args.results, destination)
+    print(f"{args.results}{os.sep}: {report.summary(destination)}")
+    return 0
 
 
 # --- phantom and demo ---------------------------------------------------------------------
@@ -458,94 +492,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.out), args.model, args.device)
     return 0
-
-
-# --- models -------------------------------------------------------------------------------
-
-
-def _models_list(args: argparse.Namespace) -> int:
-    from .modelstore.models import installed_models, model_search_dirs
-
-    entries = installed_models()
-    rows: List[Dict[str, Any]] = []
-    for entry in entries:
-        if isinstance(entry, tuple):
-            rows.append({"name": entry[0].name, "path": str(entry[0]), "error": entry[1]})
-        else:
-            row = entry.summary()
-            row["folds"] = len(entry.folds)
-            rows.append(row)
-    if args.json:
-        print(json.dumps({"search_path": [str(p) for p in model_search_dirs()], "models": rows}, indent=2))
-        return 0
-    if not rows:
-        print("no models installed; searched: " + ", ".join(str(p) for p in model_search_dirs()))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("name", "version", "modalities", "folds", "licence", "location")
-    for row in rows:
-        if "error" in row:
-            table.add_row(row["name"], "-", "-", "-", "-", f"{row['path']} [red](unusable: {row['error']})[/red]")
-        else:
-            table.add_row(row["name"], row["version"], ",".join(row["modalities"]), str(row["folds"]),
-                          row["license"], row["path"])
-    Console(width=max(120, Console().width)).print(table)
-    return 0
-
-
-def _models_verify(args: argparse.Namespace) -> int:
-    from .modelstore.models import installed_models, load_model
-
-    names = args.models or [str(e[0] if isinstance(e, tuple) else e.path) for e in installed_models()]
-    if not names:
-        print("no models installed")
-        return 0
-    failed = 0
-    for name in names:
-        try:
-            model = load_model(name)
-            print(f"ok      {model.name} {model.version} ({len(model.folds)} fold(s), {model.path})")
-            failed += _models_verify_numbers(args, model)
-        except ModelError as err:
-            failed += 1
-            print(f"FAILED  {err}")
-    return ModelError.exit_code if failed else 0
-
-
-def _models_verify_numbers(args: argparse.Namespace, model: Any) -> int:
-    """The --parity and --precision checks of one model; the number of failed checks."""
-    from .modelstore.official import precision_parity, verify_parity
-
-    say = lambda line: print(f"        {line}")  # noqa: E731
-    results = verify_parity(model, args.scan, say) if args.parity else []
-    if args.precision != "fp32":
-        results.append(precision_parity(model, args.device, args.precision, args.scan, say))
-    return sum(not r.passed for r in results)
-
-
-def _models_install(args: argparse.Namespace) -> int:
-    from .modelstore.official import install
-
-    result = install(args.source, args.name, args.sha256, args.force, args.scan)
-    _converted(result, result.model.name)
-    return 0
-
-
-def _models_convert(args: argparse.Namespace) -> int:
-    from .modelstore.official import convert
-
-    result = convert(args.source, args.out, args.name, args.force, args.scan)
-    _converted(result, str(result.folder))
-    return 0
-
-
-def _converted(result: Any, model_option: str) -> None:
-    worst = max(p.max_abs_diff for p in result.parity)
-    print(f"installed {result.model.name} ({len(result.model.folds)} fold(s), converted in {result.seconds:.1f} s, "
-          f"parity max abs diff {worst:.1e}) -> {result.folder}{os.sep}; run it with "
-          f"`shivacmb segment SCAN --model {model_option}`")
 
 
 # --- evaluate -----------------------------------------------------------------------------
@@ -588,7 +534,9 @@ def _compare(args: argparse.Namespace) -> int:
     detection = settings_from_args(args, SegmentOptions)
     options = CompareOptions(baseline_findings=args.baseline_findings, followup_findings=args.followup_findings,
                              baseline_mask=args.baseline_mask, followup_mask=args.followup_mask, affine=args.affine,
-                             tolerance_mm=args.tolerance, detection=detection, report=args.report)
+                             tolerance_mm=args.tolerance, detection=detection, report=args.report,
+                             baseline_dicom_source=args.baseline_dicom_source,
+                             followup_dicom_source=args.followup_dicom_source)
     if args.progress == "json":
         result = compare(args.baseline, args.followup, args.out, options, progress=json_reporter())
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": _compare_summary(result),

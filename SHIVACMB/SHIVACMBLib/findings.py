@@ -24,6 +24,9 @@ NA = "n/a"
 _DECIMALS = {"r": 2, "a": 2, "s": 2, "volume_mm3": 2, "max_prob": 4, "mean_prob": 4, "fold_agreement": 3}
 _INTEGERS = ("cmb_id", "i", "j", "k", "voxels")
 _OPTIONAL_FLOATS = ("max_prob", "mean_prob", "fold_agreement")
+EDITED = "edited"  # note item of a CMB whose voxels a reader changed
+DELETED = "segment deleted"  # note item of a CMB whose segment a reader deleted
+_NOTE_SEPARATOR = "; "
 
 PathLike = Union[str, Path]
 
@@ -58,6 +61,30 @@ class Finding:
     @property
     def ras(self) -> tuple:
         return (self.r, self.a, self.s)
+
+
+# --- notes: items separated by "; " ---------------------------------------------------------
+
+
+def note_items(note: str) -> List[str]:
+    return [item.strip() for item in note.split(_NOTE_SEPARATOR.strip()) if item.strip()]
+
+
+def add_note(note: str, item: str) -> str:
+    items = note_items(note)
+    return _NOTE_SEPARATOR.join(items if item in items else items + [item])
+
+
+def remove_note(note: str, item: str) -> str:
+    return _NOTE_SEPARATOR.join(i for i in note_items(note) if i != item)
+
+
+def is_deleted(finding: Finding) -> bool:
+    return DELETED in note_items(finding.note)
+
+
+def is_edited(finding: Finding) -> bool:
+    return EDITED in note_items(finding.note)
 
 
 assert tuple(f.name for f in fields(Finding)) == COLUMNS

@@ -36,10 +36,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .dicomout import SEGMENTATION_NAME as DICOM_SEGMENTATION, DicomResults, comparison_results, source_series
+from .dicomseg import segment_numbers
+from .dicomseries import SourceSeries
+from .dicomsr import ReportedCMB, centroid_lps
 from .errors import InputError, RuntimeFailure
 from .evaluate import centroid_pairs
 from .files import atomic_write_text, check_replaceable, staged_directory
-from .findings import Finding, read_findings
+from .findings import Finding, read_findings, to_text_rows
 from .geometry import LPS_RAS, Geometry, resample
 from .pipeline import FINDINGS_NAME, RUN_NAME, SEGMENTATION_NAME as SEGMENT_SEGMENTATION, SegmentOptions, \
     check_writable, segment
@@ -284,6 +288,8 @@ class CompareOptions:
     tolerance_mm: float = TOLERANCE_MM
     detection: SegmentOptions = field(default_factory=SegmentOptions)
     report: bool = True
+    baseline_dicom_source: Optional[PathLike] = None  # DICOM series each NIfTI/NRRD scan was converted from
+    followup_dicom_source: Optional[PathLike] = None
 
 
 @dataclass
@@ -305,6 +311,8 @@ def compare(baseline_path: PathLike, followup_path: PathLike, out_dir: PathLike,
     say = _Steps(progress)
     say("read", 0.0, "reading both scans")
     baseline, followup = read_scan(baseline_path), read_scan(followup_path)
+    source_series(baseline, options.baseline_dicom_source, options.detection.dicom)  # refused here, not after hours
+    series = source_series(followup, options.followup_dicom_source, options.detection.dicom)
     given = [_given_findings(scan, path, other) if path else None
              for scan, path, other in ((baseline, options.baseline_findings, followup),
                                        (followup, options.followup_findings, baseline))]
@@ -328,7 +336,8 @@ def compare(baseline_path: PathLike, followup_path: PathLike, out_dir: PathLike,
                               tolerance)
         summary = _summary(baseline, followup, inputs, registration, rows, tolerance, options, started)
         say("write", 0.95, "writing the comparison")
-        files = _write(stage, baseline, followup, inputs[1], rows, registration, summary, options.report)
+        dicom = _dicom_report(series, rows, inputs[1], summary) if series is not None else None
+        files = _write(stage, baseline, followup, inputs[1], rows, registration, summary, options.report, dicom)
     return CompareResult(out, rows, registration, summary, files)
 
 
@@ -361,8 +370,10 @@ Inputs = Tuple[List[Finding], Dict[str, Any], Optional[Path]]  # findings, prove
 
 def _detect(scan: Scan, name: str, stage: Path, options: CompareOptions, progress: Optional[Reporter]) -> Inputs:
     """Segment the scan into ``stage/<name>/``."""
+    baseline = name == "baseline"
     detection = replace(options.detection, scan_id=name,
-                        mask=options.baseline_mask if name == "baseline" else options.followup_mask)
+                        mask=options.baseline_mask if baseline else options.followup_mask,
+                        dicom_source=options.baseline_dicom_source if baseline else options.followup_dicom_source)
     result = segment(scan.path, stage, detection, progress=progress)
     provenance = {"source": "detected", "folder": name, "model": result.run.model}
     return result.findings, provenance, result.output_dir / SEGMENT_SEGMENTATION
@@ -376,7 +387,8 @@ def _given_findings(scan: Scan, given: PathLike, other: Scan) -> Inputs:
     if not table.is_file():
         raise InputError(given, f"no findings table ({FINDINGS_NAME}, a .json findings file, or a `shivacmb segment` "
                                 "result folder)")
-    source = _run_input_sha256(table.parent / RUN_NAME)
+    run = read_if_valid(table.parent / RUN_NAME)
+    source = None if run is None else str(run.input["sha256"])
     if source is not None and source == other.sha256 != scan.sha256:
         raise InputError(table, f"these are the findings of {other.path.name} (its run.json names that scan), not of "
                                 f"{scan.path.name}: are the baseline and follow-up findings swapped?")
@@ -385,13 +397,8 @@ def _given_findings(scan: Scan, given: PathLike, other: Scan) -> Inputs:
     if outside:
         raise InputError(table, f"{outside} of {len(findings)} CMBs lie outside the field of view of "
                                 f"{scan.path.name}: findings of another scan?")
-    return findings, {"source": str(table.resolve())}, table.parent / SEGMENT_SEGMENTATION
-
-
-def _run_input_sha256(path: Path) -> Optional[str]:
-    """The input sha256 a `segment` run.json records (None without a readable one)."""
-    run = read_if_valid(path)
-    return None if run is None else str(run.input["sha256"])
+    provenance = {"source": str(table.resolve()), **({"model": run.model} if run is not None else {})}
+    return findings, provenance, table.parent / SEGMENT_SEGMENTATION
 
 
 def _labels(scan: Scan, findings: Sequence[Finding], segmentation: Optional[Path]) -> np.ndarray:
@@ -440,8 +447,35 @@ def _summary(baseline: Scan, followup: Scan, inputs: Sequence[Inputs], registrat
     }
 
 
+def _dicom_report(series: SourceSeries, rows: Sequence[Match], followup_inputs: Inputs,
+                  summary: Dict[str, Any]) -> DicomResults:
+    """comparison.sr.dcm: every CMB with its status, in the follow-up's frame of reference (a CMB seen only at
+    baseline where registration puts it), referencing the follow-up's segments when it was segmented here."""
+    import pydicom
+
+    _, provenance, segmentation_path = followup_inputs
+    segmentation = None
+    if provenance["source"] == "detected" and (segmentation_path.parent / DICOM_SEGMENTATION).is_file():
+        segmentation = pydicom.dcmread(str(segmentation_path.parent / DICOM_SEGMENTATION))
+    numbers = segment_numbers(segmentation) if segmentation is not None else {}
+    cmbs = []
+    for m in rows:
+        finding = m.followup or m.baseline
+        cells = to_text_rows([finding])[0]
+        if m.followup is not None:
+            cmbs.append(ReportedCMB(f"CMB {finding.cmb_id}", cells, centroid_lps(cells), numbers.get(finding.cmb_id),
+                                    m.status))
+        else:
+            r, a, s = (round(v, 2) for v in m.followup_ras)
+            cmbs.append(ReportedCMB(f"baseline CMB {finding.cmb_id}", cells, (-r, -a, s), None, m.status))
+    aria = summary["aria_h"]
+    return comparison_results(series, cmbs, aria["new_microhemorrhages"], aria["grade"],
+                              provenance.get("model") or {}, segmentation)
+
+
 def _write(stage: Path, baseline: Scan, followup: Scan, followup_inputs: Inputs, rows: Sequence[Match],
-           registration: Registration, summary: Dict[str, Any], report: bool) -> List[str]:
+           registration: Registration, summary: Dict[str, Any], report: bool,
+           dicom: Optional[DicomResults]) -> List[str]:
     from .report import write_comparison_report
 
     findings, _, segmentation = followup_inputs
@@ -452,6 +486,9 @@ def _write(stage: Path, baseline: Scan, followup: Scan, followup_inputs: Inputs,
     try:
         atomic_write_text(stage / TSV_NAME, to_tsv(rows))
         write_seg_nrrd(stage / SEGMENTATION_NAME, labels, followup.geometry, findings, styles=styles)
+        if dicom is not None:
+            files += dicom.write(stage)
+            summary["dicom"] = dicom.summary()
         if report:
             files.append(REPORT_NAME)
             write_comparison_report(stage / REPORT_NAME, baseline.image, followup.image, labels, rows,

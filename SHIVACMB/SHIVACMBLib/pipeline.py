@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .dicomout import DicomResults, scan_results, source_series
 from .errors import InputError, RuntimeFailure
 from .files import atomic_write_text, check_replaceable, safe_name, staged_directory
 from .findings import Finding, write_tsv
@@ -53,6 +54,7 @@ class SegmentOptions(ScanSettings):
     mask: Optional[PathLike] = None
     scan_id: Optional[str] = None
     parcellation: Optional[PathLike] = None  # FreeSurfer/SynthSeg labels; None = the registered MNI atlas
+    dicom_source: Optional[PathLike] = None  # the DICOM series a NIfTI/NRRD scan was converted from
     batch: Optional[Dict[str, Any]] = None  # `shivacmb batch`: input fingerprint and run id, kept in run.json
 
 
@@ -115,6 +117,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     with clock.stage("read"):
         stage_reporter(progress, "read")(0.0, f"reading {options.scan_id or Path(input_path).name}")
         scan = read_scan(input_path)
+        series = source_series(scan, options.dicom_source, options.dicom)
         parcellation = (ParcellationLookup(Path(options.parcellation), scan.geometry)
                         if options.location and options.parcellation is not None else None)
     with clock.stage("mask"):
@@ -145,6 +148,11 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
             stage_reporter(progress, "location")(0.0, "anatomical location (MARS)")
             located = locate(scan.image, mask.image, labels, findings, parcellation)
             findings = located.findings
+    dicom = None
+    if series is not None:
+        with clock.stage("dicom"):
+            stage_reporter(progress, "dicom")(0.0, "DICOM Segmentation and report")
+            dicom = scan_results(series, labels, findings, model.summary())
 
     run = RunRecord(
         scan_id=scan_id,
@@ -161,7 +169,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         model_box={"shape": list(model_input.grid.size), "spacing_mm": list(model_input.grid.spacing),
                    "origin_ras": np.round(model_input.grid.index_to_ras(np.zeros(3)), 3).tolist()},
         results={"cmb_count": len(findings), "dropped": components.dropped,
-                 "kept_by_single_voxel_rule": native_labels.rescued},
+                 "kept_by_single_voxel_rule": native_labels.rescued,
+                 "dicom": dicom.summary() if dicom is not None else None},
         fp_filter=filter_run.summary() if filter_run is not None else None,
         location=located.summary,
         warnings=(scan.warnings + coverage_warnings(scan, mask) + model_input.warnings + ensemble.warnings
@@ -173,7 +182,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     stage_reporter(progress, "write")(0.0, "writing results")
     with clock.stage("write"):
         try:
-            files = _write_outputs(out, scan, labels, findings, components, model_input.grid, options, run, clock)
+            files = _write_outputs(out, scan, labels, findings, components, model_input.grid, options, run, clock,
+                                   dicom)
         except OSError as err:
             raise RuntimeFailure(f"{out}: cannot write results: {err.strerror or err}") from None
     stage_reporter(progress, "write")(1.0, f"{len(findings)} CMB(s) found")
@@ -222,7 +232,8 @@ def check_writable(out_dir: Path) -> None:
 
 
 def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Finding], components: Components,
-                   box: Geometry, options: SegmentOptions, run: RunRecord, clock: _Stopwatch) -> List[str]:
+                   box: Geometry, options: SegmentOptions, run: RunRecord, clock: _Stopwatch,
+                   dicom: Optional[DicomResults]) -> List[str]:
     native = scan.geometry
     ext = scan.output_extension
     with staged_directory(out, is_result, RESULT_WHAT) as stage:
@@ -230,6 +241,8 @@ def _write_outputs(out: Path, scan: Scan, labels: np.ndarray, findings: List[Fin
         sitk.WriteImage(native.with_image(labels), str(stage / files[0]), True)
         write_seg_nrrd(stage / SEGMENTATION_NAME, labels, native, findings)
         write_tsv(findings, stage / FINDINGS_NAME)
+        if dicom is not None:
+            files += dicom.write(stage)
         if options.save_probability:
             files.append(PROBABILITY_NAME + ext)
             probability = resample(box.with_image(components.probability), native, sitk.sitkLinear)

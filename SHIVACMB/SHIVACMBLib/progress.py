@@ -17,7 +17,7 @@ Reporter = Callable[[str, float, str], None]
 # Share of the whole run each stage of one scan takes (for a single overall fraction).
 STAGES: Tuple[Tuple[str, float], ...] = (
     ("read", 0.05), ("mask", 0.05), ("preprocess", 0.05), ("inference", 0.6), ("postprocess", 0.05),
-    ("location", 0.1), ("write", 0.1),
+    ("location", 0.08), ("dicom", 0.02), ("write", 0.1),
 )
 PROGRESS_MODES = ("bar", "json", "none")
 

@@ -1,7 +1,7 @@
 """A scan's settings, declared once: how one scan is segmented, whatever the front end.
 
 :class:`ScanSettings` holds every option of how a scan is processed (model, device, threshold,
-size limits, location, candidate filter, outputs), with its default, its validation, its
+size limits, location, candidate filter, outputs, DICOM results), with its default, its validation, its
 command-line wording, whether it decides if a finished result can be reused (the batch resume
 fingerprint) and, for the options the Slicer module shows, its parameter-node wording. The
 `segment`, `batch` and `compare` parsers, the pipeline, the batch fingerprint, the Slicer
@@ -95,6 +95,9 @@ class ScanSettings:
     save_probability: bool = setting(False, Option(
         "--save-probability", "also write cmb_probability (ensemble probability on the scan's grid)"))
     report: bool = setting(True, Option("--no-report", "do not write report.html"))
+    dicom: bool = setting(True, Option(
+        "--no-dicom", "do not write cmb.seg.dcm and cmb.sr.dcm (DICOM Segmentation and measurement report) for a "
+                      "scan read from, or converted from, a DICOM series"))
 
     def __post_init__(self) -> None:
         for item in scan_fields():

@@ -162,7 +162,8 @@ class CorrectionsLogic:
                 segment.SetTag(STATUS_TAG, statuses[cmbId])
 
     def saveResults(self, tableNode: vtkMRMLTableNode, folder: str, rater: str) -> Any:
-        """Update the findings, then write cmb.seg.nrrd, findings.tsv and corrections.json into ``folder``.
+        """Update the findings, then write cmb.seg.nrrd, findings.tsv and corrections.json into ``folder``, and
+        cmb.seg.dcm and cmb.sr.dcm when the scan was loaded from DICOM.
 
         Returns corrections.Saved; the table then shows the findings as saved (raters named).
         """
@@ -172,9 +173,30 @@ class CorrectionsLogic:
         volumeNode = self.findingsVolume(tableNode)
         scan = {"name": volumeNode.GetName(), "file": self.scanFile(volumeNode)}
         saved = corrections.save(folder, update.labels, update.grid, update.state, update.correction, rater,
-                                 scan=scan, host=f"3D Slicer {slicer.app.applicationVersion}")
+                                 scan=scan, host=f"3D Slicer {slicer.app.applicationVersion}",
+                                 dicom_files=self.dicomFiles(volumeNode))
         self.showFindings(tableNode, saved.findings)
         return saved
+
+    @staticmethod
+    def dicomFiles(volumeNode: vtkMRMLScalarVolumeNode) -> Optional[List[str]]:
+        """The DICOM files a volume was loaded from (its DICOM.instanceUIDs in Slicer's DICOM database), or None
+        when it was not loaded from DICOM or its files are no longer in the database."""
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            return None
+        files = [database.fileForInstance(uid) for uid in uids]
+        return files if all(files) else None
+
+    @staticmethod
+    def sendResults(folder: str, destination: str) -> str:
+        """Send the DICOM results saved in ``folder`` to ``destination`` (a DICOMweb URL or HOST:PORT:AET; what
+        it has received before is not sent again); what was sent, in words."""
+        from SHIVACMBLib.dicomsend import parse_destination, send_results
+
+        where = parse_destination(destination)
+        return send_results(folder, where).summary(where)
 
     @staticmethod
     def defaultRater() -> str:
@@ -382,18 +404,26 @@ class CorrectionsSection:
 
     def saveResultsTo(self, parent: str) -> Any:
         """Save the selected findings' corrected results into ``<parent>/<scan id>``; what was saved, or None."""
+        from SHIVACMBLib.dicomout import DICOM_NAMES
         from SHIVACMBLib.slicerside import corrections
 
         table = self._observedTable
         volume = self.logic.findingsVolume(table)
         folder = slicerbridge.result_folder(parent, volume.GetName())
-        existing = slicerbridge.existing_results(folder, corrections.SAVED_FILES)
+        existing = slicerbridge.existing_results(folder, corrections.SAVED_FILES + DICOM_NAMES)
         if existing and not slicer.util.confirmOkCancelDisplay(
                 f"{folder} already holds {', '.join(existing)}. Replace them?", windowTitle=TITLE):
             return None
         rater = (self._parameterNode.rater.strip() if self._parameterNode else "") or self.logic.defaultRater()
         with slicer.util.tryWithErrorDisplay("The results could not be saved.", waitCursor=True):
             saved = self.logic.saveResults(table, str(folder), rater)
-        self.ui.statusLabel.text = (corrections.summary_text(saved.record["summary"])
-                                    + f"\nSaved in {folder} (cmb.seg.nrrd, findings.tsv, corrections.json).")
+        lines = [corrections.summary_text(saved.record["summary"]), f"Saved in {folder} ({', '.join(saved.files)})."]
+        if saved.dicom_problem:
+            lines.append(f"No DICOM results: {saved.dicom_problem}")
+        self.ui.statusLabel.text = "\n".join(lines)
+        destination = self._parameterNode.sendTo.strip() if self._parameterNode else ""
+        if destination and any(name.endswith(".dcm") for name in saved.files):
+            with slicer.util.tryWithErrorDisplay("The results were saved, but not sent.", waitCursor=True):
+                sent = self.logic.sendResults(str(folder), destination)
+            self.ui.statusLabel.text += f"\n{sent}."
         return saved

@@ -32,7 +32,7 @@ class PackagesLogic:
 
     def startInstallPackages(self, requirements: Sequence[str],
                              onFinished: Optional[Callable[[SHIVACMBCommand], None]] = None) -> SHIVACMBCommand:
-        """pip-install in the background, without replacing the numpy, scipy or SimpleITK Slicer ships."""
+        """pip-install in the background, without replacing the numpy, scipy, SimpleITK or pydicom Slicer ships."""
         command = self._pipCommand(requirements, onFinished)
         command.startPolling()
         return command

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -33,9 +33,11 @@ def match(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.linalg.norm(found[:, None, :] - np.asarray(truth)[None, :, :], axis=2).min(axis=0)
 
 
-def run_cli(args: Sequence[str], cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m SHIVACMBLib.cli ARGS` in a subprocess (exit code and streams as a user sees them)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_cli(args: Sequence[str], cwd: Path = REPO, env: Optional[Dict[str, str]] = None,
+            **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m SHIVACMBLib.cli ARGS` in a subprocess (exit code and streams as a user sees them); ``env``
+    adds variables to the environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "SHIVACMBLib.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, encoding="utf-8", timeout=300, **kwargs)
 

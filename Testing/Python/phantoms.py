@@ -144,7 +144,8 @@ def write_ras_nrrd(image: sitk.Image, path: Path) -> Path:
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> Path:
-    """Write a DICOM series (int16 MR slices) keeping the image's geometry.
+    """Write a DICOM series (int16 MR slices) keeping the image's geometry, with the identifiers, frame of
+    reference, equipment and MR attributes a scanner writes (what a DICOM result is made against).
 
     GDCM's writer resets the process locale to "C"; it is restored afterwards.
     """
@@ -165,10 +166,16 @@ def _write_slices(image: sitk.Image, folder: Path, series_uid: str) -> None:
     writer.KeepOriginalImageUIDOn()
     common = {
         "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0020|000d": series_uid + ".0",
-        "0020|000e": series_uid, "0010|0010": "PHANTOM^TEST", "0010|0020": "PHANTOM",
+        "0020|000e": series_uid, "0020|0052": series_uid + ".9", "0020|1040": "",
+        "0010|0010": "PHANTOM^TEST", "0010|0020": "PHANTOM", "0010|0030": "19500101", "0010|0040": "O",
+        "0008|0020": "20260101", "0008|0030": "120000", "0008|0050": "ACC0001", "0008|0090": "",
+        "0020|0010": "1", "0020|0011": "3", "0008|103e": "SWI phantom", "0018|5100": "HFS",
+        "0008|0070": "SHIVA-CMB test phantoms", "0008|0008": "ORIGINAL\\PRIMARY\\M\\NONE",
+        "0018|0020": "GR", "0018|0021": "SP", "0018|0022": "", "0018|0023": "3D", "0018|0080": "30",
+        "0018|0081": "20", "0018|0091": "1",
         "0020|0037": "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1])),
         "0028|0030": f"{grid.spacing[1]:.6f}\\{grid.spacing[0]:.6f}",
-        "0018|0050": f"{grid.spacing[2]:.6f}",
+        "0018|0050": f"{grid.spacing[2]:.6f}", "0018|0088": f"{grid.spacing[2]:.6f}",
     }
     for k in range(grid.size[2]):
         piece = data[:, :, k]

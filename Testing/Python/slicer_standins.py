@@ -5,11 +5,13 @@ Slicer sources do it (vtkMRMLTableNode.SetCellText converts text to the column's
 GenerateMergedLabelmapInReferenceGeometry gives the n-th segment the label n on the reference
 volume's grid, later segments winning, over the whole grid or the segments' bounding box;
 vtkSegment.GetTag fills a vtk.mutable; LoadSegmentationFromFile leaves a storage node pointing to
-the file it read; the terminology logic lists the contexts it has loaded). They check that the
+the file it read; the terminology logic lists the contexts it has loaded; tryWithErrorDisplay shows an
+error and raises it again; the DICOM database gives the file of an instance UID). They check that the
 module moves data between MRML and SHIVACMBLib as intended; whether Slicer itself behaves so is
 checked by SHIVACMBTest inside Slicer.
 """
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -486,6 +488,27 @@ class SubjectHierarchy:
         pass
 
 
+class DicomDatabase:
+    """slicer.dicomDatabase (ctkDICOMDatabase): fileForInstance gives the file of a SOP Instance UID, "" when the
+    database does not hold it."""
+
+    def __init__(self):
+        self.files = {}
+
+    def fileForInstance(self, uid):
+        return self.files.get(uid, "")
+
+
+@contextlib.contextmanager
+def try_with_error_display(message, errors, waitCursor=False):
+    """slicer.util.tryWithErrorDisplay: an exception is shown (here: recorded) with the message, and raised again."""
+    try:
+        yield
+    except Exception as err:
+        errors.append(f"{message}\n\n{err}")
+        raise
+
+
 def _io_manager_load(*args, **kwargs):
     raise AssertionError("slicer.util.loadSegmentation goes through the IO manager: the file enters Recent files")
 
@@ -535,6 +558,10 @@ def load_module(patch):
     slicer.util.getNodesByClass = slicer.mrmlScene.nodes_by_class
     slicer.util.loadSegmentation = _io_manager_load
     slicer.util.mainWindow = lambda: None  # as under --no-main-window
+    errors = []
+    slicer.util.tryWithErrorDisplay = lambda message, waitCursor=False: try_with_error_display(message, errors)
+    slicer.util.confirmOkCancelDisplay = lambda text, windowTitle=None: True
+    slicer.dicomDatabase = DicomDatabase()
     slicer.i18n = types.ModuleType("slicer.i18n")
     slicer.i18n.tr, slicer.i18n.translate = (lambda text: text), (lambda context, text: text)
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
@@ -560,7 +587,7 @@ def load_module(patch):
         module=loaded, package=package, SHIVACMBLogic=loaded.SHIVACMBLogic, SHIVACMBWidget=loaded.SHIVACMBWidget,
         SHIVACMBParameterNode=loaded.SHIVACMBParameterNode, SHIVACMBCommand=package["command"].SHIVACMBCommand,
         SHIVACMBRun=package["segment"].SHIVACMBRun, SHIVACMBRating=package["rating"].SHIVACMBRating,
-        slicer=slicer, qt=qt, timers=timers, jumps=jumps, scene=slicer.mrmlScene)
+        slicer=slicer, qt=qt, timers=timers, jumps=jumps, scene=slicer.mrmlScene, errors=errors)
 
 
 class Patch:

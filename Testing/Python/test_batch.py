@@ -86,6 +86,8 @@ def test_csv_discovery_reads_ids_images_masks_relative_to_the_list(tmp_path):
     jobs = discover(listing).jobs
     assert jobs[0] == Job("P01", listing.parent / "../scans/p01.nii.gz", Path("/abs/mask.nii.gz"), None)
     assert jobs[1].image == listing.parent / "p02.nrrd" and jobs[1].mask is None
+    listing.write_text("scan_id,image,dicom_source\nP01,p01.nii.gz,dicom/p01\n")
+    assert discover(listing).jobs[0].dicom_source == listing.parent / "dicom" / "p01"
     for text, problem in (("id,path\nA,a.nii\n", "header"), ("scan_id,image\nA,a.nii\nA,b.nii\n", "twice"),
                           ("scan_id,image\n../up,a.nii\n", "cannot name a file or folder"), ("scan_id,image\nA,\n", "both")):
         listing.write_text(text)

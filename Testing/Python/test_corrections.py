@@ -117,14 +117,6 @@ def test_cmb_label_map():
     assert corrections.cmb_label_map(labels, {1: 300}).dtype == np.uint16
 
 
-def test_notes():
-    assert corrections.add_note("", EDITED) == "edited"
-    assert corrections.add_note("small; edited", EDITED) == "small; edited"
-    assert corrections.add_note("small", DELETED) == "small; segment deleted"
-    assert corrections.remove_note("small; edited", EDITED) == "small"
-    assert corrections.remove_note("edited", EDITED) == ""
-
-
 def test_run_state_survives_json_without_tabs_or_newlines(tmp_path):
     _, _, state = run_scene(tmp_path)
     text = state.to_json()

@@ -3,8 +3,8 @@
 import pytest
 
 from SHIVACMBLib.errors import InputError
-from SHIVACMBLib.findings import (COLUMNS, Finding, read_findings, read_json, read_tsv, to_tsv, write_json,
-                                  write_tsv)
+from SHIVACMBLib.findings import (COLUMNS, DELETED, EDITED, Finding, add_note, is_deleted, is_edited, read_findings,
+                                  read_json, read_tsv, remove_note, to_tsv, write_json, write_tsv)
 
 DESIGN_COLUMNS = ("cmb_id r a s i j k volume_mm3 voxels max_prob mean_prob fold_agreement region mars_area side "
                   "status rater note").split()
@@ -70,3 +70,13 @@ def test_bad_tables_are_refused_with_the_line(tmp_path):
 def test_status_vocabulary():
     with pytest.raises(ValueError):
         Finding(1, 0, 0, 0, 0, 0, 0, 1.0, 1, status="deleted")
+
+
+def test_notes():
+    assert add_note("", EDITED) == "edited"
+    assert add_note("small; edited", EDITED) == "small; edited"
+    assert add_note("small", DELETED) == "small; segment deleted"
+    assert remove_note("small; edited", EDITED) == "small"
+    assert remove_note("edited", EDITED) == ""
+    assert is_edited(Finding(1, 0, 0, 0, 0, 0, 0, 1.0, 1, note="small; edited"))
+    assert is_deleted(Finding(1, 0, 0, 0, 0, 0, 0, 1.0, 1, note=DELETED)) and not is_deleted(sample()[0])

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 import phantoms
+import pydicom
 import slicer_standins as standins
-from helpers import REPO
+from dicom_objects import dciodvfy_errors, seg_cmb_labels, sr_groups
+from helpers import REPO, files_under
 from slicer_standins import Array, Segment, SegmentationNode, TableNode, VolumeNode
 from SHIVACMBLib import pipeline
+from SHIVACMBLib.dicomseries import read_series, series_files
 from SHIVACMBLib.errors import InputError
 from SHIVACMBLib.findings import Finding, read_tsv, write_tsv
 from SHIVACMBLib.rating import review
@@ -33,9 +36,11 @@ def module(monkeypatch):
 # --- a result as the module holds it -------------------------------------------------------------
 
 
-def loaded_result(tmp_path, module):
+RESULT_GRID = phantoms.grid_around((1.0, -2.0, 3.0), (40, 44, 30), (1.0, 1.0, 1.5))
+
+
+def loaded_result(tmp_path, module, grid=RESULT_GRID):
     """A real run's files, loaded as loadResults does (segments with tags, table with its state)."""
-    grid = phantoms.grid_around((1.0, -2.0, 3.0), (40, 44, 30), (1.0, 1.0, 1.5))
     labels = np.zeros(grid.array_shape, np.uint8)
     labels[3:5, 10:13, 8:11] = 1
     labels[8, 20, 30:33] = 2
@@ -47,7 +52,7 @@ def loaded_result(tmp_path, module):
     folder = tmp_path / "run"
     folder.mkdir()
     write_tsv(found, folder / "findings.tsv")
-    (folder / "run.json").write_text(json.dumps({"model": {"name": "blob"}}) + "\n")
+    (folder / "run.json").write_text(json.dumps({"model": {"name": "blob", "version": "2.0"}}) + "\n")
 
     volume = VolumeNode(grid)
     segmentation = SegmentationNode()
@@ -122,6 +127,60 @@ def test_review_edits_and_corrections_flow_into_the_saved_files(tmp_path, module
     assert np.array_equal(labels == 4, missed)
     assert saved.record["software"]["host"] == "3D Slicer 5.8.1"
     assert saved.record["scan"] == {"name": "SWI scan", "file": None}
+
+
+def dicom_volume(tmp_path, module, grid=RESULT_GRID):
+    """A result loaded for a scan that Slicer loaded from a DICOM series (DICOM.instanceUIDs, database)."""
+    series = phantoms.write_dicom_series(phantoms.render(phantoms.default_scene(), grid), tmp_path / "series")
+    uids = []
+    for path in sorted(series.iterdir()):
+        uid = pydicom.dcmread(str(path), stop_before_pixels=True).SOPInstanceUID
+        module.slicer.dicomDatabase.files[uid] = str(path)
+        uids.append(uid)
+    logic, table, segmentation, volume, grid = loaded_result(tmp_path, module)
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    return logic, table, segmentation, volume, series
+
+
+def test_save_results_writes_the_dicom_results_of_a_scan_from_dicom(tmp_path, module):
+    logic, table, segmentation, volume, series = dicom_volume(tmp_path, module)
+    table.SetCellText(0, table.GetColumnIndex("status"), "definite")
+    del segmentation.segmentation.segments["CMB_2"]
+    added = np.zeros(RESULT_GRID.array_shape, bool)
+    added[15:17, 5:7, 5:7] = True
+    segmentation.segmentation.segments["Segment_1"] = Segment("Segment_1", added)
+    saved = logic.saveResults(table, str(tmp_path / "out"), "reader")
+    out = tmp_path / "out"
+    assert saved.files == ["cmb.seg.nrrd", "findings.tsv", "corrections.json", "cmb.seg.dcm", "cmb.sr.dcm"]
+    assert saved.dicom_problem == "" and json.loads((out / "corrections.json").read_text())["files"] == saved.files
+    for name in ("cmb.seg.dcm", "cmb.sr.dcm"):
+        assert dciodvfy_errors(out / name) == []
+    labels, _, _ = read_seg_nrrd(out / "cmb.seg.nrrd")  # CMB 2 deleted, CMB 4 added by the reader
+    dicom_series = read_series(series_files(series), series, RESULT_GRID)
+    assert np.array_equal(seg_cmb_labels(out / "cmb.seg.dcm", dicom_series), dicom_series.frames(labels))
+    seg = pydicom.dcmread(str(out / "cmb.seg.dcm"))
+    assert [(s.SegmentLabel, s.SegmentAlgorithmType) for s in seg.SegmentSequence] == [
+        ("CMB 1", "AUTOMATIC"), ("CMB 3", "AUTOMATIC"), ("CMB 4", "MANUAL")]
+    assert str(seg.ContentCreatorName) == "reader^"
+    groups = sr_groups(out / "cmb.sr.dcm")
+    review = {label: g["codes"].get("Review status") for label, g in groups.items() if label != "Scan summary"}
+    assert review == {"CMB 1": "DEFINITE", "CMB 2": "REJECTED", "CMB 3": None, "CMB 4": "ADDED"}
+    assert groups["CMB 2"]["template"] == "1501" and "segment" not in groups["CMB 2"]  # no segment left
+    assert groups["CMB 4"]["segment"][1] == 3 and groups["Scan summary"]["numbers"][0][2] == 3  # not rejected
+    sr = pydicom.dcmread(str(out / "cmb.sr.dcm"))
+    assert "Person Observer Name" in str(sr.ContentSequence) and "reader" in str(sr.ContentSequence)
+
+
+def test_save_results_of_a_scan_not_on_its_dicom_grid_saves_the_rest_and_says_why(tmp_path, module):
+    logic, table, _, volume, _ = dicom_volume(tmp_path, module)
+    cropped = phantoms.grid_around((1.0, -2.0, 3.0), (40, 44, 30), (1.0, 1.0, 1.5), phantoms.rotation((0, 0, 1), 5))
+    volume.grid = cropped  # the volume was resampled after loading
+    saved = logic.saveResults(table, str(tmp_path / "out"), "reader")
+    assert saved.files == ["cmb.seg.nrrd", "findings.tsv", "corrections.json"]
+    assert "does not lie on the scan's grid" in saved.dicom_problem
+    assert files_under(tmp_path / "out") == ["cmb.seg.nrrd", "corrections.json", "findings.tsv"]
+    module.slicer.dicomDatabase.files.clear()  # the series left the DICOM database: nothing to write against
+    assert logic.dicomFiles(volume) is None
 
 
 def test_jump_and_segment_lookup(tmp_path, module):

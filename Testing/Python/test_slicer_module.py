@@ -105,9 +105,9 @@ def test_onnxruntime_build_for_the_platform(version, platform, gpu, expected):
 
 
 def test_missing_requirements_lists_only_what_cannot_be_imported():
-    installed = {"slicerio", "rich", "onnxruntime"}
+    installed = {"slicerio", "rich", "onnxruntime", "pynetdicom"}
     missing = slicerbridge.missing_requirements(installed.__contains__, "onnxruntime>=1.16", [("onnx", "onnx")])
-    assert missing == ["pynrrd>=1.0", "platformdirs>=3", "onnx"]
+    assert missing == ["pynrrd>=1.0", "platformdirs>=3", "highdicom>=0.22", "dicomweb-client>=0.59", "onnx"]
     everything = {module for module, _ in slicerbridge.RUNTIME_REQUIREMENTS} | {"onnxruntime"}
     assert slicerbridge.missing_requirements(everything.__contains__, "onnxruntime-gpu>=1.16") == []
 

@@ -2,7 +2,7 @@
 
 Inputs are a folder (every image file and DICOM series folder below it), a BIDS dataset
 (``*_T2starw``, ``*_swi``, ``*_GRE`` images; outputs form a BIDS derivatives dataset) or a CSV
-with columns ``scan_id,image[,mask][,parcellation]``.
+with columns ``scan_id,image[,mask][,parcellation][,dicom_source]``.
 
 A scan is *done* when its ``run.json`` holds the same fingerprint (checksums of its input
 files, the model's fold checksums and the settings that change results) and every file it
@@ -75,6 +75,7 @@ class Job:
     image: Path
     mask: Optional[Path] = None
     parcellation: Optional[Path] = None
+    dicom_source: Optional[Path] = None  # the DICOM series a NIfTI/NRRD image was converted from
     folder: str = ""  # default: the scan id
     prefix: str = ""  # BIDS: file names start with it and use BIDS suffixes
 
@@ -130,9 +131,11 @@ def _within(path: Path, folder: Optional[Path]) -> bool:
 
 
 def is_own_output(path: Path) -> bool:
-    """A label map, probability map or segmentation a run wrote: never a scan, wherever it lies."""
+    """A label map, probability map or segmentation a run wrote, or a result folder (its DICOM results are no DICOM
+    series): never a scan, wherever it lies."""
     name = path.name.lower()
-    return name.startswith((LABELS_NAME + ".", PROBABILITY_NAME + ".")) or name.endswith(".seg.nrrd")
+    return (name.startswith((LABELS_NAME + ".", PROBABILITY_NAME + ".")) or name.endswith(".seg.nrrd")
+            or (path.is_dir() and (path / RUN_NAME).is_file()))
 
 
 def _csv_jobs(path: Path) -> List[Job]:
@@ -142,7 +145,8 @@ def _csv_jobs(path: Path) -> List[Job]:
         raise InputError(path, f"cannot read scan list: {err}") from None
     rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if "\t" in text.split("\n", 1)[0] else ","))
     if not rows or not {"scan_id", "image"} <= set(rows[0]):
-        raise InputError(path, "a scan list needs a header line with columns scan_id,image[,mask][,parcellation]")
+        raise InputError(path, "a scan list needs a header line with columns scan_id,image[,mask][,parcellation]"
+                               "[,dicom_source]")
     jobs = []
     for number, row in enumerate(rows, start=2):
         scan_id, image = (row.get("scan_id") or "").strip(), (row.get("image") or "").strip()
@@ -150,7 +154,7 @@ def _csv_jobs(path: Path) -> List[Job]:
             raise InputError(path, f"line {number}: scan_id and image are both needed")
         safe_name(scan_id, f"line {number}: scan_id", path)
         jobs.append(Job(scan_id, _relative_to(path, image), _relative_to(path, row.get("mask")),
-                        _relative_to(path, row.get("parcellation"))))
+                        _relative_to(path, row.get("parcellation")), _relative_to(path, row.get("dicom_source"))))
     _check_unique([j.scan_id for j in jobs], path, "scan_id")
     return jobs
 
@@ -267,7 +271,7 @@ class BatchSettings(ScanSettings):
 def fingerprint(job: Job, model: ModelDescriptor, settings: BatchSettings) -> Dict[str, Any]:
     """Checksums of the scan's input files and the settings its results depend on."""
     inputs = {"image": checksum(source_files(job.image))}
-    for name in ("mask", "parcellation"):
+    for name in ("mask", "parcellation", "dicom_source"):
         path = getattr(job, name)
         inputs[name] = checksum(source_files(path)) if path is not None else None
     return {"inputs": inputs, **settings.result_settings(model)}
@@ -349,7 +353,7 @@ def _run_scan(job: Job, root: Path, model: ModelDescriptor, settings: BatchSetti
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
     options = SegmentOptions(**settings.values(), mask=job.mask, scan_id=job.scan_id, parcellation=job.parcellation,
-                             batch=batch)
+                             dicom_source=job.dicom_source, batch=batch)
     ensemble = get_ensemble(model, settings.device, settings.threads, settings.precision, keep_memory=True)
     if not job.prefix:
         segment(job.image, root, options, model=model, ensemble=ensemble)

@@ -27,8 +27,9 @@ overlap, the label map holds the last segment in the segmentation's order.
 The state the module keeps with the findings table (:class:`RunState`, the current findings)
 is JSON without tabs or raw newlines, so it survives as a MRML node attribute. Saving writes
 ``cmb.seg.nrrd``, ``findings.tsv`` and a provenance record ``corrections.json`` (who, when,
-software, source run, list of changes) into one folder, each file atomically and all three
-only once everything is written.
+software, source run, list of changes) into one folder, and for a scan loaded from DICOM
+``cmb.seg.dcm`` and ``cmb.sr.dcm`` (SHIVACMBLib.dicomout) of the corrected findings, each file
+atomically and all only once everything is written.
 """
 
 from __future__ import annotations
@@ -47,15 +48,14 @@ import numpy as np
 
 from .. import __version__
 from ..files import atomic_path, checksum
-from ..findings import NA, STATUSES, Finding, from_rows, read_tsv, to_rows, to_tsv
+from ..findings import (DELETED, EDITED, NA, STATUSES, Finding, add_note, from_rows, is_deleted, is_edited, read_tsv,
+                        remove_note, to_rows, to_tsv)
 from ..geometry import Geometry
 from ..location import count_locations
 from .slicerbridge import TABLE_COLUMNS, finding_row
 
 PathLike = Union[str, Path]
 
-EDITED = "edited"
-DELETED = "segment deleted"
 SEGMENTATION_NAME = "cmb.seg.nrrd"  # as SHIVACMBLib.pipeline names a run's files
 FINDINGS_NAME = "findings.tsv"
 PROVENANCE_NAME = "corrections.json"
@@ -64,7 +64,6 @@ PROVENANCE_FORMAT = "shivacmb-corrections/1"
 REVIEW_COLUMNS = ("status", "rater", "note")
 RUN_STATUSES = tuple(s for s in STATUSES if s != "added")  # what a CMB found by the run may be
 ADDED_STATUSES = tuple(s for s in STATUSES if s != "unreviewed")  # what a CMB added by the reader may be
-_NOTE_SEPARATOR = "; "
 
 
 # --- segments and label maps ------------------------------------------------------------------
@@ -253,30 +252,6 @@ class RunState:
                        record_text=str(data.get("record_text", "")), record_path=str(data.get("record_path", "")))
         except (TypeError, KeyError, AttributeError, ValueError) as err:
             raise ValueError(f"not a SHIVA-CMB run state: {err}") from None
-
-
-# --- notes ------------------------------------------------------------------------------------
-
-
-def note_items(note: str) -> List[str]:
-    return [item.strip() for item in note.split(_NOTE_SEPARATOR.strip()) if item.strip()]
-
-
-def add_note(note: str, item: str) -> str:
-    items = note_items(note)
-    return _NOTE_SEPARATOR.join(items if item in items else items + [item])
-
-
-def remove_note(note: str, item: str) -> str:
-    return _NOTE_SEPARATOR.join(i for i in note_items(note) if i != item)
-
-
-def is_deleted(finding: Finding) -> bool:
-    return DELETED in note_items(finding.note)
-
-
-def is_edited(finding: Finding) -> bool:
-    return EDITED in note_items(finding.note)
 
 
 # --- correcting the findings ------------------------------------------------------------------
@@ -555,30 +530,43 @@ class Saved:
     folder: Path
     findings: List[Finding]  # as written to findings.tsv (raters stamped)
     record: Dict[str, Any]  # as written to corrections.json
+    dicom_problem: str = ""  # why no DICOM results were written for a scan from DICOM
+
+    @property
+    def files(self) -> List[str]:
+        return list(self.record["files"])
 
 
 def save(folder: PathLike, labels: np.ndarray, grid: Geometry, run: RunState, correction: Correction, who: str,
-         scan: Optional[Mapping[str, Any]] = None, host: str = "", when: Optional[_dt.datetime] = None) -> Saved:
-    """Write cmb.seg.nrrd, findings.tsv and corrections.json of a correction into ``folder``.
+         scan: Optional[Mapping[str, Any]] = None, host: str = "", when: Optional[_dt.datetime] = None,
+         dicom_files: Optional[Sequence[PathLike]] = None) -> Saved:
+    """Write cmb.seg.nrrd, findings.tsv and corrections.json of a correction into ``folder``, and, for a scan from
+    DICOM (``dicom_files``: its series' files), cmb.seg.dcm and cmb.sr.dcm with the corrected findings.
 
     ``labels`` is the exported label map the correction was made from. The reader ``who`` is
     named as the rater of each CMB they changed that names none. Every file is written under
-    a temporary name first and renamed into place only when all three are complete, so a
+    a temporary name first and renamed into place only when all are complete, so a
     failure leaves the folder as it was (a folder this call created is removed again). Other
-    files in the folder are left alone.
+    files in the folder are left alone. A series the DICOM results cannot be made against
+    (not on the scan's grid: the volume was cropped or resampled) leaves them out, and
+    ``Saved.dicom_problem`` says why.
     """
     from ..segfile import write_seg_nrrd
 
     findings = stamp_rater(run.findings, correction.findings, who)
+    cmb_labels = cmb_label_map(labels, correction.label_to_cmb)
+    dicom, problem = _dicom_results(dicom_files, grid, cmb_labels, findings, run, who)
     record = provenance(run, findings, who, when, scan, host)
+    record["files"] += dicom.names if dicom is not None else []
     folder = Path(folder)
     created = [p for p in [folder, *folder.parents] if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.ExitStack() as stack:
             seg, tsv, prov = (stack.enter_context(atomic_path(folder / name)) for name in SAVED_FILES)
-            write_seg_nrrd(seg, cmb_label_map(labels, correction.label_to_cmb), grid,
-                           [f for f in findings if not is_deleted(f)])
+            write_seg_nrrd(seg, cmb_labels, grid, [f for f in findings if not is_deleted(f)])
+            if dicom is not None:
+                dicom.write(folder, stack)
             tsv.write_text(to_tsv(findings), encoding="utf-8")
             prov.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except BaseException:
@@ -586,7 +574,24 @@ def save(folder: PathLike, labels: np.ndarray, grid: Geometry, run: RunState, co
             with contextlib.suppress(OSError):
                 path.rmdir()
         raise
-    return Saved(folder, findings, record)
+    return Saved(folder, findings, record, problem)
+
+
+def _dicom_results(dicom_files: Optional[Sequence[PathLike]], grid: Geometry, labels: np.ndarray,
+                   findings: Sequence[Finding], run: RunState, who: str) -> Tuple[Any, str]:
+    """The DICOM results of the corrected findings against the scan's series (None without one), or why not."""
+    from ..dicomout import scan_results
+    from ..dicomseries import read_series
+    from ..errors import InputError
+
+    if not dicom_files:
+        return None, ""
+    files = [Path(f) for f in dicom_files]
+    try:
+        series = read_series(files, files[0].parent, grid)
+        return scan_results(series, labels, findings, run.record.get("model") or {}, reader=who), ""
+    except InputError as err:
+        return None, str(err)
 
 
 def load_saved(folder: PathLike) -> Tuple[List[Finding], Dict[str, Any]]:

@@ -34,14 +34,17 @@ from ..settings import ScanSettings
 CLI_MODULE = "SHIVACMBLib.cli"
 
 # Import name and pip requirement of each package the command needs beyond what Slicer ships
-# (Slicer ships numpy, scipy and SimpleITK; pip must never replace them, see pip_constraints).
+# (Slicer ships numpy, scipy, SimpleITK and pydicom; pip must never replace them, see pip_constraints).
 RUNTIME_REQUIREMENTS: Tuple[Tuple[str, str], ...] = (
     ("slicerio", "slicerio>=1.0"),
     ("nrrd", "pynrrd>=1.0"),
     ("rich", "rich>=12"),
     ("platformdirs", "platformdirs>=3"),
+    ("highdicom", "highdicom>=0.22"),
+    ("pynetdicom", "pynetdicom>=2.0"),
+    ("dicomweb_client", "dicomweb-client>=0.59"),
 )
-SLICER_PACKAGES = ("numpy", "scipy", "SimpleITK")
+SLICER_PACKAGES = ("numpy", "scipy", "SimpleITK", "pydicom")
 ONNXRUNTIME_MINIMUM = "1.16"
 # onnxruntime 1.20 and later have no wheels for Python 3.9 (Slicer 5.8).
 ONNXRUNTIME_PY39_LIMIT = "1.20"
