@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import ERROR_PREFIX, Cancelled, ModelError, ShivaError
+from .modelstore.precisions import HELDOUT_PHANTOMS
 from .progress import PROGRESS_MODES
 from .settings import DEVICES, PRECISIONS, add_scan_options, settings_from_args, volume
 
@@ -160,11 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run each converted fold and its TF original on a phantom scan and compare "
                              "(needs the `convert` extra)")
     verify.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16/bf16: also run that precision on --device and compare with fp32: the same "
-                             "detections, probability differences reported (default: %(default)s)")
+                        help="fp16/bf16/int8: also run that precision on --device and compare it with fp32 there on "
+                             "the demo phantom and --phantoms held-out phantoms: the same detections, probability "
+                             "differences reported. int8 first makes the model's int8 copy (calibrated on phantoms). "
+                             "A bf16 or int8 check is recorded for this computer: `segment --precision` uses that "
+                             "precision only after one passed (default: %(default)s)")
     verify.add_argument("--device", choices=DEVICES, default="auto",
                         help="device of the precision check (default: %(default)s)")
-    verify.add_argument("--scan", metavar="FILE", type=Path, help="scan for the checks (default: a phantom SWI scan)")
+    verify.add_argument("--phantoms", type=_count, default=HELDOUT_PHANTOMS, metavar="N",
+                        help="held-out phantoms of the precision check, made once into the user cache folder "
+                             "(default: %(default)s)")
+    verify.add_argument("--scan", metavar="FILE", type=Path,
+                        help="scan for the checks, instead of the phantoms (default: a phantom SWI scan)")
     verify.set_defaults(handler=_models_verify)
     install = actions.add_parser(
         "install", help="install SHIVA-CMB TensorFlow/Keras weights (zip or folder) as an ONNX model",
@@ -368,8 +376,8 @@ def _segment(args: argparse.Namespace) -> int:
         result = segment(args.input, args.out, options, progress=report)
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": _summary(result),
                           "output": str(result.output_dir), "cmb_count": len(result.findings),
-                          "provider": result.run.provider, "warnings": result.run.warnings}),
-              flush=True)
+                          "provider": result.run.provider, "precision": result.run.inference["precision"],
+                          "warnings": result.run.warnings, "hint": _faster(args, result)}), flush=True)
         return 0
     if args.progress == "bar" and sys.stderr.isatty():
         with BarReporter(Path(args.input).name) as bar:
@@ -379,7 +387,16 @@ def _segment(args: argparse.Namespace) -> int:
     print(_summary(result))
     for warning in result.run.warnings:
         print(f"warning: {warning}")
+    if _faster(args, result):
+        print(f"note: {_faster(args, result)}")
     return 0
+
+
+def _faster(args: argparse.Namespace, result: Any) -> str:
+    """The faster precisions this CPU could use for the model (run.json's inference.faster_precisions)."""
+    from .modelstore.precisions import hint
+
+    return hint(args.model or result.run.model["name"], result.run.inference.get("faster_precisions", {}))
 
 
 def _summary(result: Any) -> str:
@@ -515,12 +532,13 @@ def _models_verify(args: argparse.Namespace) -> int:
 
 def _models_verify_numbers(args: argparse.Namespace, model: Any) -> int:
     """The --parity and --precision checks of one model; the number of failed checks."""
-    from .modelstore.official import precision_parity, verify_parity
+    from .modelstore.official import verify_parity
+    from .modelstore.precisions import verify_precision
 
-    say = lambda line: print(f"        {line}")  # noqa: E731
+    say = lambda line: print(f"        {line}", flush=True)  # noqa: E731
     results = verify_parity(model, args.scan, say) if args.parity else []
     if args.precision != "fp32":
-        results.append(precision_parity(model, args.device, args.precision, args.scan, say))
+        results += verify_precision(model, args.device, args.precision, args.scan, args.phantoms, say)
     return sum(not r.passed for r in results)
 
 

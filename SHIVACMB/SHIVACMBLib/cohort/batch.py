@@ -55,6 +55,7 @@ LOG_NAME = "batch_log.jsonl"  # one line per scan outcome, every run appended
 SUMMARY_NAME = "cohort_summary.tsv"
 FINDINGS_TABLE = "cohort_findings.tsv"
 COHORT_REPORT = "report.html"
+WORKER_MEMORY_GIB = 4  # memory a local CPU worker plans for: a worker per core, at most one per this much
 BIDS_SUFFIXES = ("T2starw", "swi", "GRE")
 BIDS_SKIPPED_PARTS = ("phase", "real", "imag")  # CMBs are read on magnitude images
 BIDS_DESC = "cmb"
@@ -530,12 +531,12 @@ def local_cluster(cluster: ClusterSettings, device: str) -> Tuple[Any, int]:
 
 def default_workers(cores: int, memory_gib: Optional[float] = None) -> int:
     """CPU workers for this machine: one per core (single-threaded networks use the cores best: see
-    docs/performance.md), at most one per 4 GiB of memory."""
+    docs/performance.md), at most one per WORKER_MEMORY_GIB of memory."""
     if memory_gib is None:
         import psutil
 
         memory_gib = psutil.virtual_memory().total / 2 ** 30
-    return max(1, min(cores, int(memory_gib // 4)))
+    return max(1, min(cores, int(memory_gib // WORKER_MEMORY_GIB)))
 
 
 def gpu_count() -> int:
