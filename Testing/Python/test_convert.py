@@ -247,7 +247,7 @@ def test_converted_official_weights_get_an_int8_copy_and_its_check(installed, ca
                      "--scan", str(write_phantom(make_phantom(424242, "swi", (1.0, 1.0, 1.0), n_cmb=8),
                                                  installed.path.parent.parent / "scan", "p")["image"])])
     out = capsys.readouterr().out
-    assert "int8: quantizing 'shiva-test' (3 fold(s) in one graph)" in out and "recorded:" in out
+    assert "int8: quantizing 'shiva-test' (3 fold(s), one graph)" in out and "recorded:" in out
     assert code == (0 if "the same detections in 1 of 1" in out else 3)
     int8 = FoldEnsemble(installed, "cpu", precision="int8", unverified=True)
     assert int8.running_precision == "int8" and len(int8.sessions) == 1

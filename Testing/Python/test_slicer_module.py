@@ -71,7 +71,7 @@ def test_segment_command_leaves_out_what_is_not_set():
     assert parsed.device == "auto" and parsed.report
 
 
-@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(threshold=0.0), dict(threshold=1.0), dict(precision="int8"),
+@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(threshold=0.0), dict(threshold=1.0), dict(precision="int4"),
                                  dict(min_volume_mm3=-1.0)])
 def test_scan_settings_refuse_what_the_command_would_refuse(bad):
     with pytest.raises(ValueError):

@@ -22,7 +22,8 @@ def graph_inputs(proto: Any) -> List[Any]:
     return [i for i in proto.graph.input if i.name not in weights]
 
 
-def _load(fold: Fold) -> Any:
+def fold_graph(fold: Fold) -> Any:
+    """A fold's ``onnx.ModelProto``; ModelError naming the file when it is not one."""
     import onnx
 
     try:
@@ -35,10 +36,14 @@ def _load(fold: Fold) -> Any:
 def ensemble_graph(model: ModelDescriptor) -> Optional[Any]:
     """One ``onnx.ModelProto`` computing every fold of ``model`` (a single fold: that fold's graph); None when the
     folds cannot share a graph (different inputs, opsets or IR versions), which then run one session each."""
+    return merged([fold_graph(fold) for fold in model.folds], model.name)
+
+
+def merged(protos: List[Any], name: str) -> Optional[Any]:
+    """The graphs ``protos`` as one (see :func:`ensemble_graph`); None when they cannot share one."""
     import onnx
     from onnx import compose, helper
 
-    protos = [_load(fold) for fold in model.folds]
     first = protos[0]
     if len(protos) == 1:
         return first
@@ -61,24 +66,27 @@ def ensemble_graph(model: ModelDescriptor) -> Optional[Any]:
         value_info += graph.value_info
         outputs.append(graph.output[0])
         functions += prefixed.functions
-    graph = helper.make_graph(nodes, f"{model.name} folds", [shared], outputs, initializers, value_info=value_info)
-    merged = helper.make_model(graph, opset_imports=first.opset_import, functions=functions,
-                               producer_name="shivacmb ensemble graph")
-    merged.ir_version = first.ir_version
-    return merged
+    graph = helper.make_graph(nodes, f"{name} folds", [shared], outputs, initializers, value_info=value_info)
+    ensemble = helper.make_model(graph, opset_imports=first.opset_import, functions=functions,
+                                 producer_name="shivacmb ensemble graph")
+    ensemble.ir_version = first.ir_version
+    return ensemble
 
 
-def boxed_graph(model: ModelDescriptor) -> Optional[Any]:
-    """:func:`ensemble_graph` with its input fixed to the model box (batch of one, one channel, the descriptor's
-    layout): OpenVINO compiles static shapes once, and its int8 kernels run only on them (3x slower on a
-    dynamic one). None where the folds cannot share a graph."""
-    graph = ensemble_graph(model)
-    if graph is None:
-        return None
+def boxed(proto: Any, model: ModelDescriptor) -> Any:
+    """``proto`` with its input fixed to the model box (batch of one, one channel, the descriptor's layout):
+    OpenVINO compiles static shapes once, and its int8 kernels run only on them (3x slower on a dynamic one).
+    Other ranks, and fixed sizes other than the box's, are left for FoldEnsemble to refuse."""
     box = [1, *model.shape, 1] if model.layout == "NDHWC" else [1, 1, *model.shape]
-    dims = graph_inputs(graph)[0].type.tensor_type.shape.dim
-    if len(dims) == len(box):  # other ranks, and fixed sizes other than the box's, are refused by FoldEnsemble
+    dims = graph_inputs(proto)[0].type.tensor_type.shape.dim
+    if len(dims) == len(box):
         for dim, size in zip(dims, box):
             if not dim.dim_value:
                 dim.dim_value = size
-    return graph
+    return proto
+
+
+def boxed_graph(model: ModelDescriptor) -> Optional[Any]:
+    """:func:`ensemble_graph` with its input fixed to the model box; None where the folds cannot share a graph."""
+    graph = ensemble_graph(model)
+    return None if graph is None else boxed(graph, model)
