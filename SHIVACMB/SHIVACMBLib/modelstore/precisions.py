@@ -111,7 +111,7 @@ def verify_precision(model: ModelDescriptor, device: str, precision: str, scan: 
     ``phantoms`` held-out ones), judged on the detections. bf16 and int8 checks that ran in that precision
     are recorded: they decide whether `segment` uses it here."""
     from ..inference import FoldEnsemble
-    from .parity import HELDOUT_SEED, REDUCED_TOLERANCE, compare, describe_input, parity_input, phantom_scans
+    from .parity import HELDOUT_SEED, REDUCED_TOLERANCE, compare, parity_input, phantom_scans
 
     if precision == "int8" and not int8_file(model).is_file():
         make_int8(model, say)
@@ -120,9 +120,10 @@ def verify_precision(model: ModelDescriptor, device: str, precision: str, scan: 
     for note in reduced.warnings:
         say(f"warning: {note}")
     scans: List[Optional[Path]] = [scan] if scan else [None, *phantom_scans(HELDOUT_SEED, phantoms)]
+    names = [_scan_name(item, scan) for item in scans]
     results: List["Parity"] = []
     seconds = [0.0, 0.0]
-    for item in scans:
+    for item, name in zip(scans, names):
         volume = parity_input(model, item)
         maps = []
         for index, ensemble in enumerate((reference, reduced)):
@@ -130,7 +131,7 @@ def verify_precision(model: ModelDescriptor, device: str, precision: str, scan: 
             maps.append(ensemble.predict(volume)[0])
             seconds[index] += time.perf_counter() - started
         result = compare(maps[0], maps[1], model.threshold, REDUCED_TOLERANCE, detections=True)
-        say(f"{describe_input(item)}: {'ok' if result.passed else 'DIFFERS'}  {result.text()}")
+        say(f"{name}: {'ok' if result.passed else 'DIFFERS'}  {result.text()}")
         results.append(result)
     same = sum(r.passed for r in results)
     speedup = seconds[0] / max(seconds[1], 1e-9)
@@ -138,7 +139,7 @@ def verify_precision(model: ModelDescriptor, device: str, precision: str, scan: 
                f"detections in {same} of {len(results)} scan(s), {speedup:.1f}x as fast")
     say(summary)
     if precision in CPU_PRECISIONS and reduced.running_precision == precision:
-        _record(model, reduced.provider, precision, results, speedup, summary, scans)
+        _record(model, reduced.provider, precision, results, speedup, summary, names)
         say(f"recorded: `segment --precision {precision}` "
             + ("now uses it on this computer" if same == len(results) else "keeps running fp32 on this computer"))
     return results
@@ -153,15 +154,20 @@ def make_int8(model: ModelDescriptor, say: Say = print) -> Path:
     return int8_file(model)
 
 
-def _record(model: ModelDescriptor, provider: str, precision: str, results: List["Parity"], speedup: float,
-            summary: str, scans: List[Optional[Path]]) -> None:
+def _scan_name(item: Optional[Path], given: Optional[Path]) -> str:
+    """The demo phantom, a held-out phantom by its name, or the scan given by its path."""
     from .parity import describe_input
 
+    return describe_input(item) if item is None or given else f"held-out phantom {item.name.split('.')[0]}"
+
+
+def _record(model: ModelDescriptor, provider: str, precision: str, results: List["Parity"], speedup: float,
+            summary: str, names: List[str]) -> None:
     record = {"model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},
               "precision": precision, "provider": provider, "runtime": ", ".join(installed_builds()),
               "cpu": cpu_signature(), "passed": all(r.passed for r in results), "speedup": round(speedup, 2),
               "summary": summary, "checked": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "scans": [{"scan": describe_input(s), **r.as_dict()} for s, r in zip(scans, results)]}
+              "scans": [{"scan": name, **r.as_dict()} for name, r in zip(names, results)]}
     if precision == "int8":
         record["int8_sha256"] = checksum([int8_file(model)])
     path = record_file(model, precision, provider)
