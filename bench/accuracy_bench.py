@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from SHIVACMBLib.evaluate import centroid_pairs, evaluate_folders  # noqa: E402
 from SHIVACMBLib.findings import read_tsv  # noqa: E402
 from SHIVACMBLib.fpfilter import load_filter  # noqa: E402
 from SHIVACMBLib.inference import PRECISIONS, FoldEnsemble  # noqa: E402
+from SHIVACMBLib.modelstore import precisions  # noqa: E402
 from SHIVACMBLib.modelstore.models import load_model  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
 from SHIVACMBLib.devtools.synthetic import generate, read_objects, truth_paths  # noqa: E402
@@ -66,6 +68,9 @@ def main() -> int:
     print(f"\rphantoms: {args.n} in {phantoms} ({time.perf_counter() - started:.0f} s)")
 
     model = load_model(args.model)
+    os.environ.setdefault("SHIVACMB_CACHE", str(args.out / "cache"))  # the int8 copy and its calibration phantoms
+    if args.precision == "int8" and not precisions.int8_file(model).is_file():
+        precisions.make_int8(model)
     ensemble = FoldEnsemble(model, "auto", precision=args.precision, unverified=True)
     for note in ensemble.warnings:
         print(f"warning: {note}")

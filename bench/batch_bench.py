@@ -128,10 +128,10 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "SHIVACMB"))
     scans = phantoms(args.n, args.seed, args.kind)
-    from SHIVACMBLib.cohort.batch import WORKER_MEMORY_GIB, default_workers
+    from SHIVACMBLib.cohort.batch import WORKER_MEMORY_GIB, cpu_cores_per_worker, default_workers
     from SHIVACMBLib.inference import available_cores
 
-    default = default_workers(available_cores())  # what `batch` picks here without a GPU
+    default = default_workers(available_cores(), cores_per_worker=cpu_cores_per_worker())  # `batch`'s, without GPU
     modes = ["loop"] + [f"batch-w{w}" for w in args.workers] + ([] if default in args.workers else ["batch-default"])
     best: Dict[str, Dict[str, object]] = {}
     for number in range(args.rounds):

@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run on this existing dask scheduler (tcp://host:8786; see docs/cohorts.md for SLURM, "
                             "PBS, SGE) instead of a local cluster")
     batch.add_argument("--workers", type=_count, metavar="N",
-                       help="local cluster: worker processes (default: one per NVIDIA GPU, else one per core "
-                            "and 4 GiB of memory)")
+                       help="local cluster: worker processes (default: one per NVIDIA GPU, else one per core, "
+                            "one per two cores where OpenVINO runs the network, and at most one per 4 GiB of "
+                            "memory)")
     batch.add_argument("--threads", type=_count, metavar="N",
                        help="threads of each worker's network and image filters (default: the local cores shared "
                             "among the workers; every core of a worker's machine on an existing cluster)")

@@ -282,6 +282,8 @@ class FoldEnsemble:
         if self.precision in ("bf16", "int8"):
             why = _cpu_precision_note(self.precision, provider) or (
                 None if self.unverified else precisions.unverified_note(self.model, self.precision, provider))
+            if not why and self.precision == "int8" and not precisions.int8_file(self.model).is_file():
+                why = f"--precision int8: model '{self.model.name}' has no int8 copy yet (`models verify` makes it)"
             return ("fp32", why) if why else (self.precision, None)
         return "fp32", None
 
