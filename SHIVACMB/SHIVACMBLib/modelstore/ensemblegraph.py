@@ -1,10 +1,10 @@
 """All folds of a model as one ONNX graph: one input, each fold's output in fold order.
 
 OpenVINO keeps the working memory of a compiled model for the life of its session, so one session per
-fold holds every fold's memory at once (3.6 GiB for the SHIVA-sized 3-fold stand-in in fp32, against
+fold holds every fold's memory at once (peak 3.9 GiB for the SHIVA-sized 3-fold stand-in in fp32, against
 TensorFlow's 2.7). One graph holding every fold is planned as a whole: OpenVINO runs the folds one after
-another in one memory plan (1.5 GiB, as fast; docs/performance.md). The int8 copy of a model is quantized
-from this graph too. Each fold's nodes, tensors and initializers keep their names behind a ``fold<k>/``
+another in one memory plan (peak 1.7 GiB, as fast; docs/performance.md). A model's int8 folds are joined
+the same way (:mod:`quantize`). Each fold's nodes, tensors and initializers keep their names behind a ``fold<k>/``
 prefix; the shared input keeps fold 0's input name.
 """
 
