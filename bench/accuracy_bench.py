@@ -129,7 +129,8 @@ def main() -> int:
     if "vs_fp32" in metrics:
         same = metrics["vs_fp32"]
         print(f"\n{args.precision} against fp32 ({fp32.name}): the same CMBs in {same['same_scans']} of {args.n} scans "
-              f"({same['findings']} against {same['fp32_findings']} CMBs, centroids within {same['max_shift_mm']:.2f} mm)"
+              f"({same['findings']} against {same['fp32_findings']} CMBs, centroids within "
+              f"{same['max_shift_mm']:.2f} mm)"
               + (f"; differ: {', '.join(same['differing'])}" if same["differing"] else ""))
     mimics = metrics.get("mimics", {}).get("pooled", {})
     print(f"\nmimics detected (limit {MIMIC_LIMIT:.0%} per class):")

@@ -40,11 +40,10 @@ from .modelstore import precisions
 from .modelstore.ensemblegraph import boxed_graph
 from .modelstore.models import ModelDescriptor, cache_dir, verify_model
 from .nativelog import native_stderr_captured
-from .runtimes import builds_warning, cpu_has_bf16, installed_builds, load_openvino_libraries
+from .runtimes import OPENVINO, builds_warning, cpu_has_bf16, installed_builds, load_openvino_libraries
 from .settings import DEVICES, PRECISIONS
 
 CPU = "CPUExecutionProvider"
-OPENVINO = "OpenVINOExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (CUDA, "CoreMLExecutionProvider", "DmlExecutionProvider")
@@ -442,8 +441,8 @@ def _cpu_precision_note(precision: str, provider: str) -> Optional[str]:
     if precision == "bf16" and not cpu_has_bf16():
         return "--precision bf16: this CPU has no bfloat16 instructions (AMX or AVX-512 BF16); OpenVINO runs fp32"
     if precision == "int8" and provider != OPENVINO:
-        return (f"--precision int8 runs on CPUs through OpenVINO (onnxruntime's own int8 3D convolutions are slower than "
-                f"its fp32 ones: docs/performance.md); {provider} runs fp32")
+        return (f"--precision int8 runs on CPUs through OpenVINO (onnxruntime's own int8 3D convolutions are slower "
+                f"than its fp32 ones: docs/performance.md); {provider} runs fp32")
     return None
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, FrozenSet, List, Optional
 
 BUILDS = ("onnxruntime-openvino", "onnxruntime-gpu", "onnxruntime")
+OPENVINO = "OpenVINOExecutionProvider"  # the provider onnxruntime-openvino adds
 CPUINFO = Path("/proc/cpuinfo")
 # The units that make a reduced precision fast, by /proc/cpuinfo flag, best first.
 UNITS = {"int8": (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI")),

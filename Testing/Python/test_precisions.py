@@ -19,7 +19,7 @@ from helpers import SMALL_BOX
 
 
 needs_openvino = pytest.mark.skipif(inference.OPENVINO not in ort.get_available_providers(),
-                                    reason="int8 runs through OpenVINO (onnxruntime-openvino, the `cpu` extra on x86-64)")
+                                    reason="int8 runs through OpenVINO (onnxruntime-openvino: the `cpu` extra, x86-64)")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..files import atomic_write_text, checksum
-from ..runtimes import cpu_signature, fast_precisions, installed_builds, runtime_key
+from ..runtimes import OPENVINO, cpu_signature, fast_precisions, installed_builds, runtime_key
 from .models import ModelDescriptor, cache_dir
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ CPU_PRECISIONS = ("bf16", "int8")  # used only once verified here
 HELDOUT_PHANTOMS = 8  # held-out phantoms of a check, after the demo phantom
 INT8_RECIPE = 1  # bumped when quantize.py makes copies differently: older copies are made again
 Say = Callable[[str], None]
-OPENVINO = "OpenVINOExecutionProvider"
 
 
 def store_dir(model: ModelDescriptor) -> Path:
