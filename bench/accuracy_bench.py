@@ -12,24 +12,32 @@ Phantoms are cached (a rerun reuses them); segmentations are redone every run. P
 per-rule pooled metrics beside the issue's targets and the SHIVA-CMB paper's figures on real scans
 (phantoms are far easier: the comparison is context, not a claim), the overlap rule per modality,
 grid (isotropic or thick-slice), head (whole or skull-stripped) and CMB size, and writes metrics.json.
-``--precision bf16`` (with the `openvino` extra) or ``fp16`` (NVIDIA GPU) measures what a reduced
-precision does to the detections; its results and metrics get their own names.
+``--precision bf16|int8`` (CPU; bf16 through OpenVINO) or ``fp16`` (NVIDIA GPU) measures what a reduced
+precision does to the detections, run without the verification `segment` asks for (this is the
+measurement that decides); its results and metrics get their own names, and when the fp32 results of
+the same phantoms are there (the same command without ``--precision``, run first), every scan's CMBs
+are paired with fp32's (centroids within 1 mm): the scans whose CMBs differ are counted and named.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SHIVACMB"))
 
 from SHIVACMBLib.cli import release_freed_memory  # noqa: E402
-from SHIVACMBLib.evaluate import evaluate_folders  # noqa: E402
+from SHIVACMBLib.evaluate import centroid_pairs, evaluate_folders  # noqa: E402
+from SHIVACMBLib.findings import read_tsv  # noqa: E402
 from SHIVACMBLib.fpfilter import load_filter  # noqa: E402
-from SHIVACMBLib.inference import PRECISIONS, get_ensemble  # noqa: E402
+from SHIVACMBLib.inference import PRECISIONS, FoldEnsemble  # noqa: E402
+from SHIVACMBLib.modelstore import precisions  # noqa: E402
 from SHIVACMBLib.modelstore.models import load_model  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
 from SHIVACMBLib.devtools.synthetic import generate, read_objects, truth_paths  # noqa: E402
@@ -60,12 +68,15 @@ def main() -> int:
     print(f"\rphantoms: {args.n} in {phantoms} ({time.perf_counter() - started:.0f} s)")
 
     model = load_model(args.model)
-    ensemble = get_ensemble(model, "auto", precision=args.precision)
+    os.environ.setdefault("SHIVACMB_CACHE", str(args.out / "cache"))  # the int8 copy and its calibration phantoms
+    if args.precision == "int8" and not precisions.int8_file(model).is_file():
+        precisions.make_int8(model)
+    ensemble = FoldEnsemble(model, "auto", precision=args.precision, unverified=True)
     for note in ensemble.warnings:
         print(f"warning: {note}")
     candidate_filter = load_filter(args.fp_filter)
-    tag = family + model.name + ("" if args.precision == "fp32" else f"-{args.precision}") \
-        + ("" if candidate_filter is None else f"-{candidate_filter.name}")
+    filtered = "" if candidate_filter is None else f"-{candidate_filter.name}"
+    tag = family + model.name + ("" if args.precision == "fp32" else f"-{args.precision}") + filtered
     results = args.out / f"results-{tag}"
     seconds = []
     for number, info in enumerate(index, start=1):
@@ -88,6 +99,9 @@ def main() -> int:
     metrics["seconds_per_scan"] = round(sum(seconds) / len(seconds), 2)
     metrics["inference"] = ensemble.summary()
     metrics["fp_filter"] = None if candidate_filter is None else candidate_filter.summary()
+    fp32 = args.out / f"results-{family}{model.name}{filtered}"
+    if args.precision != "fp32" and all((fp32 / i["scan_id"] / "findings.tsv").is_file() for i in index):
+        metrics["vs_fp32"] = same_cmbs(results, fp32, [str(i["scan_id"]) for i in index])
     (args.out / f"metrics-{tag}.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     print(f"\nmodel {model.name} {model.version}; {args.n} phantoms, {metrics['phantoms']['cmbs']} CMBs "
@@ -112,6 +126,12 @@ def main() -> int:
         fp = f"FP {row['fp']:>3}  FP/scan {_f(row['fp_avg'])}" if "fp" in row else ""
         print(f"  {name:<22} scans {row['scans']:>3}  CMBs {row['cmbs']:>4}  TP {row['tp']:>4}  "
               f"sens {_f(row['sensitivity'])}  {fp}")
+    if "vs_fp32" in metrics:
+        same = metrics["vs_fp32"]
+        print(f"\n{args.precision} against fp32 ({fp32.name}): the same CMBs in {same['same_scans']} of {args.n} scans "
+              f"({same['findings']} against {same['fp32_findings']} CMBs, centroids within "
+              f"{same['max_shift_mm']:.2f} mm)"
+              + (f"; differ: {', '.join(same['differing'])}" if same["differing"] else ""))
     mimics = metrics.get("mimics", {}).get("pooled", {})
     print(f"\nmimics detected (limit {MIMIC_LIMIT:.0%} per class):")
     for cls, rate in sorted(mimics.items()):
@@ -119,6 +139,21 @@ def main() -> int:
         print(f"  {cls:<14} {int(rate['detected']):>4} of {int(rate['instances']):>4}  {_f(share)}  "
               f"{'ok' if share is not None and share <= MIMIC_LIMIT else 'MISSED'}")
     return 0
+
+
+def same_cmbs(results: Path, fp32: Path, scan_ids: list, limit_mm: float = 1.0) -> dict:
+    """Per scan, whether a reduced precision found fp32's CMBs: as many, paired one to one within ``limit_mm``."""
+    differing, shifts, found, reference = [], [0.0], 0, 0
+    for scan_id in scan_ids:
+        a = np.array([[f.r, f.a, f.s] for f in read_tsv(fp32 / scan_id / "findings.tsv")]).reshape(-1, 3)
+        b = np.array([[f.r, f.a, f.s] for f in read_tsv(results / scan_id / "findings.tsv")]).reshape(-1, 3)
+        pairs = centroid_pairs(a, b, limit_mm)
+        shifts += [float(np.linalg.norm(a[i] - b[j])) for i, j in pairs]
+        found, reference = found + len(b), reference + len(a)
+        if not len(a) == len(b) == len(pairs):
+            differing.append(f"{scan_id} ({len(b)} vs {len(a)})")
+    return {"same_scans": len(scan_ids) - len(differing), "differing": differing, "findings": found,
+            "fp32_findings": reference, "max_shift_mm": max(shifts)}
 
 
 SIZES = (("CMB <= 3 mm", 0.0, 3.0), ("CMB 3-5 mm", 3.0, 5.0), ("CMB > 5 mm", 5.0, 99.0))

@@ -13,9 +13,11 @@ the same scans in the same run, each in a fresh output folder:
 - ``batch-default``: ``shivacmb batch`` with the worker count it picks for this machine (left out when
   that count is one of ``--workers``).
 
-Prints wall time, scans per hour and the ratio to the loop, and checks that every mode found the
-same CMBs (count per scan). ``--rounds`` runs the modes in turn that many times and keeps each one's
-best, so a machine shared with other work slows every mode alike. Never asserts timings.
+Prints wall time, scans per hour and the ratio to the loop, the largest peak resident memory of a
+process of each mode (a `segment` process of the loop, a batch worker) against the memory `shivacmb
+batch` plans per worker, and checks that every mode found the same CMBs (count per scan). ``--rounds``
+runs the modes in turn that many times and keeps each one's best, so a machine shared with other work
+slows every mode alike. Never asserts timings.
 """
 
 from __future__ import annotations
@@ -68,25 +70,47 @@ def run_mode(mode: str, scans: Path, model: Optional[str], precision: str) -> Di
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = (["--model", model] if model else []) + ["--precision", precision]
+    peaks: Dict[int, float] = {}
     started = time.perf_counter()
     if mode == "loop":
         for scan in sorted(scans.glob("*.nii.gz")):
-            subprocess.run(SHIVACMB + ["segment", str(scan), "--out", str(out), "--progress", "none"] + extra,
-                           check=True, capture_output=True)
+            watched(SHIVACMB + ["segment", str(scan), "--out", str(out), "--progress", "none"] + extra, mode, peaks)
     else:
         listing = out.parent / "scans.csv"  # the scans only (the phantoms' folder also holds their truth maps)
         listing.write_text("scan_id,image\n" + "".join(f"{p.name[:-7]},{p}\n" for p in sorted(scans.glob("*.nii.gz"))))
         workers = [] if mode == "batch-default" else ["--workers", mode.rsplit("w", 1)[1]]
-        done = subprocess.run(SHIVACMB + ["batch", str(listing), "--out", str(out), "--progress", "none"] + workers
-                              + extra, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"{mode}: {done.stderr.strip() or done.stdout.strip()}")
+        watched(SHIVACMB + ["batch", str(listing), "--out", str(out), "--progress", "none"] + workers + extra, mode,
+                peaks)
     seconds = time.perf_counter() - started
     counts = {p.parent.name: len(p.read_text().splitlines()) - 1 for p in sorted(out.glob("*/findings.tsv"))}
     runs = [json.loads(p.read_text()) for p in out.glob("*/run.json")]
     ran = {f"{r['inference']['provider']} {r['inference']['precision']}" for r in runs}
     located = sum(r.get("location", {}).get("source") == "atlas" and not r["location"].get("failed") for r in runs)
-    return {"mode": mode, "seconds": seconds, "counts": counts, "ran": ", ".join(sorted(ran)), "located": located}
+    return {"mode": mode, "seconds": seconds, "counts": counts, "ran": ", ".join(sorted(ran)), "located": located,
+            "peak_mib": max(peaks.values(), default=0.0)}
+
+
+def watched(command: List[str], mode: str, peaks: Dict[int, float]) -> None:
+    """Run ``command``, noting every 0.2 s the peak resident memory (VmHWM) of it and each process it started."""
+    import psutil
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            family = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for member in family:
+            try:
+                status = Path(f"/proc/{member.pid}/status").read_text()
+            except OSError:
+                continue
+            hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+            peaks[member.pid] = max(peaks.get(member.pid, 0.0), hwm / 1024)
+        time.sleep(0.2)
+    if process.wait():
+        raise SystemExit(f"{mode}: {process.stderr.read().strip() if process.stderr else ''}")
 
 
 def main() -> None:
@@ -98,16 +122,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts of the scaling curve")
     parser.add_argument("--rounds", type=int, default=1, help="times every mode runs, in turn; best kept")
     parser.add_argument("--model", help="model name or folder (default: the embedded default model)")
-    parser.add_argument("--precision", default="fp32", help="passed to every mode (bf16: through OpenVINO, where "
-                        "onnxruntime-openvino is installed; default: %(default)s)")
+    parser.add_argument("--precision", default="fp32", help="passed to every mode (bf16, int8: used where `shivacmb "
+                        "models verify --precision` passed on this computer; default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "SHIVACMB"))
     scans = phantoms(args.n, args.seed, args.kind)
-    from SHIVACMBLib.cohort.batch import default_workers
+    from SHIVACMBLib.cohort.batch import WORKER_MEMORY_GIB, cpu_cores_per_worker, default_workers
     from SHIVACMBLib.inference import available_cores
 
-    default = default_workers(available_cores())  # what `batch` picks here without a GPU
+    default = default_workers(available_cores(), cores_per_worker=cpu_cores_per_worker())  # `batch`'s, without GPU
     modes = ["loop"] + [f"batch-w{w}" for w in args.workers] + ([] if default in args.workers else ["batch-default"])
     best: Dict[str, Dict[str, object]] = {}
     for number in range(args.rounds):
@@ -124,15 +148,18 @@ def main() -> None:
           f"{args.model or 'default'}, precision {args.precision}; best of {args.rounds} round(s)\n")
     print(f"- `shivacmb batch` without --workers runs {default} worker(s) here")
     print(f"- atlas registration of the location step passed its checks in {loop['located']} of {args.n} scans\n")
-    print("| mode | network ran on | wall s | s per scan | scans per hour | x loop | same CMB counts as loop |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print(f"- memory `shivacmb batch` plans per worker: {WORKER_MEMORY_GIB} GiB ({WORKER_MEMORY_GIB * 1024} MiB)\n")
+    print("| mode | network ran on | wall s | s per scan | scans per hour | x loop | largest process peak MiB "
+          "| same CMB counts as loop |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     rows: List[Dict[str, object]] = []
     for mode in modes:
         row = best[mode]
         seconds = float(row["seconds"])
         rows.append(dict(row, scans_per_hour=3600 * args.n / seconds, ratio=float(loop["seconds"]) / seconds))
         print(f"| {mode} | {row['ran']} | {seconds:.1f} | {seconds / args.n:.2f} | {3600 * args.n / seconds:.0f} | "
-              f"{float(loop['seconds']) / seconds:.2f} | {'yes' if row['counts'] == loop['counts'] else 'NO'} |")
+              f"{float(loop['seconds']) / seconds:.2f} | {row['peak_mib']:.0f} | "
+              f"{'yes' if row['counts'] == loop['counts'] else 'NO'} |")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2,
                                         default=str) + "\n", encoding="utf-8")

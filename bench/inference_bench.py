@@ -6,26 +6,32 @@
 Builds (once, cached in bench/out/inference/) the stand-in of Testing/Python/shivaweights.py at full
 size with random weights (the last bias placed so that a few voxels of the phantom pass 0.5, as
 CMBs would), as Keras `.h5` folds (the SHIVA-CMB v1 form) installed through
-`shivacmb models install` (so the ONNX folds are exactly what users get), then runs every backend
-in its own fresh process on the same normalised phantom box:
+`shivacmb models install` (so the ONNX folds are exactly what users get), and its int8 copy
+(`models verify --precision int8` makes the same), then runs every backend in its own fresh process
+on the same normalised phantom box:
 
 - ``tf-cpu`` / ``tf-gpu``: each fold loaded with Keras (``compile=False``) and run by
   ``model.predict`` (batch of one), the mean of the folds: what the SHiVAi pipeline runs;
-- ``ort-cpu`` (onnxruntime's own CPU kernels), with onnxruntime-openvino ``ort-openvino`` and
-  ``ort-openvino-bf16`` (Intel's kernels, fp32 and bfloat16), with onnxruntime-gpu ``ort-cuda``,
-  ``ort-cuda-fp16``, ``ort-tensorrt``: :class:`FoldEnsemble` as ``shivacmb segment`` uses it;
-- ``ort-cpu-int8``, ``ort-cpu-fp16`` (asked for by name): candidate CPU precisions, each fold
-  quantized by onnxruntime's dynamic int8 quantization or narrowed to fp16, with the ensemble rule
-  of ``segment``; `segment` offers neither (see docs/performance.md);
-- ``segment-cpu`` / ``segment-cpu-bf16`` / ``segment-gpu``: the whole ``segment`` of a 1 mm phantom scan (read, mask,
-  preprocess, network, postprocess, location, write) with the installed model, sessions kept.
+- ``ort-default``: :class:`FoldEnsemble` as ``shivacmb segment`` uses it with the default install and
+  ``--device auto`` (OpenVINO, every fold in one graph, on x86-64 Linux and Windows; onnxruntime's own
+  kernels elsewhere); ``ort-int8``: the same with the model's int8 copy, run without the verification
+  `segment` asks for (this random-weight model fails it: its detections are specks at the threshold);
+- ``ort-cpu`` (onnxruntime's own CPU kernels, one session per fold), ``ort-openvino-bf16`` (OpenVINO,
+  bfloat16) and, by name, ``ort-openvino`` (the same as ``ort-default`` where OpenVINO is the default) and
+  ``ort-cpu-fp16`` (each fold narrowed to fp16); with onnxruntime-gpu ``ort-cuda``, ``ort-cuda-fp16``,
+  ``ort-tensorrt``;
+- ``segment-default``: the ``shivacmb segment`` command as a user runs it (a fresh process per scan,
+  default device and precision) on a 1 mm phantom scan: wall time, its network stage (sessions
+  included) and the peak resident memory of the whole process;
+- ``segment-int8`` / ``segment-cpu`` / ``segment-cpu-bf16`` / ``segment-gpu``: the whole ``segment`` of that
+  scan in this process (read, mask, preprocess, network, postprocess, location, write), sessions kept.
 
 Per backend: the first scan (model loading, session start, engine build included), the best of
 ``--repeat`` warm scans, the peak resident memory of the process once its input is ready, the
 backend's own part of it (that peak less the resident memory when the input was ready: library,
 model, working memory), the rise of GPU memory for GPU runs, and the ratios to TF in the same run
-(time: TF's warm scan over the backend's; memory: the backend's own peak over TF's). ONNX rows
-other than ``ort-cpu`` are compared with ONNX CPU fp32 in the first round (largest difference
+(time: TF's warm scan over the backend's network time; memory: the backend's own peak over TF's). ONNX
+rows other than ``ort-cpu`` are compared with ONNX CPU fp32 in the first round (largest difference
 of the fold-mean probability, voxels thresholded differently outside the +-1e-3 band, +-1e-2 for
 reduced precisions, whose components above threshold are paired with fp32's too); the TF
 against ONNX parity of every fold is the install's, recorded in model.json and printed. ``--rounds`` runs the backends in turn that many times and keeps
@@ -56,13 +62,18 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
 sys.path.insert(0, str(REPO / "SHIVACMB"))
 OUT = HERE / "out" / "inference"
-ORT = {"ort-cpu": ("cpu", "fp32", ["CPUExecutionProvider"]),  # device, precision, providers (None: the device's plan)
+CACHE = OUT / "cache"  # the int8 copy and its calibration phantoms (the bench's own SHIVACMB_CACHE)
+ORT = {"ort-default": ("auto", "fp32", None),  # device, precision, providers (None: the device's plan)
+       "ort-int8": ("auto", "int8", None),
+       "ort-cpu": ("cpu", "fp32", ["CPUExecutionProvider"]),
        "ort-openvino": ("cpu", "fp32", ["OpenVINOExecutionProvider", "CPUExecutionProvider"]),
        "ort-openvino-bf16": ("cpu", "bf16", ["OpenVINOExecutionProvider", "CPUExecutionProvider"]),
        "ort-cuda": ("cuda", "fp32", None), "ort-cuda-fp16": ("cuda", "fp16", None),
        "ort-tensorrt": ("tensorrt", "fp32", None)}
-CPU_CANDIDATES = ("ort-cpu-int8", "ort-cpu-fp16")  # measured to decide, not offered by `segment`
-SEGMENT = {"segment-cpu": ("cpu", "fp32"), "segment-cpu-bf16": ("cpu", "bf16"), "segment-gpu": ("auto", "fp32")}
+CPU_CANDIDATES = ("ort-cpu-fp16",)  # measured to decide, not offered by `segment`
+SEGMENT = {"segment-int8": ("auto", "int8"), "segment-cpu": ("cpu", "fp32"), "segment-cpu-bf16": ("cpu", "bf16"),
+           "segment-gpu": ("auto", "fp32")}
+COMMAND = "segment-default"  # the command in a fresh process per scan
 CHECK_FIELDS = ("max_diff_vs_fp32", "differing_outside_band", "detections")  # of the first round
 PHANTOM_SEED = 424243  # a 1 mm SWI phantom for the `segment` rows
 
@@ -94,6 +105,16 @@ def build(box, base: int, levels: int, folds: int) -> Path:
     return home / "bench"
 
 
+def int8_copy(model_dir: Path) -> None:
+    """The model's int8 copy, made once (as `models verify --precision int8` makes it)."""
+    from SHIVACMBLib.modelstore import precisions
+    from SHIVACMBLib.modelstore.models import read_descriptor
+
+    model = read_descriptor(model_dir)
+    if not precisions.int8_file(model).is_file():
+        precisions.make_int8(model)
+
+
 def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
     """One backend in this (fresh) process: first scan, best warm scan, peak memory (and parity on request)."""
     from SHIVACMBLib.modelstore.models import read_descriptor
@@ -104,6 +125,8 @@ def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
     ready = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak (VmHWM) from here: the phantom's making is not counted
     gpu = GpuPeak()
+    if backend == COMMAND:
+        return _command(model_dir, repeat)
     if backend.startswith("tf"):
         run, provider = _keras_predict(model_dir, volume, gpu=backend == "tf-gpu")
     elif backend in ORT:
@@ -122,6 +145,7 @@ def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
            "peak_rss_mib": peak / 1024, "own_mib": (peak - ready) / 1024, "gpu_mib": gpu.stop()}
     if backend in SEGMENT:
         row["stages_s"] = result.run.timings_s  # of the last warm scan
+        row["network_s"] = result.run.timings_s["inference"]
     elif check and result is not None and backend != "ort-cpu":
         from SHIVACMBLib.inference import CPU, FoldEnsemble
         from SHIVACMBLib.modelstore.parity import FP32_TOLERANCE, REDUCED_TOLERANCE, compare
@@ -135,6 +159,40 @@ def child(model_dir: Path, backend: str, repeat: int, check: bool) -> dict:
         if parity.detections:
             row["detections"] = parity.detections.text()
     return row
+
+
+def _command(model_dir: Path, repeat: int) -> dict:
+    """`shivacmb segment` with the default device and precision, a fresh process per scan, as a user runs it:
+    wall time, the network stage (sessions included), the peak resident memory of each process."""
+    scan = _phantom_scan()
+    runs = []
+    for number in range(repeat + 1):
+        out = OUT / "command-results"
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "SHIVACMBLib.cli", "segment", str(scan), "--out", str(out),
+                                    "--model", str(model_dir), "--progress", "none"], stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        if status:
+            raise SystemExit(f"shivacmb segment exited with status {status}")
+        record = json.loads((out / scan.name[:-7] / "run.json").read_text(encoding="utf-8"))
+        runs.append({"wall_s": time.perf_counter() - started, "peak_mib": usage.ru_maxrss / 1024,
+                     "stages_s": record["timings_s"], "ran": f"{record['inference']['provider']} "
+                                                             f"{record['inference']['precision']}"})
+    best = min(runs, key=lambda r: r["wall_s"])
+    peak = max(r["peak_mib"] for r in runs)
+    return {"backend": COMMAND, "provider": f"`shivacmb segment` on {best['ran']}", "first_s": runs[0]["wall_s"],
+            "warm_s": best["wall_s"], "network_s": best["stages_s"]["inference"], "peak_rss_mib": peak,
+            "own_mib": peak, "gpu_mib": 0.0, "stages_s": best["stages_s"]}
+
+
+def _phantom_scan() -> Path:
+    """The 1 mm SWI phantom of the `segment` rows, made once."""
+    from SHIVACMBLib.devtools.synthetic import make_phantom, write_phantom
+
+    scan = OUT / f"phantom-{PHANTOM_SEED}" / f"phantom-{PHANTOM_SEED}.nii.gz"
+    if not scan.is_file():
+        write_phantom(make_phantom(PHANTOM_SEED, "swi", (1.0, 1.0, 1.0), n_cmb=6), scan.parent, scan.name[:-7])
+    return scan
 
 
 def _rss_kib(field: str) -> int:
@@ -173,43 +231,33 @@ def _keras_predict(model_dir: Path, volume, gpu: bool):
 
 
 def _onnxruntime(model, volume, device: str, precision: str, providers: Optional[List[str]]):
-    """One scan through the fold ensemble `segment` uses (sessions opened by the first scan)."""
+    """One scan through the fold ensemble `segment` uses (sessions opened by the first scan; reduced precisions
+    run without the verification `segment` asks for)."""
     from SHIVACMBLib.inference import FoldEnsemble
 
     ensemble: List = []
 
     def run():
         if not ensemble:
-            ensemble.append(FoldEnsemble(model, device, precision=precision, providers=providers))
+            ensemble.append(FoldEnsemble(model, device, precision=precision, providers=providers, unverified=True))
         return ensemble[0].predict(volume)[0]
 
     return run, lambda: f"{ensemble[0].provider} {ensemble[0].running_precision}"
 
 
 def _cpu_candidate(model, volume, precision: str):
-    """The CPU ensemble with every fold quantized to int8 (dynamic) or narrowed to fp16 (sessions by the first scan)."""
-    import tempfile
-
+    """The CPU ensemble with every fold narrowed to fp16 (sessions made by the first scan)."""
+    import onnx
     from SHIVACMBLib.inference import CPU, FoldEnsemble, create_session
+    from SHIVACMBLib.modelstore.onnxfloat import to_float16
 
     ensemble: List = []
-
-    def narrowed(path: Path) -> bytes:
-        if precision == "fp16":
-            import onnx
-            from SHIVACMBLib.modelstore.onnxfloat import to_float16
-
-            return to_float16(onnx.load(str(path))).SerializeToString()
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with tempfile.TemporaryDirectory() as tmp:
-            quantize_dynamic(path, Path(tmp) / "int8.onnx", weight_type=QuantType.QUInt8)
-            return (Path(tmp) / "int8.onnx").read_bytes()
 
     def run():
         if not ensemble:
             cpu = FoldEnsemble(model, "cpu", providers=[CPU])
-            cpu.sessions = [create_session(narrowed(fold.path), [CPU], cpu.threads) for fold in model.folds]
+            cpu.sessions = [create_session(to_float16(onnx.load(str(fold.path))).SerializeToString(), [CPU],
+                                           cpu.threads) for fold in model.folds]
             ensemble.append(cpu)
         return ensemble[0].predict(volume)[0]
 
@@ -217,24 +265,22 @@ def _cpu_candidate(model, volume, precision: str):
 
 
 def _segment(model, device: str, precision: str):
-    """The whole `segment` of a 1 mm phantom scan (sessions kept by the process between scans)."""
-    from SHIVACMBLib.inference import get_ensemble
+    """The whole `segment` of a 1 mm phantom scan (sessions kept by the process between scans; reduced precisions
+    without the verification `segment` asks for)."""
+    from SHIVACMBLib.inference import FoldEnsemble
     from SHIVACMBLib.pipeline import SegmentOptions, segment
-    from SHIVACMBLib.devtools.synthetic import make_phantom, write_phantom
 
-    scan = OUT / f"phantom-{PHANTOM_SEED}" / f"phantom-{PHANTOM_SEED}.nii.gz"
-    if not scan.is_file():
-        write_phantom(make_phantom(PHANTOM_SEED, "swi", (1.0, 1.0, 1.0), n_cmb=6), scan.parent, scan.name[:-7])
+    scan = _phantom_scan()
     out = OUT / "segment-results"
+    ensemble: List = []
 
     def run():
-        return segment(scan, out, SegmentOptions(device=device, precision=precision), model=model)
+        if not ensemble:
+            ensemble.append(FoldEnsemble(model, device, precision=precision, unverified=True))
+        return segment(scan, out, SegmentOptions(device=device, precision=precision), model=model,
+                       ensemble=ensemble[0])
 
-    def provider() -> str:
-        ensemble = get_ensemble(model, device, precision=precision)
-        return f"segment on {ensemble.provider} {ensemble.running_precision}"
-
-    return run, provider
+    return run, lambda: f"segment on {ensemble[0].provider} {ensemble[0].running_precision}"
 
 
 class GpuPeak:
@@ -270,16 +316,14 @@ def backends() -> List[str]:
     import onnxruntime
 
     providers = onnxruntime.get_available_providers()
-    found = ["tf-cpu", "ort-cpu"]
+    found = ["tf-cpu", "ort-cpu", "ort-default", "ort-int8"]
     if "OpenVINOExecutionProvider" in providers:
-        found += ["ort-openvino", "ort-openvino-bf16"]
+        found.append("ort-openvino-bf16")
     if "CUDAExecutionProvider" in providers:
         found += ["tf-gpu", "ort-cuda", "ort-cuda-fp16"]
     if "TensorrtExecutionProvider" in providers:
         found.append("ort-tensorrt")
-    found.append("segment-cpu")
-    if "OpenVINOExecutionProvider" in providers:
-        found.append("segment-cpu-bf16")
+    found += [COMMAND, "segment-int8"]
     return found + (["segment-gpu"] if "CUDAExecutionProvider" in providers else [])
 
 
@@ -328,22 +372,24 @@ def best_rows(rounds: List[List[dict]]) -> List[dict]:
 
 
 def table(rows: List[dict], say: Callable[[str], None] = print) -> None:
-    """The Markdown table: times, ratios to TF on the same device kind, memory."""
+    """The Markdown table: times, ratios to TF on the same device kind (of the network: a `segment` row's network
+    stage), memory (the command's whole process against TF's peak)."""
     by = {r["backend"]: r for r in rows}
-    say("| backend | runs on | first scan s | warm scan s | x faster than TF CPU | x faster than TF GPU "
-        "| peak RSS MiB | own MiB | own / TF CPU | GPU MiB | max diff vs ONNX CPU fp32 |")
-    say("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    say("| backend | runs on | first scan s | warm scan s | network s | x faster than TF CPU | x faster than TF GPU "
+        "| peak RSS MiB | own MiB | own / TF CPU | peak / TF CPU peak | GPU MiB | max diff vs ONNX CPU fp32 |")
+    say("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        speed = {ref: f"{by[ref]['warm_s'] / r['warm_s']:.2f}" if ref in by and r["backend"] not in SEGMENT else "-"
-                 for ref in ("tf-cpu", "tf-gpu")}  # a whole `segment` is not compared with a network alone
-        memory = f"{r['own_mib'] / by['tf-cpu']['own_mib']:.2f}" if "tf-cpu" in by else "-"
+        network = r.get("network_s", r["warm_s"])
+        speed = {ref: f"{by[ref]['warm_s'] / network:.2f}" if ref in by else "-" for ref in ("tf-cpu", "tf-gpu")}
+        memory = f"{r['own_mib'] / by['tf-cpu']['own_mib']:.2f}" if "tf-cpu" in by and r["backend"] != COMMAND else "-"
+        peak = f"{r['peak_rss_mib'] / by['tf-cpu']['peak_rss_mib']:.2f}" if "tf-cpu" in by else "-"
         differs = (f"{r['max_diff_vs_fp32']:.1e} ({r['differing_outside_band']} vx)" if "max_diff_vs_fp32" in r
                    else "-")
         if "detections" in r:
             differs += f"; {r['detections']}"
-        say(f"| {r['backend']} | {r['provider']} | {r['first_s']:.2f} | {r['warm_s']:.2f} | {speed['tf-cpu']} | "
-            f"{speed['tf-gpu']} | {r['peak_rss_mib']:.0f} | {r['own_mib']:.0f} | {memory} | {r['gpu_mib']:.0f} | "
-            f"{differs} |")
+        say(f"| {r['backend']} | {r['provider']} | {r['first_s']:.2f} | {r['warm_s']:.2f} | {network:.2f} | "
+            f"{speed['tf-cpu']} | {speed['tf-gpu']} | {r['peak_rss_mib']:.0f} | {r['own_mib']:.0f} | {memory} | "
+            f"{peak} | {r['gpu_mib']:.0f} | {differs} |")
 
 
 def main() -> None:
@@ -355,9 +401,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="warm scans after the first")
     parser.add_argument("--rounds", type=int, default=2, help="times every backend runs, in turn; best kept")
     parser.add_argument("--backends", nargs="+", metavar="B",
-                        help="subset to run (default: all this machine can: tf-cpu ort-cpu [ort-openvino "
-                             "ort-openvino-bf16] [tf-gpu ort-cuda ort-cuda-fp16 ort-tensorrt] segment-cpu "
-                             "[segment-gpu]; by name only: ort-cpu-int8 ort-cpu-fp16)")
+                        help="subset to run (default: all this machine can: tf-cpu ort-cpu ort-default ort-int8 "
+                             "[ort-openvino-bf16] [tf-gpu ort-cuda ort-cuda-fp16 ort-tensorrt] segment-default "
+                             "segment-int8 [segment-gpu]; by name only: ort-openvino ort-cpu-fp16 "
+                             "segment-cpu segment-cpu-bf16)")
     parser.add_argument("--json", type=Path, help="also write the machine and the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -368,8 +415,11 @@ def main() -> None:
         release_freed_memory()  # as the `shivacmb` command starts; every row, TF included, runs so
         print(json.dumps(child(Path(args.child[0]), args.child[1], args.repeat, args.check)))
         return
+    os.environ["SHIVACMB_CACHE"] = str(CACHE)  # children inherit it
     started = time.perf_counter()
     model_dir = build(tuple(args.box), args.base, args.levels, args.folds)
+    if {"ort-int8", "segment-int8"} & set(args.backends or backends()):
+        int8_copy(model_dir)
     print(f"model: {model_dir} (built/installed in {time.perf_counter() - started:.0f} s)")
     parity = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["conversion"]["parity"]["folds"]
     print("conversion parity at install (each fold, TF against ONNX CPU): max abs diff "

@@ -19,6 +19,7 @@ from . import __version__
 from .errors import ERROR_PREFIX, Cancelled, ShivaError
 from .dicomsend import add_send_options, destination_from_args, send_results
 from .modelstore.commands import models_convert, models_install, models_list, models_verify
+from .modelstore.precisions import HELDOUT_PHANTOMS
 from .progress import PROGRESS_MODES
 from .settings import DEVICES, PRECISIONS, add_scan_options, settings_from_args, volume
 
@@ -115,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run on this existing dask scheduler (tcp://host:8786; see docs/cohorts.md for SLURM, "
                             "PBS, SGE) instead of a local cluster")
     batch.add_argument("--workers", type=_count, metavar="N",
-                       help="local cluster: worker processes (default: one per NVIDIA GPU, else one per core "
-                            "and 4 GiB of memory)")
+                       help="local cluster: worker processes (default: one per NVIDIA GPU, else one per core, "
+                            "one per two cores where OpenVINO runs the network, and at most one per 4 GiB of "
+                            "memory)")
     batch.add_argument("--threads", type=_count, metavar="N",
                        help="threads of each worker's network and image filters (default: the local cores shared "
                             "among the workers; every core of a worker's machine on an existing cluster)")
@@ -175,11 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run each converted fold and its TF original on a phantom scan and compare "
                              "(needs the `convert` extra)")
     verify.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16/bf16: also run that precision on --device and compare with fp32: the same "
-                             "detections, probability differences reported (default: %(default)s)")
+                        help="fp16/bf16/int8: also run that precision on --device and compare it with fp32 there on "
+                             "the demo phantom and --phantoms held-out phantoms: the same detections, probability "
+                             "differences reported. int8 first makes the model's int8 copy (calibrated on phantoms). "
+                             "A bf16 or int8 check is recorded for this computer: `segment --precision` uses that "
+                             "precision only after one passed (default: %(default)s)")
     verify.add_argument("--device", choices=DEVICES, default="auto",
                         help="device of the precision check (default: %(default)s)")
-    verify.add_argument("--scan", metavar="FILE", type=Path, help="scan for the checks (default: a phantom SWI scan)")
+    verify.add_argument("--phantoms", type=_count, default=HELDOUT_PHANTOMS, metavar="N",
+                        help="held-out phantoms of the precision check, made once into the user cache folder "
+                             "(default: %(default)s)")
+    verify.add_argument("--scan", metavar="FILE", type=Path,
+                        help="scan for the checks, instead of the phantoms (default: a phantom SWI scan)")
     verify.set_defaults(handler=models_verify)
     install = actions.add_parser(
         "install", help="install SHIVA-CMB TensorFlow/Keras weights (zip or folder) as an ONNX model",
@@ -393,8 +402,8 @@ def _segment(args: argparse.Namespace) -> int:
         result = segment(args.input, args.out, options, progress=report)
         print(json.dumps({"stage": "done", "fraction": 1.0, "message": _summary(result),
                           "output": str(result.output_dir), "cmb_count": len(result.findings),
-                          "provider": result.run.provider, "warnings": result.run.warnings}),
-              flush=True)
+                          "provider": result.run.provider, "precision": result.run.inference["precision"],
+                          "warnings": result.run.warnings, "hint": _faster(args, result)}), flush=True)
         return 0
     if args.progress == "bar" and sys.stderr.isatty():
         with BarReporter(Path(args.input).name) as bar:
@@ -404,7 +413,16 @@ def _segment(args: argparse.Namespace) -> int:
     print(_summary(result))
     for warning in result.run.warnings:
         print(f"warning: {warning}")
+    if _faster(args, result):
+        print(f"note: {_faster(args, result)}")
     return 0
+
+
+def _faster(args: argparse.Namespace, result: Any) -> str:
+    """The faster precisions this CPU could use for the model (run.json's inference.faster_precisions)."""
+    from .modelstore.precisions import hint
+
+    return hint(args.model or result.run.model["name"], result.run.inference.get("faster_precisions", {}))
 
 
 def _summary(result: Any) -> str:

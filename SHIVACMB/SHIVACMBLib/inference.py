@@ -2,20 +2,23 @@
 
 Sessions are created once per (model, device, precision) and reused for every scan of the process
 (:func:`get_ensemble`). Provider order for ``--device auto``: CUDA, then CoreML/DirectML,
-then OpenVINO on the CPU (onnxruntime-openvino: Intel's kernels, twice as fast as onnxruntime's
-own 3D convolutions on an AVX-512 Xeon; fp32, same numbers), then CPU; ``--device cpu`` takes
-OpenVINO first too; ``--device tensorrt`` puts TensorRT (engines cached in the user cache folder) before
-CUDA. A GPU provider that fails to load, or fails while running (out of memory, driver
-error), is dropped for CPU with a warning; the provider that really ran is reported.
+then OpenVINO on the CPU (onnxruntime-openvino, the default install on x86-64 Linux and Windows:
+Intel's kernels, faster than onnxruntime's own 3D convolutions on AVX-512 CPUs; fp32, same numbers),
+then CPU; ``--device cpu`` takes OpenVINO first too; ``--device tensorrt`` puts TensorRT (engines
+cached in the user cache folder) before CUDA. A provider that fails to load, or fails while running
+(out of memory, driver error), is dropped for onnxruntime's own CPU kernels with a warning; the
+provider that really ran is reported.
 
-On CUDA/TensorRT the input is copied to the GPU once and every fold reads it there (IO binding);
-cuDNN picks its fastest convolution algorithms once per session (exhaustive search). With
-``precision="fp16"`` GPU sessions run an fp16 copy of each fold (fp32 inputs and outputs). With
-``precision="bf16"`` OpenVINO runs the folds in bfloat16 on CPUs that have it (AMX or AVX-512
-BF16: three times its fp32 speed on a Sapphire Rapids Xeon); onnxruntime's own CPU kernels have
-no faster precision (fp16 no faster, dynamic int8 slower and off by 5e-3: docs/performance.md),
-so they run fp32. Reduced precisions are checked against fp32 by ``shivacmb models verify
---precision``. CPU sessions use every available core.
+OpenVINO runs every fold of a model in one session over one graph (:mod:`modelstore.ensemblegraph`)
+shaped to the model box: one memory plan for all folds instead of one kept per fold, and the static
+shapes its int8 kernels need. Other providers run one session per fold. On CUDA/TensorRT the input is
+copied to the GPU once and every fold reads it there (IO binding); cuDNN picks its fastest convolution
+algorithms once per session (exhaustive search). With ``precision="fp16"`` GPU sessions run an fp16
+copy of each fold (fp32 inputs and outputs). The CPU precisions ``bf16`` (OpenVINO, on CPUs with AMX
+or AVX-512 BF16) and ``int8`` (the model's int8 copy, :mod:`modelstore.quantize`) run only where
+``shivacmb models verify --precision`` has shown on this computer that they find what fp32 finds
+(:mod:`modelstore.precisions`); otherwise fp32 runs, with a warning saying how to check them. CPU
+sessions use every available core.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import re
 import threading
 import warnings
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -33,12 +36,14 @@ import numpy as np
 from scipy.special import expit, softmax
 
 from .errors import ModelError, RuntimeFailure, one_line
-from .modelstore.models import ModelDescriptor, verify_model
+from .modelstore import precisions
+from .modelstore.ensemblegraph import boxed_graph
+from .modelstore.models import ModelDescriptor, cache_dir, verify_model
 from .nativelog import native_stderr_captured
+from .runtimes import OPENVINO, builds_warning, cpu_has_bf16, installed_builds, load_openvino_libraries
 from .settings import DEVICES, PRECISIONS
 
 CPU = "CPUExecutionProvider"
-OPENVINO = "OpenVINOExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (CUDA, "CoreMLExecutionProvider", "DmlExecutionProvider")
@@ -52,8 +57,9 @@ def onnxruntime_module():
     try:
         import onnxruntime
     except ImportError:
-        raise RuntimeFailure("onnxruntime is not installed: pip install 'shivacmb[cpu]' "
-                             "(or 'shivacmb[gpu]' on a machine with an NVIDIA GPU)") from None
+        raise RuntimeFailure("onnxruntime is not installed: pip install 'shivacmb[cpu]' (onnxruntime-openvino on "
+                             "x86-64 Linux and Windows, else onnxruntime), or 'shivacmb[gpu]' on a machine with an "
+                             "NVIDIA GPU") from None
     return onnxruntime
 
 
@@ -88,21 +94,7 @@ _NAMES = {CUDA: "CUDA", TENSORRT: "TensorRT"}
 
 def trt_cache_dir() -> Path:
     """Where TensorRT keeps its built engines (building one takes minutes; reusing it, a second)."""
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("shivacmb", appauthor=False)) / "tensorrt"
-
-
-@lru_cache(maxsize=None)
-def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU computes in bfloat16 (AMX or AVX-512 BF16); True where the OS does not say (Linux does).
-    Read once per process: every scan's run.json asks."""
-    try:
-        info = cpuinfo.read_text(encoding="utf-8")
-    except OSError:
-        return True  # OpenVINO falls back to fp32 by itself where bf16 is missing
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+    return cache_dir() / "tensorrt"
 
 
 def provider_options(provider: str, precision: str = "fp32", threads: int = 1) -> Dict[str, Any]:
@@ -147,6 +139,8 @@ def create_session(model: Union[str, bytes], providers: Sequence[str], threads: 
             shared_cpu_arena()
             options.enable_cpu_mem_arena = True
             options.add_session_config_entry("session.use_env_allocators", "1")
+    if OPENVINO in providers:
+        load_openvino_libraries()
     tuned = [(p, provider_options(p, precision, threads)) for p in providers]
     return ort.InferenceSession(model, sess_options=options, providers=tuned)
 
@@ -167,11 +161,9 @@ def shared_cpu_arena() -> None:
 
 
 def fp16_model(path: Path) -> bytes:
-    """An fp16 copy of an fp32 ONNX fold, serialized (needs the onnx package)."""
-    try:
-        import onnx
-    except ImportError:
-        raise RuntimeFailure("--precision fp16 needs the onnx package: pip install onnx") from None
+    """An fp16 copy of an fp32 ONNX fold, serialized."""
+    import onnx
+
     from .modelstore.onnxfloat import to_float16
 
     return to_float16(onnx.load(str(path))).SerializeToString()
@@ -206,9 +198,11 @@ class FoldEnsemble:
     """All folds of a model as onnxruntime sessions, with the ensemble rule of the descriptor."""
 
     def __init__(self, model: ModelDescriptor, device: str = "auto", threads: Optional[int] = None,
-                 precision: str = "fp32", providers: Optional[Sequence[str]] = None, keep_memory: bool = False):
+                 precision: str = "fp32", providers: Optional[Sequence[str]] = None, keep_memory: bool = False,
+                 unverified: bool = False):
         """``providers`` replaces the device's plan (tried in order, e.g. ``[CPU]`` for onnxruntime's own kernels);
-        ``keep_memory``: CPU sessions keep their working memory between runs (for processes that run many scans)."""
+        ``keep_memory``: CPU sessions keep their working memory between runs (for processes that run many scans);
+        ``unverified``: run bf16 or int8 without a passing `models verify --precision` (that check itself, benches)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
         verify_model(model)
@@ -217,12 +211,16 @@ class FoldEnsemble:
         self.precision = precision
         self.threads = threads or available_cores()
         self.keep_memory = keep_memory
-        self.warnings: List[str] = []
+        self.unverified = unverified
+        self.running_precision = "fp32"  # what the sessions compute in (set when they open)
+        self.builds = installed_builds()
+        self.warnings: List[str] = [w for w in [builds_warning(self.builds)] if w]
         ort = onnxruntime_module()
         self.onnxruntime_version = ort.__version__
         plan, notes = (list(providers), []) if providers else provider_plan(device, ort.get_available_providers())
         self.requested = plan
         self.warnings += notes
+        self._outputs: List[List[str]] = []  # per session, the outputs that are fold maps (in fold order)
         self.sessions = self._open(plan)
         self._running = threading.Lock()  # one scan at a time through the folds; others prepare meanwhile
 
@@ -231,37 +229,32 @@ class FoldEnsemble:
         """The execution provider the sessions actually run on."""
         return self.sessions[0].get_providers()[0]
 
-    @property
-    def running_precision(self) -> str:
-        """fp16 where asked for and an NVIDIA provider runs, bf16 where asked for and OpenVINO can; else fp32."""
-        if self.precision == "fp16" and self.provider in NVIDIA_PROVIDERS:
-            return "fp16"
-        if self.precision == "bf16" and self.provider == OPENVINO and cpu_has_bf16():
-            return "bf16"
-        return "fp32"
-
     def summary(self) -> Dict[str, Any]:
-        return {"onnxruntime": self.onnxruntime_version, "device": self.device, "requested": self.requested,
-                "provider": self.provider, "precision": self.running_precision, "threads": self.threads,
-                "warnings": list(self.warnings)}
+        """run.json's ``inference``: the build, what was asked and what ran, and (CPU runs in fp32) the reduced
+        precisions this CPU has units for, with whether they are verified for this model here."""
+        offered = precisions.offers(self.model, self.provider) if self.running_precision == "fp32" else {}
+        return {"onnxruntime": self.onnxruntime_version, "runtime": ", ".join(self.builds), "device": self.device,
+                "requested": self.requested, "provider": self.provider, "precision": self.running_precision,
+                "threads": self.threads, "faster_precisions": offered, "warnings": list(self.warnings)}
 
     # --- sessions -------------------------------------------------------------------
     def _open(self, providers: List[str]) -> List[Any]:
-        note = _precision_note(self.precision, providers[0])
+        self.running_precision, note = self._precision_on(providers[0])
         if note and note not in self.warnings:
             self.warnings.append(note)
-        sessions = []
-        for fold in self.model.folds:
+        sessions: List[Any] = []
+        self._outputs = []
+        for label, source, folds in self._sources(providers[0]):
             printed: List[str] = []
             try:
-                source = self._source(fold.path, providers[0])
                 with native_stderr_captured(printed), warnings.catch_warnings(record=True) as raised:
                     warnings.simplefilter("always")
-                    session = create_session(source, providers, self.threads, self.precision, self.keep_memory)
+                    session = run_interruptibly(partial(create_session, source, providers, self.threads,
+                                                        self.running_precision, self.keep_memory))
                 printed += [f"{w.message}\n" for w in raised]
             except Exception as err:  # noqa: BLE001 - any provider failure gets the same treatment
                 if providers == [CPU]:
-                    raise ModelError(f"{fold.path}: onnxruntime cannot load this model: {one_line(err)}") from None
+                    raise ModelError(f"{label}: onnxruntime cannot load this model: {one_line(err)}") from None
                 self._warn_fallback(f"could not start {providers[0]} ({one_line(err)})")
                 return self._open([CPU])
             used = session.get_providers()[0]
@@ -272,15 +265,42 @@ class FoldEnsemble:
                     return self._open(providers[providers.index(used):])
                 self._warn_fallback(f"{providers[0]} not usable ({reason})")
                 return self._open([CPU])
-            self._check_io(session, fold.path)
+            self._check_io(session, label)
+            names = [o.name for o in session.get_outputs()]
+            if len(names) < folds:
+                raise ModelError(f"{label}: computes {len(names)} output(s), expected one per fold ({folds})")
             sessions.append(session)
+            self._outputs.append(names[:folds])
         return sessions
 
-    def _source(self, path: Path, provider: str) -> Union[str, bytes]:
-        """The fold file, or its fp16 copy for CUDA (TensorRT makes its own fp16 engine from fp32)."""
-        if self.precision == "fp16" and provider == CUDA:
-            return fp16_model(path)
-        return str(path)
+    def _precision_on(self, provider: str) -> Tuple[str, Optional[str]]:
+        """The precision ``provider`` computes in, and why it is not the one asked for (None when it is)."""
+        if self.precision == "fp16":
+            return ("fp16", None) if provider in NVIDIA_PROVIDERS else (
+                "fp32", f"--precision fp16 is for NVIDIA GPUs; {provider} runs fp32")
+        if self.precision in ("bf16", "int8"):
+            why = _cpu_precision_note(self.precision, provider) or (
+                None if self.unverified else precisions.unverified_note(self.model, self.precision, provider))
+            if not why and self.precision == "int8" and not precisions.int8_file(self.model).is_file():
+                why = f"--precision int8: model '{self.model.name}' has no int8 copy yet (`models verify` makes it)"
+            return ("fp32", why) if why else (self.precision, None)
+        return "fp32", None
+
+    def _sources(self, provider: str) -> List[Tuple[Path, Union[str, bytes], int]]:
+        """What each session loads, the file its errors name and how many folds it computes: the int8 copy (every
+        fold); on OpenVINO one graph of every fold shaped to the model box; fp16 copies of the folds for CUDA
+        (TensorRT makes its own fp16 engine from fp32); else the fold files."""
+        every = len(self.model.folds)
+        if self.running_precision == "int8":
+            path = precisions.int8_file(self.model)
+            return [(path, str(path), every)]
+        if provider == OPENVINO:
+            graph = boxed_graph(self.model)
+            if graph is not None:
+                return [(self.model.path if every > 1 else self.model.folds[0].path, graph.SerializeToString(), every)]
+        if self.running_precision == "fp16" and provider == CUDA:
+            return [(fold.path, fp16_model(fold.path), 1) for fold in self.model.folds]
+        return [(fold.path, str(fold.path), 1) for fold in self.model.folds]
 
     def _warn_fallback(self, reason: str) -> None:
         self.warnings.append(f"{reason}; running on CPU")
@@ -316,7 +336,7 @@ class FoldEnsemble:
             return self._run_all(feed, progress)
         except ModelError:
             raise
-        except Exception as err:  # noqa: BLE001 - a GPU failure mid-run falls back to CPU
+        except Exception as err:  # noqa: BLE001 - a provider failure mid-run falls back to CPU
             if self.provider == CPU:
                 raise RuntimeFailure(f"inference failed on CPU: {one_line(err)}") from None
             self._warn_fallback(f"{self.provider} failed during inference ({one_line(err)})")
@@ -325,23 +345,28 @@ class FoldEnsemble:
 
     def raw_outputs(self, feed: np.ndarray) -> List[np.ndarray]:
         """Every fold's raw output for one batch in the model layout (no fallback: for parity checks)."""
-        return [self._run_one(session, bound) for session, bound in zip(self.sessions, self._bind_input(feed))]
+        return [raw for index, bound in enumerate(self._bind_input(feed)) for raw in self._run_session(index, bound)]
 
     def _run_all(self, feed: np.ndarray, progress: Optional[ProgressFn]) -> Tuple[np.ndarray, List[np.ndarray]]:
         total: Optional[np.ndarray] = None
         folds: List[np.ndarray] = []
-        n = len(self.sessions)
-        for index, (session, bound) in enumerate(zip(self.sessions, self._bind_input(feed))):
+        n = len(self.model.folds)
+        done = 0
+        for index, bound in enumerate(self._bind_input(feed)):
             if progress:
-                progress(index / n, f"fold {index + 1} of {n} on {self.provider}")
-            prob = to_probability(self._run_one(session, bound), self.model)
-            prob[prob < self.model.fold_floor] = 0.0
-            if n > 1:
-                folds.append(prob)
-            if total is None:
-                total = prob.copy() if n > 1 else prob
-            else:
-                total += prob
+                first, last = done + 1, done + len(self._outputs[index])
+                which = f"fold {first}" if first == last else f"folds {first}-{last}"
+                progress(done / n, f"{which} of {n} on {self.provider}")
+            for raw in self._run_session(index, bound):
+                prob = to_probability(raw, self.model)
+                prob[prob < self.model.fold_floor] = 0.0
+                if n > 1:
+                    folds.append(prob)
+                if total is None:
+                    total = prob.copy() if n > 1 else prob
+                else:
+                    total += prob
+                done += 1
         if progress:
             progress(1.0, f"{n} fold(s) done on {self.provider}")
         assert total is not None
@@ -356,24 +381,30 @@ class FoldEnsemble:
         on_device = onnxruntime_module().OrtValue.ortvalue_from_numpy(feed, device, 0)
         return [on_device] * len(self.sessions)
 
-    def _run_one(self, session: Any, feed: Any) -> np.ndarray:
+    def _run_session(self, index: int, feed: Any) -> List[np.ndarray]:
+        """The fold maps session ``index`` computes from ``feed`` (one per fold it holds)."""
+        session, outputs = self.sessions[index], self._outputs[index]
         name = session.get_inputs()[0].name
         options = onnxruntime_module().RunOptions()
+        stop = partial(setattr, options, "terminate", True)
         if isinstance(feed, np.ndarray):
-            return run_interruptibly(lambda: session.run(None, {name: feed}, options)[0], options)
+            return run_interruptibly(lambda: session.run(outputs, {name: feed}, options), stop)
         binding = session.io_binding()
         binding.bind_ortvalue_input(name, feed)
-        binding.bind_output(session.get_outputs()[0].name, feed.device_name())
-        run_interruptibly(lambda: session.run_with_iobinding(binding, options), options)
-        return binding.copy_outputs_to_cpu()[0]
+        for output in outputs:
+            binding.bind_output(output, feed.device_name())
+        run_interruptibly(lambda: session.run_with_iobinding(binding, options), stop)
+        return binding.copy_outputs_to_cpu()
 
 
-def run_interruptibly(call: Callable[[], Any], options: Any) -> Any:
-    """``call`` (one onnxruntime run with ``options``) in a helper thread, the main thread waiting on it.
+def run_interruptibly(call: Callable[[], Any], stop: Optional[Callable[[], None]] = None) -> Any:
+    """``call`` (an onnxruntime run, or a session being made) in a helper thread, the main thread waiting on it.
 
-    A fold runs for seconds inside onnxruntime, where Python cannot act on a signal; waiting here instead,
-    the main thread gets SIGTERM/Ctrl-C at once, sets ``options.terminate`` (onnxruntime then stops between
-    two kernels) and raises. Off the main thread (batch workers), which never gets signals, it simply runs.
+    A fold runs for seconds inside onnxruntime, and OpenVINO compiles a session for a second or more, where Python
+    cannot act on a signal; waiting here instead, the main thread gets SIGTERM/Ctrl-C at once and raises. ``stop``
+    ends the call first (a run's ``RunOptions.terminate``: onnxruntime stops between two kernels); a call without
+    one (a session being compiled) is left to its daemon thread, which the command's exit ends. Off the main thread
+    (batch workers), which never gets signals, it simply runs.
     """
     if threading.current_thread() is not threading.main_thread():
         return call()
@@ -393,23 +424,25 @@ def run_interruptibly(call: Callable[[], Any], options: Any) -> Any:
         while not finished.wait(0.05):
             pass
     except BaseException:
-        options.terminate = True
-        finished.wait()
+        if stop is not None:
+            stop()
+            finished.wait()
         raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
 
 
-def _precision_note(precision: str, provider: str) -> Optional[str]:
-    """Why ``provider`` will not run the reduced ``precision`` asked for (None when it will)."""
-    if precision == "fp16" and provider not in NVIDIA_PROVIDERS:
-        return f"--precision fp16 is for NVIDIA GPUs; {provider} runs fp32"
+def _cpu_precision_note(precision: str, provider: str) -> Optional[str]:
+    """Why ``provider`` cannot compute in the CPU precision ``precision`` (None when it can)."""
     if precision == "bf16" and provider != OPENVINO:
-        return (f"--precision bf16 runs on CPUs through OpenVINO (pip install 'shivacmb[openvino]'); "
-                f"{provider} runs fp32")
+        return (f"--precision bf16 runs on CPUs through OpenVINO (onnxruntime-openvino, the default install on "
+                f"x86-64 Linux and Windows); {provider} runs fp32")
     if precision == "bf16" and not cpu_has_bf16():
         return "--precision bf16: this CPU has no bfloat16 instructions (AMX or AVX-512 BF16); OpenVINO runs fp32"
+    if precision == "int8" and provider != OPENVINO:
+        return (f"--precision int8 runs on CPUs through OpenVINO (onnxruntime's own int8 3D convolutions are slower "
+                f"than its fp32 ones: docs/performance.md); {provider} runs fp32")
     return None
 
 

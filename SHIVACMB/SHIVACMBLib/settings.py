@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def probability(text: Any) -> float:
@@ -76,9 +76,10 @@ class ScanSettings:
                     "(minutes) and caches them (default: %(default)s)", choices=DEVICES, reuse=False,
         gui=Gui("choice", "auto")))
     precision: str = setting("fp32", Option(
-        "--precision", "fp16: half precision on NVIDIA GPUs; bf16: bfloat16 on CPUs through OpenVINO (extra "
-                       "`openvino`; AMX or AVX-512 BF16 CPUs); check either first with `shivacmb models verify "
-                       "--precision P`; elsewhere fp32 runs (default: %(default)s)", choices=PRECISIONS))
+        "--precision", "fp16: half precision on NVIDIA GPUs; bf16 (OpenVINO, CPUs with AMX or AVX-512 BF16) and "
+                       "int8 (CPUs, fastest with VNNI or AMX): used only once `shivacmb models verify MODEL "
+                       "--precision P` has shown on this computer that they find what fp32 finds; elsewhere fp32 "
+                       "runs, with a warning (default: %(default)s)", choices=PRECISIONS, gui=Gui("choice", "fp32")))
     threshold: Optional[float] = setting(None, Option(
         "--threshold", "probability threshold, 0-1 (default: the model's own, usually 0.5)", "T", probability,
         gui=Gui("range", 0.5, (0.01, 0.99))))

@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import sys
 from importlib import metadata
@@ -23,12 +24,12 @@ class PackagesLogic:
     """Packages and models (a mixin of SHIVACMBLogic)."""
 
     @staticmethod
-    def missingPackages(extra: Sequence[Tuple[str, str]] = ()) -> List[str]:
-        """pip requirements of the packages the command needs that Slicer's Python lacks."""
-        onnxruntime = slicerbridge.onnxruntime_requirement(tuple(sys.version_info[:2]), sys.platform,
-                                                           shutil.which("nvidia-smi") is not None)
-        return slicerbridge.missing_requirements(lambda name: importlib.util.find_spec(name) is not None,
-                                                 onnxruntime, extra)
+    def missingPackages() -> List[str]:
+        """pip requirements of the packages the command needs that Slicer's Python lacks (the onnxruntime build
+        the `cpu` extra would choose here, or the GPU build where an NVIDIA GPU is found)."""
+        onnxruntime = slicerbridge.onnxruntime_requirements(tuple(sys.version_info[:2]), sys.platform,
+                                                            platform.machine(), shutil.which("nvidia-smi") is not None)
+        return slicerbridge.missing_requirements(lambda name: importlib.util.find_spec(name) is not None, onnxruntime)
 
     def startInstallPackages(self, requirements: Sequence[str],
                              onFinished: Optional[Callable[[SHIVACMBCommand], None]] = None) -> SHIVACMBCommand:

@@ -40,7 +40,7 @@ class SelfTest:
     def test_SegmentCorrectAndSave(self) -> None:
         widget = slicer.util.getModuleWidget("SHIVACMB")
         logic = widget.logic
-        missing = logic.missingPackages(extra=(("onnx", "onnx"),))
+        missing = logic.missingPackages()
         if missing:
             self.delayDisplay("Installing " + ", ".join(missing))
             logic.installPackages(missing)

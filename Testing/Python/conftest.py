@@ -14,8 +14,10 @@ from SHIVACMBLib import inference
 
 @pytest.fixture(autouse=True)
 def _isolated_models(tmp_path_factory, monkeypatch):
-    """No test sees the developer's own installed models, and no sessions leak between tests."""
+    """No test sees the developer's own installed models or cache (int8 copies, precision records), and no
+    sessions leak between tests."""
     monkeypatch.setenv("SHIVACMB_MODELS", str(tmp_path_factory.mktemp("user-models")))
+    monkeypatch.setenv("SHIVACMB_CACHE", str(tmp_path_factory.mktemp("user-cache")))
     inference.clear_ensembles()
     yield
     inference.clear_ensembles()

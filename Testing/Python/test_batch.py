@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 import phantoms
 from helpers import REPO, SMALL_FOV, files_under, match, run_cli
+from SHIVACMBLib import inference
 from SHIVACMBLib.cohort import batch
 from SHIVACMBLib.cohort.batch import BatchSettings, ClusterSettings, Job, discover, run_batch
 from SHIVACMBLib.errors import InputError
@@ -143,6 +144,18 @@ def test_worker_plan_one_worker_per_gpu_else_cores_and_memory():
     assert batch.worker_plan(16, 0, memory_gib=10) == ([{}] * 2, 8)  # 4 GiB per worker
     assert batch.worker_plan(2, 0, workers=2, memory_gib=64) == ([{}, {}], 1)
     assert batch.worker_plan(1, 0, memory_gib=1) == ([{}], 1)
+    # OpenVINO's networks use a second core well: a worker per two cores, each network on both
+    assert batch.worker_plan(16, 0, memory_gib=128, cores_per_worker=2) == ([{}] * 8, 2)
+    assert batch.worker_plan(2, 0, memory_gib=64, cores_per_worker=2) == ([{}], 2)
+    assert batch.worker_plan(1, 0, memory_gib=64, cores_per_worker=2) == ([{}], 1)
+
+
+def test_cores_per_worker_follow_the_cpu_runtime(monkeypatch):
+    ort = inference.onnxruntime_module()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [inference.OPENVINO, inference.CPU])
+    assert batch.cpu_cores_per_worker() == 2
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [inference.CPU])
+    assert batch.cpu_cores_per_worker() == 1
 
 
 # --- runs -----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from helpers import run_cli  # noqa: E402
 from SHIVACMBLib.modelstore import blobmodel, official  # noqa: E402
 from SHIVACMBLib import cli  # noqa: E402
 from SHIVACMBLib.errors import ModelError  # noqa: E402
-from SHIVACMBLib.inference import FoldEnsemble, model_layout, to_probability  # noqa: E402
+from SHIVACMBLib.inference import CPU, FoldEnsemble, model_layout, to_probability  # noqa: E402
 from SHIVACMBLib.modelstore.models import read_descriptor  # noqa: E402
 from SHIVACMBLib.modelstore.parity import compare, parity_input  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
@@ -105,17 +105,18 @@ def test_verify_parity_command(installed, capsys):
 
 
 class TensorFlowEnsemble(FoldEnsemble):
-    """The same ensemble (fold floor, mean), with the TF original computing each fold instead of its ONNX session."""
+    """The same ensemble (fold floor, mean), with the TF original computing each fold instead of its ONNX session
+    (one session per fold: onnxruntime's own kernels)."""
 
     def __init__(self, model):
-        super().__init__(model, "cpu")
+        super().__init__(model, "cpu", providers=[CPU])
         records = json.loads((model.path / "model.json").read_text())["conversion"]["folds"]
         self.tf_folds = [load_fold(model.path / r["source"]) for r in records]
         self.tf_runs = 0
 
-    def _run_one(self, session, feed):
+    def _run_session(self, index, feed):
         self.tf_runs += 1
-        return tf_predict(self.tf_folds[self.sessions.index(session)], feed)
+        return [tf_predict(self.tf_folds[index], feed)]
 
 
 def test_segment_with_the_converted_model_equals_tensorflow(installed, tmp_path):
@@ -233,3 +234,24 @@ def test_missing_converter_is_explained(monkeypatch, tmp_path, models_home, caps
     assert cli.main(["models", "install", str(tmp_path / "x.zip")]) == 4
     err = capsys.readouterr().err
     assert "tf2onnx is missing" in err and "pip install 'shivacmb[convert]'" in err
+
+
+def test_converted_official_weights_get_an_int8_copy_and_its_check(installed, calibration, monkeypatch, capsys):
+    """int8 works for any installed model: the converted folds (a mixed_float16 one among them) share one quantized
+    graph, which computes every fold, and `models verify --precision int8` checks and records it."""
+    from SHIVACMBLib.modelstore import precisions, quantize
+
+    box = calibration[0, ..., 0].transpose(2, 1, 0)  # back to [z, y, x]
+    monkeypatch.setattr(quantize, "calibration_boxes", lambda model, n=1: iter([box]))
+    code = cli.main(["models", "verify", str(installed.path), "--precision", "int8", "--device", "cpu",
+                     "--scan", str(write_phantom(make_phantom(424242, "swi", (1.0, 1.0, 1.0), n_cmb=8),
+                                                 installed.path.parent.parent / "scan", "p")["image"])])
+    out = capsys.readouterr().out
+    assert "int8: quantizing 'shiva-test' (3 fold(s), one graph)" in out and "recorded:" in out
+    assert code == (0 if "the same detections in 1 of 1" in out else 3)
+    int8 = FoldEnsemble(installed, "cpu", precision="int8", unverified=True)
+    assert int8.running_precision == "int8" and len(int8.sessions) == 1
+    mean, folds = int8.predict(box)
+    exact, exact_folds = FoldEnsemble(installed, "cpu").predict(box)
+    assert len(folds) == 3 and all(np.abs(a - b).mean() < 0.01 for a, b in zip(folds, exact_folds))
+    assert precisions.read_record(installed, "int8", int8.provider) is not None

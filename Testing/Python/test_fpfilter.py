@@ -44,6 +44,7 @@ def write_filter(folder: Path, bias: float = 0.0, centre_weight: float = 0.0, cl
                                                                               ["n", 1, P, P, P])],
                               [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["n", 1])], init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # onnx writes its newest IR version, which onnxruntime-openvino 1.24 does not load
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(folder / "filter.onnx"))
     descriptor = {"name": "test-filter", "version": "0.1", "target": fpfilter.TARGET, "description": "test",

@@ -55,14 +55,16 @@ def test_reduced_precision_is_judged_on_its_detections():
 
 
 def test_verify_compares_a_reduced_precision_and_says_what_ran(model_dir, iso_scan):
-    """bf16 runs through OpenVINO where it is installed, else fp32 with a warning; either way the check
-    compares the detections with onnxruntime's own fp32 kernels and passes on this model."""
+    """bf16 runs through OpenVINO where it is installed (and the CPU has bfloat16 units), else fp32 with a
+    warning; either way the check compares the detections with fp32 on the same provider and passes on this model."""
     result = run_cli(["models", "verify", model_dir, "--precision", "bf16", "--device", "cpu", "--scan", iso_scan])
     assert result.returncode == 0, result.stdout + result.stderr
     if inference.OPENVINO in ort.get_available_providers():
-        ran = f"{'bf16' if inference.cpu_has_bf16() else 'fp32'} on {inference.OPENVINO}"
+        provider = inference.OPENVINO
+        ran = "bf16" if inference.cpu_has_bf16() else "fp32"
     else:
         assert "warning: --precision bf16 runs on CPUs through OpenVINO" in result.stdout
-        ran = f"fp32 on {inference.CPU}"
-    assert f"{ran} vs fp32 on {inference.CPU}: ok" in result.stdout
+        provider, ran = inference.CPU, "fp32"
+    assert f"{ran} on {provider} vs fp32 on {provider}: the same detections in 1 of 1 scan(s)" in result.stdout
     assert "detections 6 vs 6, 6 paired one to one" in result.stdout
+    assert ("recorded: `segment --precision bf16` now uses it on this computer" in result.stdout) == (ran == "bf16")

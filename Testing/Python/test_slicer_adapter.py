@@ -697,3 +697,28 @@ def test_segment_a_scan_node_through_the_real_command(tmp_path, module, monkeypa
     del segmentation.GetSegmentation().segments[segmentation.GetSegmentation().GetNthSegmentID(0)]
     update = logic.updateAddedOrRemoved(table)
     assert standins.EXPORT_MODES == [] and update.counts["rejected"] == 1 and update.counts["cmb_count"] == 5
+
+
+def test_first_use_installs_the_build_the_cpu_extra_chooses_here(module, monkeypatch):
+    """The module's install logic on this computer (no NVIDIA GPU) asks pip for the onnxruntime build that the README's
+    `.[cpu]` install chose (onnxruntime-openvino on x86-64 Linux), and for no build at all once one is importable:
+    never two builds in Slicer's Python."""
+    import importlib.util
+    import shutil
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from test_runtimes import chosen, cpu_extra
+
+    here = default_environment()
+    expected = [r for r in chosen(cpu_extra(), here["sys_platform"], here["platform_machine"], here["python_version"])
+                if r.startswith(("onnxruntime", "openvino"))]
+    real = importlib.util.find_spec
+    hidden = {"onnxruntime"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a))
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    logic = module.SHIVACMBLogic()
+    asked = [Requirement(r) for r in logic.missingPackages() if r.startswith(("onnxruntime", "openvino"))]
+    assert sorted(f"{r.name}{r.specifier}" for r in asked) == expected
+    hidden.clear()
+    assert not [r for r in logic.missingPackages() if r.startswith(("onnxruntime", "openvino"))]

@@ -55,6 +55,7 @@ LOG_NAME = "batch_log.jsonl"  # one line per scan outcome, every run appended
 SUMMARY_NAME = "cohort_summary.tsv"
 FINDINGS_TABLE = "cohort_findings.tsv"
 COHORT_REPORT = "report.html"
+WORKER_MEMORY_GIB = 4  # memory a local CPU worker plans for: a worker per core, at most one per this much
 BIDS_SUFFIXES = ("T2starw", "swi", "GRE")
 BIDS_SKIPPED_PARTS = ("phase", "real", "imag")  # CMBs are read on magnitude images
 BIDS_DESC = "cmb"
@@ -505,13 +506,13 @@ def _client(cluster: ClusterSettings, settings: BatchSettings) -> Iterator[Tuple
             yield client, threads
 
 
-def worker_plan(cores: int, gpus: int, workers: Optional[int] = None,
-                memory_gib: Optional[float] = None) -> Tuple[List[Dict[str, str]], int]:
+def worker_plan(cores: int, gpus: int, workers: Optional[int] = None, memory_gib: Optional[float] = None,
+                cores_per_worker: int = 1) -> Tuple[List[Dict[str, str]], int]:
     """Environment of each local worker and the threads of each worker's network: one worker per GPU
     (``CUDA_VISIBLE_DEVICES`` set to it) when there are GPUs, else CPU workers sharing the cores."""
     if gpus and not workers:
         return [{"CUDA_VISIBLE_DEVICES": str(index)} for index in range(gpus)], max(1, cores // gpus)
-    workers = workers or default_workers(cores, memory_gib)
+    workers = workers or default_workers(cores, memory_gib, cores_per_worker)
     return [{} for _ in range(workers)], max(1, cores // workers)
 
 
@@ -524,7 +525,7 @@ def local_cluster(cluster: ClusterSettings, device: str) -> Tuple[Any, int]:
     from ..inference import available_cores
 
     gpus = gpu_count() if device in ("auto", "cuda", "tensorrt") else 0
-    envs, threads = worker_plan(available_cores(), gpus, cluster.workers)
+    envs, threads = worker_plan(available_cores(), gpus, cluster.workers, cores_per_worker=cpu_cores_per_worker())
     specs = {f"worker-{index}": {"cls": Nanny, "options": {"nthreads": cluster.threads_per_worker, "env": env,
                                                             "silence_logs": logging.ERROR}}
              for index, env in enumerate(envs)}
@@ -532,14 +533,26 @@ def local_cluster(cluster: ClusterSettings, device: str) -> Tuple[Any, int]:
                        silence_logs=logging.ERROR), threads
 
 
-def default_workers(cores: int, memory_gib: Optional[float] = None) -> int:
-    """CPU workers for this machine: one per core (single-threaded networks use the cores best: see
-    docs/performance.md), at most one per 4 GiB of memory."""
+def default_workers(cores: int, memory_gib: Optional[float] = None, cores_per_worker: int = 1) -> int:
+    """CPU workers for this machine: one per ``cores_per_worker`` cores, at most one per WORKER_MEMORY_GIB of
+    memory (see :func:`cpu_cores_per_worker`)."""
     if memory_gib is None:
         import psutil
 
         memory_gib = psutil.virtual_memory().total / 2 ** 30
-    return max(1, min(cores, int(memory_gib // 4)))
+    return max(1, min(cores // cores_per_worker, int(memory_gib // WORKER_MEMORY_GIB)))
+
+
+def cpu_cores_per_worker() -> int:
+    """Cores per CPU worker: 2 where OpenVINO runs the network, else 1 (docs/performance.md, "Cohorts").
+
+    onnxruntime's own kernels use a second core poorly, so single-threaded networks, a worker per core, did
+    best (2 cores: 163.8 against 172.7 s for 12 scans); OpenVINO's use it well, and two workers running a
+    network each at once slowed each other: on 2 cores one worker (network on both, the other scan's reading
+    and location beside it) did 24 scans in 100 s, two workers in 111-112 s, in two runs each."""
+    from ..inference import OPENVINO, onnxruntime_module
+
+    return 2 if OPENVINO in onnxruntime_module().get_available_providers() else 1
 
 
 def gpu_count() -> int:

@@ -31,7 +31,7 @@ from ..files import atomic_path, atomic_write_text, checksum
 from ..fpfilter import DESCRIPTOR, TARGET, patches
 from ..postprocess import CONNECT_26, OUTSIDE_RATIO
 from .synthetic import MIMIC_CLASSES
-from .train import degrade, resume, run_steps
+from .train import degrade, lower_ir_version, resume, run_steps
 
 PATCH = 32
 MARGIN = 4  # voxels stored around each patch for random shifts
@@ -226,6 +226,7 @@ def export_filter(run: Path, folder: Path, threshold: float, name: str, version:
         torch.onnx.export(model, (torch.zeros(2, 1, PATCH, PATCH, PATCH),), str(tmp), input_names=["patch"],
                           output_names=["probability"], opset_version=17, dynamo=False,
                           dynamic_axes={"patch": {0: "n"}, "probability": {0: "n"}})
+        lower_ir_version(tmp)
     x = np.random.default_rng(0).random((3, 1, PATCH, PATCH, PATCH), dtype=np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()

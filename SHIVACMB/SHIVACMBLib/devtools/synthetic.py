@@ -633,19 +633,21 @@ def read_objects(path: Path) -> List[Dict[str, str]]:
 def generate(out: Path, n: int, seed: int, modality: Optional[str] = None,
              spacing: Optional[Sequence[float]] = None, prefix: str = "phantom",
              progress: Optional[Callable[[int, int, str], None]] = None,
-             family: str = "procedural") -> List[Dict[str, object]]:
+             family: str = "procedural", n_cmb: Optional[int] = None) -> List[Dict[str, object]]:
     """Write ``n`` phantoms with seeds ``seed .. seed+n-1`` into ``out`` plus an index ``phantoms.tsv``.
 
-    ``family``: ``procedural`` (this module's heads) or a family of ``headphantom`` (``atlas``, ``ood``).
-    Scan ids are ``<prefix>-<seed>``; existing complete phantoms are kept (a rerun resumes).
+    ``family``: ``procedural`` (this module's heads) or a family of ``headphantom`` (``atlas``, ``ood``);
+    ``n_cmb``: CMBs per scan (default: drawn from the seed). Scan ids are ``<prefix>-<seed>``; existing
+    complete phantoms are kept (a rerun resumes).
     """
     if family == "procedural":
-        maker: Callable[..., Phantom] = make_phantom
+        def maker(scan_seed: int, modality: Optional[str], spacing: Optional[Sequence[float]]) -> Phantom:
+            return make_phantom(scan_seed, modality, spacing, n_cmb)
     else:
         from .headphantom import make_head_phantom
 
         def maker(scan_seed: int, modality: Optional[str], spacing: Optional[Sequence[float]]) -> Phantom:
-            return make_head_phantom(scan_seed, family, modality, spacing)
+            return make_head_phantom(scan_seed, family, modality, spacing, n_cmb)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index: List[Dict[str, object]] = []

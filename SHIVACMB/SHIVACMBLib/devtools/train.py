@@ -59,6 +59,7 @@ MIX = (0.6, 0.25, 0.15)
 # patches per step at 5e-4 learn (CMB recall 0.76 on training patches after 200 steps).
 LEARNING_RATE = 5e-4
 OPSET = 17
+IR_VERSION = 8  # the lowest that opset 17 allows: every onnxruntime build of the last years loads it
 
 
 # --- prepare ------------------------------------------------------------------------------
@@ -434,6 +435,20 @@ def export_onnx(model: ResidualUNet3D, path: Path) -> None:
         torch.onnx.export(model, (torch.zeros(1, 1, 32, 40, 24),), str(tmp), input_names=["image"],
                           output_names=["probability"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={"image": dynamic, "probability": dynamic})
+        lower_ir_version(tmp)
+
+
+def lower_ir_version(path: Path) -> None:
+    """Write the ONNX file at ``path`` with the lowest IR version its opset allows (8 for opset 17).
+
+    torch with onnx 1.23 writes IR version 14, which onnxruntime-openvino 1.24 (the default install on x86-64)
+    refuses ("max supported IR version: 13"); the graph itself needs nothing newer than its opset's IR."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    if proto.ir_version > IR_VERSION:
+        proto.ir_version = IR_VERSION
+        onnx.save(proto, str(path))
 
 
 def parity(model: ResidualUNet3D, path: Path, shape: Sequence[int] = (37, 45, 29), seed: int = 0) -> float:

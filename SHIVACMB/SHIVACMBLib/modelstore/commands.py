@@ -63,12 +63,13 @@ def models_verify(args: argparse.Namespace) -> int:
 
 def _verify_numbers(args: argparse.Namespace, model: Any) -> int:
     """The --parity and --precision checks of one model; the number of failed checks."""
-    from .official import precision_parity, verify_parity
+    from .official import verify_parity
+    from .precisions import verify_precision
 
-    say = lambda line: print(f"        {line}")  # noqa: E731
+    say = lambda line: print(f"        {line}", flush=True)  # noqa: E731
     results = verify_parity(model, args.scan, say) if args.parity else []
     if args.precision != "fp32":
-        results.append(precision_parity(model, args.device, args.precision, args.scan, say))
+        results += verify_precision(model, args.device, args.precision, args.scan, args.phantoms, say)
     return sum(not r.passed for r in results)
 
 

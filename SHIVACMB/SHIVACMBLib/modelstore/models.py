@@ -20,6 +20,7 @@ from ..resources import bundled_models_dir
 DESCRIPTOR = "model.json"
 DEFAULT_MODEL = "shivacmb-demo-swi"
 MODELS_ENV = "SHIVACMB_MODELS"
+CACHE_ENV = "SHIVACMB_CACHE"
 LAYOUTS = ("NDHWC", "NCDHW")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 NORMALIZATIONS = ("percentile", "none")
@@ -86,6 +87,17 @@ def user_model_dirs() -> List[Path]:
     import platformdirs
 
     return [Path(platformdirs.user_data_dir("shivacmb", appauthor=False)) / "models"]
+
+
+def cache_dir() -> Path:
+    """The per-user cache folder (``SHIVACMB_CACHE`` replaces it): TensorRT engines, the int8 copies of models and
+    the records of their precision checks, the phantoms those checks use. Anything in it can be made again."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("shivacmb", appauthor=False))
 
 
 def model_search_dirs() -> List[Path]:

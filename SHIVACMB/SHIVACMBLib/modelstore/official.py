@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from ..errors import InputError, ModelError, RuntimeFailure, ShivaError, one_line
 from ..files import atomic_write_text, checksum, safe_name, staged_directory
 from .models import DESCRIPTOR, ModelDescriptor, read_descriptor, user_model_dirs
-from .parity import FP32_TOLERANCE, REDUCED_TOLERANCE, Parity, compare, describe_input, parity_input
+from .parity import FP32_TOLERANCE, Parity, compare, describe_input, parity_input
 
 SHIVA_BOX = (160, 214, 176)  # SHiVAi's model input, used when a fold accepts any size
 SOURCE_DIR = "source"
@@ -432,20 +432,3 @@ def verify_parity(model: ModelDescriptor, scan: Optional[Path] = None, say: Say 
             raise ModelError(f"{path}: md5 mismatch; the original fold was changed since it was installed")
         folds.append(load_fold(path))
     return check_parity(model, folds, scan, say)
-
-
-def precision_parity(model: ModelDescriptor, device: str, precision: str, scan: Optional[Path] = None,
-                     say: Say = print) -> Parity:
-    """``precision`` on ``device`` against fp32 on onnxruntime's own CPU kernels: the mean of the folds, as
-    `segment` uses it."""
-    from ..inference import CPU, FoldEnsemble
-
-    volume = parity_input(model, scan)
-    reference, _ = FoldEnsemble(model, "cpu", providers=[CPU]).predict(volume)
-    reduced = FoldEnsemble(model, device, precision=precision)
-    result = compare(reference, reduced.predict(volume)[0], model.threshold, REDUCED_TOLERANCE, detections=True)
-    for note in reduced.warnings:
-        say(f"warning: {note}")
-    say(f"{reduced.running_precision} on {reduced.provider} vs fp32 on {CPU}: {'ok' if result.passed else 'DIFFERS'}  "
-        f"{result.text()}")
-    return result

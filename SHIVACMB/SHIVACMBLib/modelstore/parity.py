@@ -17,14 +17,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
 
-from .models import ModelDescriptor
+from .models import ModelDescriptor, cache_dir
 
 PHANTOM_SEED = 424242  # the demo phantom: never used for training
+HELDOUT_SEED = 900000  # the held-out phantoms (bench/accuracy_bench.py): never used for training or model choice
 FP32_TOLERANCE = 1e-3
 REDUCED_TOLERANCE = 1e-2  # band reported for fp16 / bf16 against fp32
 MAX_SHIFT_VOXELS = 1.0  # largest centroid shift of a detection kept by a reduced precision
@@ -138,6 +139,15 @@ def parity_input(model: ModelDescriptor, scan_path: Optional[Path] = None) -> np
         scan = read_scan(scan_path)
         mask = compute_brain_mask(scan)
     return prepare_input(scan, mask, model).volume
+
+
+def phantom_scans(first_seed: int, n: int, n_cmb: Optional[int] = None) -> List[Path]:
+    """``n`` procedural phantom scans of seeds ``first_seed``... (`shivacmb phantom`; ``n_cmb`` CMBs each, or as
+    many as the seed draws), made once into the cache."""
+    from ..devtools.synthetic import generate
+
+    folder = cache_dir() / "phantoms" / f"procedural-{first_seed}{'' if n_cmb is None else f'-{n_cmb}cmb'}"
+    return [folder / f"{info['scan_id']}.nii.gz" for info in generate(folder, n, first_seed, n_cmb=n_cmb)]
 
 
 def describe_input(scan_path: Optional[Path]) -> str:

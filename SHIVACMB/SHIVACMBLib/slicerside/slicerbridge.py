@@ -43,9 +43,17 @@ RUNTIME_REQUIREMENTS: Tuple[Tuple[str, str], ...] = (
     ("highdicom", "highdicom>=0.22"),
     ("pynetdicom", "pynetdicom>=2.0"),
     ("dicomweb_client", "dicomweb-client>=0.59"),
+    ("onnx", "onnx>=1.14"),
 )
 SLICER_PACKAGES = ("numpy", "scipy", "SimpleITK", "pydicom")
-ONNXRUNTIME_MINIMUM = "1.16"
+# The onnxruntime build of each platform, as the `cpu` and `gpu` extras of pyproject.toml choose it by environment
+# markers (a test checks that both agree): onnxruntime-openvino where its wheels exist (x86-64 Linux from Python
+# 3.10; Windows from 3.11, with the `openvino` package its wheel loads OpenVINO from, of the release it was built
+# against), onnxruntime elsewhere.
+ONNXRUNTIME = "onnxruntime>=1.16"
+ONNXRUNTIME_GPU = "onnxruntime-gpu>=1.16"
+OPENVINO_LINUX = ("onnxruntime-openvino>=1.23",)
+OPENVINO_WINDOWS = ("onnxruntime-openvino>=1.24,<1.25", "openvino>=2025.4,<2025.5")
 # onnxruntime 1.20 and later have no wheels for Python 3.9 (Slicer 5.8).
 ONNXRUNTIME_PY39_LIMIT = "1.20"
 
@@ -91,25 +99,27 @@ def scan_id_for(name: str) -> str:
 # --- Python packages -------------------------------------------------------------------------
 
 
-def onnxruntime_requirement(python_version: Tuple[int, int], platform: str, nvidia_gpu: bool) -> str:
-    """The onnxruntime build to install: the GPU build on Linux/Windows with an NVIDIA GPU."""
-    gpu = nvidia_gpu and (platform.startswith("linux") or platform == "win32")
-    requirement = f"{'onnxruntime-gpu' if gpu else 'onnxruntime'}>={ONNXRUNTIME_MINIMUM}"
-    if python_version < (3, 10):
-        requirement += f",<{ONNXRUNTIME_PY39_LIMIT}"
-    return requirement
+def onnxruntime_requirements(python_version: Tuple[int, int], platform: str, machine: str,
+                             nvidia_gpu: bool) -> List[str]:
+    """The onnxruntime build to install (pip requirements): the GPU build on Linux/Windows with an NVIDIA GPU, else
+    the fastest CPU build with wheels for this platform (the `cpu` extra's choice)."""
+    if nvidia_gpu and (platform.startswith("linux") or platform == "win32"):
+        return [ONNXRUNTIME_GPU + (f",<{ONNXRUNTIME_PY39_LIMIT}" if python_version < (3, 10) else "")]
+    if platform.startswith("linux") and machine == "x86_64" and python_version >= (3, 10):
+        return list(OPENVINO_LINUX)
+    if platform == "win32" and machine == "AMD64" and python_version >= (3, 11):
+        return list(OPENVINO_WINDOWS)
+    return [ONNXRUNTIME + (f",<{ONNXRUNTIME_PY39_LIMIT}" if python_version < (3, 10) else "")]
 
 
-def missing_requirements(is_installed: Callable[[str], bool], onnxruntime: str,
-                         extra: Sequence[Tuple[str, str]] = ()) -> List[str]:
+def missing_requirements(is_installed: Callable[[str], bool], onnxruntime: Sequence[str]) -> List[str]:
     """pip requirements of the packages that cannot be imported.
 
-    ``onnxruntime`` is installed only when neither build is present (both import as
-    ``onnxruntime`` and must not be installed together). ``extra`` adds (import name,
-    requirement) pairs, e.g. ``("onnx", "onnx")`` for the self-test.
+    The ``onnxruntime`` requirements are installed only when no build is present: every build imports as
+    ``onnxruntime``, and two must never share an environment.
     """
-    wanted = list(RUNTIME_REQUIREMENTS) + [("onnxruntime", onnxruntime)] + list(extra)
-    return [requirement for module, requirement in wanted if not is_installed(module)]
+    wanted = [requirement for module, requirement in RUNTIME_REQUIREMENTS if not is_installed(module)]
+    return wanted + ([] if is_installed("onnxruntime") else list(onnxruntime))
 
 
 def pip_constraints(versions: Mapping[str, Optional[str]]) -> str:
@@ -299,6 +309,8 @@ class RunSummary:
     provider: str
     warnings: List[str] = field(default_factory=list)
     message: str = ""
+    precision: str = ""
+    hint: str = ""  # a faster precision this CPU could use
 
 
 def parse_summary_line(line: str) -> Optional[RunSummary]:
@@ -309,17 +321,22 @@ def parse_summary_line(line: str) -> Optional[RunSummary]:
     try:
         return RunSummary(output=str(data["output"]), cmb_count=int(data["cmb_count"]),
                           provider=str(data.get("provider", "")), warnings=[str(w) for w in data.get("warnings", [])],
-                          message=data["message"])
+                          message=data["message"], precision=str(data.get("precision", "")),
+                          hint=str(data.get("hint", "")))
     except (KeyError, TypeError, ValueError):
         return None
 
 
 def result_text(summary: RunSummary) -> str:
-    """What the module says after a successful run: count, provider that ran, review reminder, warnings."""
+    """What the module says after a successful run: count, provider and precision that ran, review reminder,
+    warnings, and a faster precision the CPU could use."""
     count = summary.cmb_count
-    lines = [f"{count} microbleed{'' if count == 1 else 's'} found (network run on {summary.provider}).",
+    ran = ", ".join(part for part in (summary.provider, summary.precision) if part)
+    lines = [f"{count} microbleed{'' if count == 1 else 's'} found (network run on {ran}).",
              "These are automatic findings: review each one, and look for missed ones, before any use."]
     lines += [f"Warning: {warning}" for warning in summary.warnings]
+    if summary.hint:
+        lines.append(f"Faster: {summary.hint} (Precision above).")
     return "\n".join(lines)
 
 
