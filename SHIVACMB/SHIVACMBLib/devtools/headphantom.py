@@ -59,6 +59,10 @@ CONTRAST_RANGES = {
             "skull": (0.02, 0.12), "marrow": (0.1, 0.5), "scalp": (0.5, 1.3), "muscle": (0.25, 0.6),
             "eye": (1.1, 1.9), "air": (0.0, 0.02)},
 }
+# brain tissues, and how much brighter than the brightest of them the broad family keeps CSF
+BRAIN_TISSUES = ("cortex", "white_matter", "striatum", "pallidum", "thalamus", "brainstem", "cerebellar_cortex",
+                 "cerebellar_white_matter", "dentate")
+BRAIN_ABOVE = 1.05
 # ood family: proton density and T2* (ms at 3 T; 1.5 T scales T2* by 1.6) per tissue, and SWI phase-mask factors
 PD_T2STAR = {"csf": (1.0, 400.0), "ventricle": (1.0, 400.0), "cortex": (0.8, 52.0), "white_matter": (0.69, 46.0),
              "striatum": (0.8, 38.0), "pallidum": (0.78, 22.0), "thalamus": (0.75, 42.0), "brainstem": (0.72, 44.0),
@@ -119,7 +123,7 @@ WIDE = replace(ATLAS, name="wide", snr=(10.0, 45.0), skull_stripped_chance=0.5, 
 # of the SWI and T2*-GRE ranges, widened), noise whose level varies smoothly across the scan, heavier atrophy
 # and larger warps, CMBs with sharp to very soft edges, two in five of them next to a sulcus or a ventricle
 BROAD = replace(WIDE, name="broad", scale=(0.8, 1.04), warp_mm=4.0, ventricle_growth_mm=(0.0, 6.0),
-                sulcal_widening_mm=(0.0, 3.5), snr=(8.0, 45.0), contrast="broad", noise="rician_field",
+                sulcal_widening_mm=(0.0, 3.5), snr=(10.0, 45.0), contrast="broad", noise="rician_field",
                 texture=(0.0, 0.1), ghost_chance=0.3, ringing_chance=0.3, vein_wiggle=0.35, cmb_edge=(0.5, 3.0),
                 csf_adjacent=0.4)
 FAMILY = {f.name: f for f in (ATLAS, WIDE, BROAD, OOD)}
@@ -165,6 +169,8 @@ def tissue_intensities(rng: np.random.Generator, family: Family, modality: str, 
             lo = min(CONTRAST_RANGES[m][name][0] for m in CONTRAST_RANGES)
             hi = max(CONTRAST_RANGES[m][name][1] for m in CONTRAST_RANGES)
             lut[CODE[name]] = rng.uniform(0.85 * lo, 1.15 * hi) if name != "white_matter" else 1.0
+        # CSF's long T2* keeps it brighter than brain tissue on every gradient echo: a sulcus never a dark line
+        lut[CODE["csf"]] = max(lut[CODE["csf"]], BRAIN_ABOVE * lut[[CODE[t] for t in BRAIN_TISSUES]].max())
         lut[CODE["ventricle"]] = lut[CODE["csf"]] * rng.uniform(0.95, 1.05)
         return lut
     if family.contrast == "ranges":
