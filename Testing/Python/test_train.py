@@ -94,6 +94,37 @@ def test_strong_augmentation_degrades_patches_but_keeps_targets(tmp_path) -> Non
     assert min(sharpness) < 0.6 < max(sharpness)  # some patches are blurred or thick-sliced, others not
 
 
+def test_csf_pockets_brighten_near_the_centre_and_never_touch_objects() -> None:
+    rng = np.random.default_rng(3)
+    image = np.full((24, 24, 24), 0.5, np.float32)
+    objects = np.zeros(image.shape, bool)
+    objects[10:14, 10:14, 10:14] = True  # a CMB at the centre
+    image[objects] = 0.1
+    changed = []
+    for _ in range(20):
+        out = train.add_csf_pockets(rng, image, objects)
+        assert out.dtype == np.float32 and float(out.max()) <= 1.0 and (out >= image).all()
+        assert np.array_equal(out[8:16, 8:16, 8:16][objects[8:16, 8:16, 8:16]], image[objects])
+        near = np.zeros(image.shape, bool)
+        near[9:15, 9:15, 9:15] = True  # the CMB and the two voxels around it stay as they were
+        assert np.array_equal(out[near], image[near])
+        changed.append(np.argwhere(out > image + 0.05))
+    assert all(len(c) for c in changed)
+    distance = np.linalg.norm(np.concatenate(changed) - 11.5, axis=1)
+    assert distance.max() < 11.5 + 4 + 2  # within the pockets' reach of the centre
+
+
+def test_context_augmentation_keeps_targets(tmp_path) -> None:
+    _tiny_cache(tmp_path)
+    files = sorted(tmp_path.glob("*.npz"))
+    for seed in range(4):
+        plain = train.PatchSampler(files, np.random.default_rng(seed), patch=16, mix=(1.0, 0.0, 0.0), strong=True)
+        context = train.PatchSampler(files, np.random.default_rng(seed), patch=16, mix=(1.0, 0.0, 0.0), strong=True,
+                                     context=True)
+        (_, ta, wa), (b, tb, wb) = plain.batch(2), context.batch(2)
+        assert wa is None and wb is None and 0 <= float(b.min()) and float(b.max()) <= 1
+
+
 def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
     _tiny_cache(tmp_path)
     files = sorted(tmp_path.glob("*.npz"))

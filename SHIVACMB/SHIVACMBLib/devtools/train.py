@@ -109,7 +109,8 @@ class PatchSampler:
     ``mimic_loss_weight``: the loss weight of mimic voxels in the patches (others weigh 1), so that a
     calcification of a few voxels that the network calls a CMB costs more than a few background voxels.
     ``strong``: each patch is also degraded as scans are (``degrade``: blur, thick slices, noise, bias,
-    wider contrast changes) instead of only a contrast scale and gamma.
+    wider contrast changes) instead of only a contrast scale and gamma. ``context``: three patches in ten
+    also get bright CSF pockets near their centre (``add_csf_pockets``), never on a CMB or a mimic.
     ``cmb_by_lesion``: CMB patches pick a CMB (a 26-connected component, of any scan) first and a voxel
     of it second, so that a 2 mm CMB of a few voxels is drawn as often as an 8 mm one of hundreds;
     otherwise a scan with CMBs first and any of its CMB voxels second.
@@ -118,8 +119,9 @@ class PatchSampler:
     def __init__(self, files: Sequence[Path], rng: np.random.Generator, patch: int = PATCH,
                  mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None,
                  class_weights: Optional[Dict[str, float]] = None, mimic_loss_weight: float = 1.0,
-                 cmb_by_lesion: bool = False, strong: bool = False) -> None:
+                 cmb_by_lesion: bool = False, strong: bool = False, context: bool = False) -> None:
         self.strong = strong
+        self.context = context
         if mimic_loss_weight <= 0 or any(w <= 0 for w in (class_weights or {}).values()):
             raise ValueError("mimic class weights and the mimic loss weight must be above 0")
         self.rng = rng
@@ -133,7 +135,7 @@ class PatchSampler:
             data = np.load(path)
             self.volumes.append(data["volume"])
             self.targets.append(data["cmb"])
-            if mimic_loss_weight != 1.0:
+            if mimic_loss_weight != 1.0 or context:
                 self.mimics.append(data["mimic"])
             masks = {"brain": data["brain"] > 0}
             if not cmb_by_lesion:  # by lesion: one site list per CMB, added below
@@ -182,8 +184,10 @@ class PatchSampler:
             sl = tuple(slice(a, a + self.patch) for a in lo)
             image = volume[sl].astype(np.float32)
             label = target[sl].astype(np.float32)
+            if self.context and self.rng.random() < 0.3:
+                image = add_csf_pockets(self.rng, image, (label > 0) | (self.mimics[scan][sl] > 0))
             arrays = [image, label]
-            if self.mimics:
+            if self.mimic_loss_weight != 1.0:
                 arrays.append(np.where(self.mimics[scan][sl] > 0, self.mimic_loss_weight, 1.0).astype(np.float32))
             if self.rng.random() < 0.5:  # left-right mirror
                 arrays = [a[::-1] for a in arrays]
@@ -221,6 +225,30 @@ def degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32)
 
 
+def add_csf_pockets(rng: np.random.Generator, image: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """``image`` with one to three bright ellipsoids (CSF of a sulcus or a ventricle's horn: semi-axes of 1.5-4
+    voxels, 1.1-1.5 times the patch's 90th percentile) 3-10 voxels from its centre, never on ``objects`` (CMBs
+    and mimics) or next to them. The phantoms put cortical veins in the sulci and CMBs mostly away from CSF, so a
+    network learns "a dark dot beside CSF is a vein"; pockets beside CMBs, mimics and tissue alike leave the
+    dot's own shape (a ball or a tube) as what tells them apart."""
+    from scipy import ndimage
+
+    keep_out = ndimage.binary_dilation(objects, np.ones((3, 3, 3), bool), iterations=2)
+    bright = min(1.0, float(np.percentile(image, 90)) * rng.uniform(1.1, 1.5))
+    axes = np.ogrid[tuple(slice(0, n) for n in image.shape)]
+    centre = (np.asarray(image.shape) - 1) / 2
+    out = image.copy()
+    for _ in range(int(rng.integers(1, 4))):
+        direction = rng.normal(size=3)
+        middle = centre + direction / np.linalg.norm(direction) * rng.uniform(3.0, 10.0)
+        radii = rng.uniform(1.5, 4.0, 3)
+        distance = np.sqrt(sum(((a - m) / r) ** 2 for a, m, r in zip(axes, middle, radii)))
+        cover = np.clip((1.0 - distance) * radii.min() + 0.5, 0.0, 1.0)  # a one-voxel soft edge
+        cover[keep_out] = 0.0
+        out = np.maximum(out, out + cover * (bright - out))
+    return out.astype(np.float32)
+
+
 def lesion_voxels(mask: np.ndarray) -> List[np.ndarray]:
     """The voxel indices of each 26-connected component of ``mask``, one array per component."""
     from scipy import ndimage
@@ -248,7 +276,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         init: Optional[Path] = None, mimics_by_class: bool = True,
         mix: Sequence[float] = MIX, hard: Optional[Path] = None,
         class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH,
-        mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False, strong_augment: bool = False) -> Path:
+        mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False, augment: str = "basic") -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
@@ -258,7 +286,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
     files = sorted(cache.glob("*.npz"))
     sampler = PatchSampler(files, rng, patch=patch, mix=mix, by_class=mimics_by_class, hard=hard,
                            class_weights=class_weights, mimic_loss_weight=mimic_loss_weight,
-                           cmb_by_lesion=cmb_by_lesion, strong=strong_augment)
+                           cmb_by_lesion=cmb_by_lesion, strong=augment != "basic", context=augment == "context")
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
@@ -278,7 +306,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
          "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
          "mimic_loss_weight": mimic_loss_weight, "cmb_sampling": "lesion" if cmb_by_lesion else "voxel",
-         "augment": "strong" if strong_augment else "basic", "command": " ".join(sys.argv),
+         "augment": augment, "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
     model.train()
     if frozen_norms:
@@ -651,8 +679,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--cmb-sampling", choices=("voxel", "lesion"), default="voxel",
                    help="CMB patches: each CMB voxel of a scan equally often (large CMBs dominate), or each "
                         "CMB (lesion) equally often, then a voxel of it")
-    f.add_argument("--augment", choices=("basic", "strong"), default="basic",
-                   help="basic: mirror, contrast scale and gamma; strong: also blur, thick slices, noise and bias")
+    f.add_argument("--augment", choices=("basic", "strong", "context"), default="basic",
+                   help="basic: mirror, contrast scale and gamma; strong: also blur, thick slices, noise and bias; "
+                        "context: strong, and bright CSF pockets beside CMBs, mimics and tissue alike")
     f.add_argument("--mimic-weight", action="append", default=[], metavar="CLASS=W",
                    help="with class sampling, draw this mimic class W times as often as the others (repeatable)")
     f.add_argument("--mimic-loss-weight", type=float, default=1.0, metavar="W",
@@ -695,7 +724,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class",
                 mix=tuple(args.mix), hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight),
                 patch=args.patch, mimic_loss_weight=args.mimic_loss_weight,
-                cmb_by_lesion=args.cmb_sampling == "lesion", strong_augment=args.augment == "strong")
+                cmb_by_lesion=args.cmb_sampling == "lesion", augment=args.augment)
         except ValueError as error:  # the sampler's refusals (unknown class, missing --hard, ...)
             parser.error(str(error))
     elif args.step == "mine":
