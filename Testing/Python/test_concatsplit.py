@@ -12,6 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from SHIVACMBLib.modelstore.blobmodel import dark_blob_graph
 from SHIVACMBLib.modelstore.concatsplit import split_concat_convs
+from SHIVACMBLib.modelstore.ensemblegraph import boxed_graph
+from SHIVACMBLib.modelstore.models import read_descriptor
+from SHIVACMBLib.resources import bundled_models_dir
 
 SPATIAL = [6, 5, 4]
 
@@ -86,3 +89,14 @@ def test_a_graph_without_concat_passes_untouched():
     model = dark_blob_graph(layout="NCDHW", spatial=(8, 8, 8))
     before = model.SerializeToString()
     assert split_concat_convs(model) == 0 and model.SerializeToString() == before
+
+
+def test_the_default_models_openvino_graph_is_split_in_fp32_only():
+    model = read_descriptor(bundled_models_dir() / "shivacmb-demo-swi")
+
+    def convolved_concats(graph):
+        readers = {name: n.op_type for n in graph.graph.node for name in n.input}
+        return [n for n in graph.graph.node if n.op_type == "Concat" and readers.get(n.output[0]) == "Conv"]
+
+    assert not convolved_concats(boxed_graph(model))
+    assert len(convolved_concats(boxed_graph(model, fp32=False))) == 3  # bf16 runs the graph its check ran

@@ -89,14 +89,15 @@ def boxed(proto: Any, model: ModelDescriptor) -> Any:
     return proto
 
 
-def boxed_graph(model: ModelDescriptor) -> Optional[Any]:
+def boxed_graph(model: ModelDescriptor, fp32: bool = True) -> Optional[Any]:
     """:func:`ensemble_graph` with its input fixed to the model box, rewritten for OpenVINO: converted Keras
-    upsamplings as single ``Resize`` nodes (:mod:`upsampling`, same numbers), convolutions of concatenations as sums
-    of convolutions (:mod:`concatsplit`, same numbers but for float rounding); None where the folds cannot share a
-    graph."""
+    upsamplings as single ``Resize`` nodes (:mod:`upsampling`, same numbers) and, for ``fp32`` (bf16 keeps the graph
+    its `models verify --precision` check ran), convolutions of concatenations as sums of convolutions
+    (:mod:`concatsplit`, same numbers but for float rounding); None where the folds cannot share a graph."""
     graph = ensemble_graph(model)
     if graph is None:
         return None
     resize_upsamplings(boxed(graph, model))
-    split_concat_convs(graph)
+    if fp32:
+        split_concat_convs(graph)
     return graph
