@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 if not os.environ.get("SHIVACMB_REQUIRE_CONVERT"):  # CI sets it: there these tests must run, never skip
@@ -23,6 +24,7 @@ from SHIVACMBLib.modelstore import blobmodel, official  # noqa: E402
 from SHIVACMBLib import cli  # noqa: E402
 from SHIVACMBLib.errors import ModelError  # noqa: E402
 from SHIVACMBLib.inference import CPU, FoldEnsemble, model_layout, to_probability  # noqa: E402
+from SHIVACMBLib.modelstore.ensemblegraph import boxed_graph  # noqa: E402
 from SHIVACMBLib.modelstore.models import read_descriptor  # noqa: E402
 from SHIVACMBLib.modelstore.parity import compare, parity_input  # noqa: E402
 from SHIVACMBLib.pipeline import SegmentOptions, segment  # noqa: E402
@@ -102,6 +104,18 @@ def test_verify_parity_command(installed, capsys):
     assert cli.main(["models", "verify", str(installed.path), "--parity"]) == 0
     out = capsys.readouterr().out
     assert out.count(": ok  max abs diff") == 3
+
+
+def test_the_graph_openvino_runs_has_each_keras_upsampling_as_one_resize(installed, calibration):
+    graph = boxed_graph(installed)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("Resize") == 3 * 2  # 2 levels of 3 folds (.h5 and SavedModel conversions alike)
+    assert not {"Tile", "Unsqueeze", "Transpose", "Shape"} & set(ops)  # nor transposes around them
+    merged = ort.InferenceSession(graph.SerializeToString(), providers=[CPU]).run(None, {
+        graph.graph.input[0].name: calibration})
+    for fold, raw in zip(installed.folds, merged):
+        session = ort.InferenceSession(str(fold.path), providers=[CPU])
+        assert np.abs(session.run(None, {session.get_inputs()[0].name: calibration})[0] - raw).max() <= 1e-6
 
 
 class TensorFlowEnsemble(FoldEnsemble):

@@ -5,7 +5,8 @@ fold holds every fold's memory at once (peak 3.9 GiB for the SHIVA-sized 3-fold 
 TensorFlow's 2.7). One graph holding every fold is planned as a whole: OpenVINO runs the folds one after
 another in one memory plan (peak 1.7 GiB, as fast; docs/performance.md). A model's int8 folds are joined
 the same way (:mod:`quantize`). Each fold's nodes, tensors and initializers keep their names behind a ``fold<k>/``
-prefix; the shared input keeps fold 0's input name.
+prefix; the shared input keeps fold 0's input name. :func:`boxed_graph`, what OpenVINO runs in fp32 and bf16, also
+rewrites what OpenVINO runs slowly (:mod:`upsampling`, :mod:`concatsplit`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from ..errors import ModelError, one_line
+from .concatsplit import split_concat_convs
 from .models import Fold, ModelDescriptor
+from .upsampling import resize_upsamplings
 
 
 def graph_inputs(proto: Any) -> List[Any]:
@@ -86,7 +89,15 @@ def boxed(proto: Any, model: ModelDescriptor) -> Any:
     return proto
 
 
-def boxed_graph(model: ModelDescriptor) -> Optional[Any]:
-    """:func:`ensemble_graph` with its input fixed to the model box; None where the folds cannot share a graph."""
+def boxed_graph(model: ModelDescriptor, fp32: bool = True) -> Optional[Any]:
+    """:func:`ensemble_graph` with its input fixed to the model box, rewritten for OpenVINO: converted Keras
+    upsamplings as single ``Resize`` nodes (:mod:`upsampling`, same numbers) and, for ``fp32`` (bf16 keeps the graph
+    its `models verify --precision` check ran), convolutions of concatenations as sums of convolutions
+    (:mod:`concatsplit`, same numbers but for float rounding); None where the folds cannot share a graph."""
     graph = ensemble_graph(model)
-    return None if graph is None else boxed(graph, model)
+    if graph is None:
+        return None
+    resize_upsamplings(boxed(graph, model))
+    if fp32:
+        split_concat_convs(graph)
+    return graph
