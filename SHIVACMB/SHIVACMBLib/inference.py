@@ -13,8 +13,9 @@ OpenVINO runs every fold of a model in one session over one graph (:mod:`modelst
 shaped to the model box: one memory plan for all folds instead of one kept per fold, and the static
 shapes its int8 kernels need; converted Keras upsamplings run there as single Resize nodes and, in fp32,
 convolutions of concatenations as sums of convolutions (faster on OpenVINO, same numbers but for float
-rounding). Other providers run one session per fold. On CUDA/TensorRT the input is copied to the GPU once and every fold reads it there (IO binding); cuDNN picks its fastest convolution
-algorithms once per session (exhaustive search). With ``precision="fp16"`` GPU sessions run an fp16
+rounding). Other providers run one session per fold. On CUDA/TensorRT the input is copied to the GPU
+once and every fold reads it there (IO binding); cuDNN picks its fastest convolution algorithms once per
+session (exhaustive search). With ``precision="fp16"`` GPU sessions run an fp16
 copy of each fold (fp32 inputs and outputs). The CPU precisions ``bf16`` (OpenVINO, on CPUs with AMX
 or AVX-512 BF16) and ``int8`` (the model's int8 copy, :mod:`modelstore.quantize`) run only where
 ``shivacmb models verify --precision`` has shown on this computer that they find what fp32 finds
