@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def main() -> int:
     filtered = "" if candidate_filter is None else f"-{candidate_filter.name}"
     tag = family + model.name + ("" if args.precision == "fp32" else f"-{args.precision}") + filtered
     results = args.out / f"results-{tag}"
+    shutil.rmtree(results, ignore_errors=True)  # no earlier run's scans (another model of the same name) counted
     seconds = []
     for number, info in enumerate(index, start=1):
         scan = phantoms / f"{info['scan_id']}.nii.gz"
@@ -90,7 +92,7 @@ def main() -> int:
     print(f"\rsegmented {len(index)} scans, {sum(seconds) / len(seconds):.1f} s per scan on "
           f"{ensemble.provider} {ensemble.running_precision}")
 
-    metrics = evaluate_folders(results, phantoms)
+    metrics = evaluate_folders(results, phantoms, scan_ids=[str(i["scan_id"]) for i in index])
     metrics["model"] = model.summary()
     metrics["phantoms"] = {"n": args.n, "seed": args.seed, "family": args.family,
                            "cmbs": sum(int(i["n_cmb"]) for i in index),

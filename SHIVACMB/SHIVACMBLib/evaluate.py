@@ -428,12 +428,19 @@ def truth_files(truth: PathLike) -> Dict[str, TruthFiles]:
     return found
 
 
-def evaluate_folders(pred: PathLike, truth: PathLike, rules: Sequence[str] = RULES) -> dict:
-    """Metrics of every truth scan against its prediction: the JSON-able result of ``shivacmb evaluate``."""
+def evaluate_folders(pred: PathLike, truth: PathLike, rules: Sequence[str] = RULES,
+                     scan_ids: Optional[Sequence[str]] = None) -> dict:
+    """Metrics of every truth scan (or of ``scan_ids`` among them) against its prediction: the JSON-able result of
+    ``shivacmb evaluate``."""
     for rule in rules:
         if rule not in RULES:
             raise ValueError(f"unknown rule '{rule}' (one of {', '.join(RULES)})")
     truths = truth_files(truth)
+    if scan_ids is not None:
+        missing = sorted(set(scan_ids) - set(truths))
+        if missing:
+            raise InputError(truth, f"no truth for scan '{missing[0]}'")
+        truths = {scan_id: truths[scan_id] for scan_id in scan_ids}
     preds = prediction_files(pred)
     warnings: List[str] = []
     if Path(pred).is_file() and Path(truth).is_file():  # one pair: names need not agree

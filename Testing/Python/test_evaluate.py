@@ -363,6 +363,15 @@ def test_pearson_r_needs_two_scans_and_varying_counts():
     assert pearson_r([one, ScanMetrics(tp=2, fn=0, fp=0, n_true=2, n_pred=2)]) == pytest.approx(1.0)
 
 
+def test_only_the_named_scans_are_evaluated(tmp_path):
+    pred, truth = segment_output(tmp_path / "out"), phantom_folder(tmp_path / "phantoms")
+    result = evaluate_folders(pred, truth, scan_ids=["scan-b"])
+    assert sorted(result["rules"]["overlap"]["scans"]) == ["scan-b"]
+    assert result["rules"]["overlap"]["pooled"]["tp"] == 1
+    with pytest.raises(InputError, match="no truth for scan 'scan-z'"):
+        evaluate_folders(pred, truth, scan_ids=["scan-b", "scan-z"])
+
+
 def test_single_files_pair_whatever_their_names(tmp_path):
     truth = write(two_cmbs(), tmp_path / "case7_cmb.nii.gz")
     pred = write(cube(blank(), 2, 2, 2, 1), tmp_path / "cmb_labels.nii.gz")
