@@ -228,9 +228,9 @@ def degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 def add_csf_pockets(rng: np.random.Generator, image: np.ndarray, objects: np.ndarray) -> np.ndarray:
     """``image`` with one to three bright ellipsoids (CSF of a sulcus or a ventricle's horn: semi-axes of 1.5-4
     voxels, 1.1-1.5 times the patch's 90th percentile) 3-10 voxels from its centre, never on ``objects`` (CMBs
-    and mimics) or next to them. The phantoms put cortical veins in the sulci and CMBs mostly away from CSF, so a
-    network learns "a dark dot beside CSF is a vein"; pockets beside CMBs, mimics and tissue alike leave the
-    dot's own shape (a ball or a tube) as what tells them apart."""
+    and mimics) or next to them. The phantoms put cortical veins in the sulci and CMBs mostly away from CSF;
+    pockets beside CMBs, mimics and tissue alike make bright CSF beside a dark dot say nothing about what the dot
+    is (models/README.md, round 10, for what it did)."""
     from scipy import ndimage
 
     keep_out = ndimage.binary_dilation(objects, np.ones((3, 3, 3), bool), iterations=2)
