@@ -59,10 +59,7 @@ CONTRAST_RANGES = {
             "skull": (0.02, 0.12), "marrow": (0.1, 0.5), "scalp": (0.5, 1.3), "muscle": (0.25, 0.6),
             "eye": (1.1, 1.9), "air": (0.0, 0.02)},
 }
-# brain tissues, and how much brighter than the brightest of them the broad family keeps CSF
-BRAIN_TISSUES = ("cortex", "white_matter", "striatum", "pallidum", "thalamus", "brainstem", "cerebellar_cortex",
-                 "cerebellar_white_matter", "dentate")
-BRAIN_ABOVE = 1.05
+BRAIN_ABOVE = 1.05  # how much brighter than the brightest brain tissue the broad family keeps CSF
 # ood family: proton density and T2* (ms at 3 T; 1.5 T scales T2* by 1.6) per tissue, and SWI phase-mask factors
 PD_T2STAR = {"csf": (1.0, 400.0), "ventricle": (1.0, 400.0), "cortex": (0.8, 52.0), "white_matter": (0.69, 46.0),
              "striatum": (0.8, 38.0), "pallidum": (0.78, 22.0), "thalamus": (0.75, 42.0), "brainstem": (0.72, 44.0),
@@ -170,7 +167,7 @@ def tissue_intensities(rng: np.random.Generator, family: Family, modality: str, 
             hi = max(CONTRAST_RANGES[m][name][1] for m in CONTRAST_RANGES)
             lut[CODE[name]] = rng.uniform(0.85 * lo, 1.15 * hi) if name != "white_matter" else 1.0
         # CSF's long T2* keeps it brighter than brain tissue on every gradient echo: a sulcus never a dark line
-        lut[CODE["csf"]] = max(lut[CODE["csf"]], BRAIN_ABOVE * lut[[CODE[t] for t in BRAIN_TISSUES]].max())
+        lut[CODE["csf"]] = max(lut[CODE["csf"]], BRAIN_ABOVE * lut[list(anatomy.BRAIN_TISSUES)].max())
         lut[CODE["ventricle"]] = lut[CODE["csf"]] * rng.uniform(0.95, 1.05)
         return lut
     if family.contrast == "ranges":
