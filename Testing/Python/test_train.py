@@ -114,15 +114,38 @@ def test_csf_pockets_brighten_near_the_centre_and_never_touch_objects() -> None:
     assert distance.max() < 11.5 + 4 + 2  # within the pockets' reach of the centre
 
 
+def test_faded_cmbs_keep_part_of_their_darkness_and_nothing_else_changes() -> None:
+    rng = np.random.default_rng(5)
+    image = np.full((20, 20, 20), 0.6, np.float32)
+    cmb = np.zeros(image.shape, bool)
+    cmb[9:12, 9:12, 9:12] = True
+    image[cmb] = 0.1
+    mimics = np.zeros(image.shape, bool)
+    mimics[2, 2:18, 2] = True  # a vein far from the CMB
+    image[mimics] = 0.05
+    kept = []
+    for _ in range(30):
+        out = train.fade_cmbs(rng, image, cmb, mimics)
+        assert out.dtype == np.float32 and (out >= image).all() and out.max() <= image.max()
+        rim = np.zeros(image.shape, bool)
+        rim[8:13, 8:13, 8:13] = True
+        assert np.array_equal(out[~rim], image[~rim])  # the vein and the tissue stay as they were
+        darkness = np.float32(0.6) - out[cmb]
+        assert np.allclose(darkness, darkness[0])
+        kept.append(float(darkness[0]) / 0.5)
+    assert 0.4 - 1e-6 <= min(kept) < 0.55 and 0.85 < max(kept) <= 1.0 + 1e-6
+
+
 def test_context_augmentation_keeps_targets(tmp_path) -> None:
     _tiny_cache(tmp_path)
     files = sorted(tmp_path.glob("*.npz"))
     for seed in range(4):  # the mimic arrays are loaded for the pockets, without making loss weights
-        context = train.PatchSampler(files, np.random.default_rng(seed), patch=16, mix=(1.0, 0.0, 0.0), strong=True,
-                                     context=True)
-        images, targets, weights = context.batch(4)
-        assert weights is None and all(t.sum() > 0 for t in targets)
-        assert 0 <= float(images.min()) and float(images.max()) <= 1
+        for faint in (False, True):
+            context = train.PatchSampler(files, np.random.default_rng(seed), patch=16, mix=(1.0, 0.0, 0.0),
+                                         strong=True, context=True, faint=faint)
+            images, targets, weights = context.batch(4)
+            assert weights is None and all(t.sum() > 0 for t in targets)
+            assert 0 <= float(images.min()) and float(images.max()) <= 1
 
 
 def test_mimic_classes_are_sampled_equally_often(tmp_path) -> None:
