@@ -114,6 +114,25 @@ def test_csf_pockets_brighten_near_the_centre_and_never_touch_objects() -> None:
     assert distance.max() < 11.5 + 4 + 2  # within the pockets' reach of the centre
 
 
+def test_small_cmbs_weigh_more_in_the_loss(tmp_path) -> None:
+    cmb = np.zeros((20, 20, 20), bool)
+    cmb[2:4, 2:4, 2] = True  # 4 voxels
+    cmb[10:15, 10:15, 10:15] = True  # 125 voxels
+    weights = train.small_cmb_weights(cmb, 5.0)
+    assert weights[2, 2, 2] == 5.0 and weights[12, 12, 12] == 1.0 and weights[0, 19, 19] == 1.0
+    assert train.small_cmb_weights(cmb, 10.0)[2, 2, 2] == train.SMALL_CMB_VOXELS / 4
+    _tiny_cache(tmp_path)  # its CMB: 27 voxels, the vein 25, the calcification 1
+    files = sorted(tmp_path.glob("*.npz"))
+    sampler = train.PatchSampler(files, np.random.default_rng(0), patch=16, mix=(1.0, 0.0, 0.0),
+                                 mimic_loss_weight=3.0, small_cmb_weight=4.0)
+    images, targets, weights = sampler.batch(2)
+    assert weights is not None
+    assert np.allclose(weights[targets > 0].numpy(), train.SMALL_CMB_VOXELS / 27)
+    assert set(np.unique(weights[targets == 0].numpy()).tolist()) <= {1.0, 3.0}
+    with pytest.raises(ValueError, match="small-CMB"):
+        train.PatchSampler(files, np.random.default_rng(0), patch=16, small_cmb_weight=0.5)
+
+
 def test_faded_cmbs_keep_part_of_their_darkness_and_nothing_else_changes() -> None:
     rng = np.random.default_rng(5)
     image = np.full((20, 20, 20), 0.6, np.float32)

@@ -58,6 +58,7 @@ MIX = (0.6, 0.25, 0.15)
 # within a few hundred steps (under BCE + Dice, weighted BCE and focal loss alike); four 32^3
 # patches per step at 5e-4 learn (CMB recall 0.76 on training patches after 200 steps).
 LEARNING_RATE = 5e-4
+SMALL_CMB_VOXELS = 30  # a CMB of 3.9 mm at 1 mm; smaller ones weigh more with a small-CMB loss weight
 OPSET = 17
 IR_VERSION = 8  # the lowest that opset 17 allows: every onnxruntime build of the last years loads it
 
@@ -108,6 +109,9 @@ class PatchSampler:
     class. ``hard``: a folder of mined false positives (``mine``), sampled with the fourth share of ``mix``.
     ``mimic_loss_weight``: the loss weight of mimic voxels in the patches (others weigh 1), so that a
     calcification of a few voxels that the network calls a CMB costs more than a few background voxels.
+    ``small_cmb_weight``: the loss weight of the voxels of a CMB of fewer than ``SMALL_CMB_VOXELS`` voxels in the
+    patch, ``SMALL_CMB_VOXELS / size`` up to this weight (others weigh 1), so that missing a 2 mm CMB of four voxels
+    costs about what missing a 4 mm one does; batch Dice alone is ruled by the large ones.
     ``strong``: each patch is also degraded as scans are (``degrade``: blur, thick slices, noise, bias,
     wider contrast changes) instead of only a contrast scale and gamma. ``context``: three patches in ten
     also get bright CSF pockets near their centre (``add_csf_pockets``), never on a CMB or a mimic. ``faint``: four
@@ -121,12 +125,15 @@ class PatchSampler:
                  mix: Optional[Sequence[float]] = None, by_class: bool = True, hard: Optional[Path] = None,
                  class_weights: Optional[Dict[str, float]] = None, mimic_loss_weight: float = 1.0,
                  cmb_by_lesion: bool = False, strong: bool = False, context: bool = False,
-                 faint: bool = False) -> None:
+                 faint: bool = False, small_cmb_weight: float = 1.0) -> None:
         self.strong = strong
         self.context = context
         self.faint = faint
         if mimic_loss_weight <= 0 or any(w <= 0 for w in (class_weights or {}).values()):
             raise ValueError("mimic class weights and the mimic loss weight must be above 0")
+        if small_cmb_weight < 1:
+            raise ValueError("the small-CMB loss weight must be at least 1")
+        self.small_cmb_weight = small_cmb_weight
         self.rng = rng
         self.patch = patch
         self.mimic_loss_weight = mimic_loss_weight
@@ -192,8 +199,13 @@ class PatchSampler:
             if self.context and self.rng.random() < 0.3:
                 image = add_csf_pockets(self.rng, image, (label > 0) | (self.mimics[scan][sl] > 0))
             arrays = [image, label]
-            if self.mimic_loss_weight != 1.0:
-                arrays.append(np.where(self.mimics[scan][sl] > 0, self.mimic_loss_weight, 1.0).astype(np.float32))
+            if self.mimic_loss_weight != 1.0 or self.small_cmb_weight != 1.0:
+                weight = np.ones(image.shape, np.float32)
+                if self.mimic_loss_weight != 1.0:
+                    weight[self.mimics[scan][sl] > 0] = self.mimic_loss_weight
+                if self.small_cmb_weight != 1.0:
+                    weight = np.maximum(weight, small_cmb_weights(label > 0, self.small_cmb_weight))
+                arrays.append(weight)
             if self.rng.random() < 0.5:  # left-right mirror
                 arrays = [a[::-1] for a in arrays]
             if self.strong:
@@ -277,6 +289,18 @@ def fade_cmbs(rng: np.random.Generator, image: np.ndarray, cmb: np.ndarray, mimi
     return out.astype(np.float32)
 
 
+def small_cmb_weights(cmb: np.ndarray, top: float) -> np.ndarray:
+    """Per voxel: ``SMALL_CMB_VOXELS / size`` (at most ``top``, at least 1) on each 26-connected CMB of ``cmb``,
+    1 elsewhere."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(cmb, CONNECT_26)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1).astype(np.float32)
+    per_label = np.clip(SMALL_CMB_VOXELS / np.maximum(sizes, 1.0), 1.0, top)
+    per_label[0] = 1.0
+    return per_label[labels]
+
+
 def lesion_voxels(mask: np.ndarray) -> List[np.ndarray]:
     """The voxel indices of each 26-connected component of ``mask``, one array per component."""
     from scipy import ndimage
@@ -304,7 +328,8 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         init: Optional[Path] = None, mimics_by_class: bool = True,
         mix: Sequence[float] = MIX, hard: Optional[Path] = None,
         class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH,
-        mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False, augment: str = "basic") -> Path:
+        mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False, augment: str = "basic",
+        small_cmb_weight: float = 1.0) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
@@ -315,7 +340,8 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
     sampler = PatchSampler(files, rng, patch=patch, mix=mix, by_class=mimics_by_class, hard=hard,
                            class_weights=class_weights, mimic_loss_weight=mimic_loss_weight,
                            cmb_by_lesion=cmb_by_lesion, strong=augment != "basic",
-                           context=augment in ("context", "faint"), faint=augment == "faint")
+                           context=augment in ("context", "faint"), faint=augment == "faint",
+                           small_cmb_weight=small_cmb_weight)
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
@@ -334,7 +360,7 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
          "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
-         "mimic_loss_weight": mimic_loss_weight, "cmb_sampling": "lesion" if cmb_by_lesion else "voxel",
+         "mimic_loss_weight": mimic_loss_weight, "small_cmb_weight": small_cmb_weight, "cmb_sampling": "lesion" if cmb_by_lesion else "voxel",
          "augment": augment, "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
     model.train()
@@ -592,7 +618,7 @@ def training_phases(run: Path) -> List[Dict]:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
         keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "class_weights",
-                "mimic_loss_weight", "cmb_sampling", "augment", "frozen_norms", "torch")
+                "mimic_loss_weight", "small_cmb_weight", "cmb_sampling", "augment", "frozen_norms", "torch")
         phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
         init = Path(config["init"]) if config.get("init") else None
         if init is not None and init.suffix == ".onnx":
@@ -716,6 +742,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="with class sampling, draw this mimic class W times as often as the others (repeatable)")
     f.add_argument("--mimic-loss-weight", type=float, default=1.0, metavar="W",
                    help="loss weight of mimic voxels (others weigh 1): W > 1 makes calling a mimic a CMB costlier")
+    f.add_argument("--small-cmb-weight", type=float, default=1.0, metavar="W",
+                   help=f"loss weight of the voxels of CMBs under {SMALL_CMB_VOXELS} voxels: {SMALL_CMB_VOXELS} / size, "
+                        "at most W (others weigh 1), so that small CMBs count about as much as large ones")
     m = steps.add_parser("mine", help="a model's false positives on the cached phantoms (hard negatives)")
     m.add_argument("--cache", type=Path, required=True)
     m.add_argument("--model-dir", type=Path, required=True)
@@ -754,7 +783,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 until=args.until, init=args.init, mimics_by_class=args.mimic_sampling == "class",
                 mix=tuple(args.mix), hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight),
                 patch=args.patch, mimic_loss_weight=args.mimic_loss_weight,
-                cmb_by_lesion=args.cmb_sampling == "lesion", augment=args.augment)
+                cmb_by_lesion=args.cmb_sampling == "lesion", augment=args.augment,
+                small_cmb_weight=args.small_cmb_weight)
         except ValueError as error:  # the sampler's refusals (unknown class, missing --hard, ...)
             parser.error(str(error))
     elif args.step == "mine":
