@@ -6,7 +6,8 @@ The steps, each resumable:
   mine     a model's false positives on those arrays (hard negatives for a later fit);
   fit      patch training of the residual U-Net (32^3 patches or ``--patch``, 4 per step, centred on
            CMBs, on mimics, on mined false positives and at random in the brain), loss BCE (mimic
-           voxels weighted by ``--mimic-loss-weight``) + soft Dice, checkpoint every
+           voxels weighted by ``--mimic-loss-weight``, small CMBs' by ``--small-cmb-weight``) + soft Dice,
+           augmentation by ``--augment``, checkpoint every
            100 steps, exact resume; ``--init`` starts from a checkpoint or from an exported ONNX fold;
   export   one ONNX fold per run (opset 17, dynamic spatial axes) plus a parity check against torch;
   screen   every ensemble of some folds, per threshold, on prepared validation phantoms (model box);
