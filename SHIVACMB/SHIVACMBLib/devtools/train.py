@@ -271,7 +271,7 @@ def fade_cmbs(rng: np.random.Generator, image: np.ndarray, cmb: np.ndarray, mimi
     """``image`` with each CMB of ``cmb`` (and its one-voxel rim of blooming) brought toward the median of the
     tissue 2-3 voxels around it, keeping 40-100 % of its darkness (drawn per CMB). The phantoms' CMBs are darker
     for their size than small CMBs on thick or blurred slices are; the demo head's misses were such faint ones
-    (models/README.md, round 10)."""
+    (models/README.md: round 10 for why, round 12 for what it did: more CMBs found, and far more anatomy)."""
     from scipy import ndimage
 
     labels, _ = ndimage.label(cmb, CONNECT_26)
@@ -361,8 +361,8 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
          "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
-         "mimic_loss_weight": mimic_loss_weight, "small_cmb_weight": small_cmb_weight, "cmb_sampling": "lesion" if cmb_by_lesion else "voxel",
-         "augment": augment, "command": " ".join(sys.argv),
+         "mimic_loss_weight": mimic_loss_weight, "small_cmb_weight": small_cmb_weight,
+         "cmb_sampling": "lesion" if cmb_by_lesion else "voxel", "augment": augment, "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
     model.train()
     if frozen_norms:
@@ -744,8 +744,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--mimic-loss-weight", type=float, default=1.0, metavar="W",
                    help="loss weight of mimic voxels (others weigh 1): W > 1 makes calling a mimic a CMB costlier")
     f.add_argument("--small-cmb-weight", type=float, default=1.0, metavar="W",
-                   help=f"loss weight of the voxels of CMBs under {SMALL_CMB_VOXELS} voxels: {SMALL_CMB_VOXELS} / size, "
-                        "at most W (others weigh 1), so that small CMBs count about as much as large ones")
+                   help=f"loss weight of the voxels of CMBs under {SMALL_CMB_VOXELS} voxels: "
+                        f"{SMALL_CMB_VOXELS} / size, at most W (others weigh 1), so that small CMBs count about as "
+                        "much as large ones")
     m = steps.add_parser("mine", help="a model's false positives on the cached phantoms (hard negatives)")
     m.add_argument("--cache", type=Path, required=True)
     m.add_argument("--model-dir", type=Path, required=True)
