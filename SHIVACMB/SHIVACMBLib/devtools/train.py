@@ -186,7 +186,8 @@ class PatchSampler:
         return scan, points[self.rng.integers(len(points))] + jitter
 
     def batch(self, size: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Images, CMB targets and (with a mimic loss weight) per-voxel loss weights, each (size, 1, p, p, p)."""
+        """Images, CMB targets and (with a mimic or small-CMB loss weight) per-voxel loss weights, each
+        (size, 1, p, p, p)."""
         images, targets, weights = [], [], []
         for _ in range(size):
             scan, centre = self._centre()
@@ -195,17 +196,19 @@ class PatchSampler:
             sl = tuple(slice(a, a + self.patch) for a in lo)
             image = volume[sl].astype(np.float32)
             label = target[sl].astype(np.float32)
-            if self.faint and label.any() and self.rng.random() < 0.4:
-                image = fade_cmbs(self.rng, image, label > 0, self.mimics[scan][sl] > 0)
+            cmb = label > 0
+            mimic = self.mimics[scan][sl] > 0 if self.mimics else None
+            if self.faint and cmb.any() and self.rng.random() < 0.4:
+                image = fade_cmbs(self.rng, image, cmb, mimic)
             if self.context and self.rng.random() < 0.3:
-                image = add_csf_pockets(self.rng, image, (label > 0) | (self.mimics[scan][sl] > 0))
+                image = add_csf_pockets(self.rng, image, cmb | mimic)
             arrays = [image, label]
             if self.mimic_loss_weight != 1.0 or self.small_cmb_weight != 1.0:
                 weight = np.ones(image.shape, np.float32)
                 if self.mimic_loss_weight != 1.0:
-                    weight[self.mimics[scan][sl] > 0] = self.mimic_loss_weight
+                    weight[mimic] = self.mimic_loss_weight
                 if self.small_cmb_weight != 1.0:
-                    weight = np.maximum(weight, small_cmb_weights(label > 0, self.small_cmb_weight))
+                    weight = np.maximum(weight, small_cmb_weights(cmb, self.small_cmb_weight))
                 arrays.append(weight)
             if self.rng.random() < 0.5:  # left-right mirror
                 arrays = [a[::-1] for a in arrays]
