@@ -108,6 +108,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     threshold = model.threshold if options.threshold is None else float(options.threshold)
     if not 0.0 < threshold < 1.0:
         raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
+    extent = threshold if model.extent_threshold is None else min(model.extent_threshold, threshold)
     check_writable(Path(out_dir))
     scan_id = result_name(input_path, options.scan_id)
     out = Path(out_dir) / scan_id
@@ -136,9 +137,9 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
         filter_run = FilterRun(candidate_filter) if candidate_filter is not None else None
         components = find_components(mean, model_input.mask, model_input.grid, native, threshold,
                                      OUTSIDE_RATIO, options.min_volume_mm3, options.max_volume_mm3,
-                                     _filter_veto(filter_run, scan, mask, model, model_input))
+                                     _filter_veto(filter_run, scan, mask, model, model_input), extent)
         del mean
-        native_labels = map_to_native(components, model_input.grid, native, threshold)
+        native_labels = map_to_native(components, model_input.grid, native, extent)
         findings = measure(components, folds, native_labels, model_input.grid, native, threshold)
         labels = native_labels.labels
         del folds
@@ -161,8 +162,8 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
                "files": len(scan.files), "geometry": native.to_dict()},
         mask=mask.summary(),
         model=model.summary(),
-        settings={"threshold": threshold, "device": options.device, "precision": options.precision,
-                  "fold_floor": model.fold_floor,
+        settings={"threshold": threshold, "extent_threshold": extent, "device": options.device,
+                  "precision": options.precision, "fold_floor": model.fold_floor,
                   "outside_ratio": OUTSIDE_RATIO, "min_volume_mm3": options.min_volume_mm3,
                   "max_volume_mm3": options.max_volume_mm3, "save_probability": options.save_probability},
         inference=ensemble.summary(),

@@ -1,13 +1,16 @@
 """From the ensemble probability in the model box to CMBs in the scan's own grid.
 
-1. Threshold the fold mean and find 26-connected components.
+1. Threshold the fold mean and find 26-connected components. With an extent threshold below the
+   threshold (hysteresis), components are found above the extent threshold and only those whose
+   peak exceeds the threshold are CMBs: the threshold decides whether there is a CMB, the extent
+   threshold how far it reaches (a strict threshold no longer shrinks a CMB to its core).
 2. Drop components with more than 25 % of their voxels outside the brain mask, components
    whose peak lies outside the scan's field of view, and (optionally) components outside the
    size limits. Kept components then lose their voxels outside the mask (probability x mask).
 3. Number the CMBs from the top of the head down (superior -> inferior, then right -> left,
    then anterior -> posterior) so that ids are stable and follow reading order.
 4. Map to the native grid: the probability is interpolated (linearly) at every native voxel
-   near a CMB, and each native voxel above threshold goes to the nearest CMB. A CMB that
+   near a CMB, and each native voxel above the extent threshold goes to the nearest CMB. A CMB that
    covers no native voxel (small CMB, thick slices) gets the native voxel nearest to its
    peak, so the CMB count is the same in model and native space.
 5. Measure each CMB (centroid, volume, probabilities, fold agreement).
@@ -67,13 +70,17 @@ def find_components(
     min_volume_mm3: float = 0.0,
     max_volume_mm3: Optional[float] = None,
     candidate_filter: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    extent: Optional[float] = None,
 ) -> Components:
     """Steps 1-3 of the module docstring. ``candidate_filter``: the [z, y, x] peaks of the components that
-    pass the other rules -> which of them to keep (``fpfilter``); the others count as ``fp_filter``."""
-    binary = mean > threshold
+    pass the other rules -> which of them to keep (``fpfilter``); the others count as ``fp_filter``.
+    ``extent``: the extent threshold (``None`` or at least ``threshold``: components above ``threshold``)."""
+    low = threshold if extent is None else min(extent, threshold)
+    binary = mean > low
     labels, n = ndimage.label(binary, structure=CONNECT_26)
     probability = mean * inside
-    dropped = {"outside_brain": 0, "outside_scan": 0, "too_small": 0, "too_large": 0}
+    dropped = {"below_threshold": 0} if low < threshold else {}
+    dropped.update({"outside_brain": 0, "outside_scan": 0, "too_small": 0, "too_large": 0})
     if candidate_filter is not None:
         dropped["fp_filter"] = 0
     if n == 0:
@@ -88,12 +95,13 @@ def find_components(
     volume = sizes * model.voxel_volume
     zyx = np.stack(np.unravel_index(where, labels.shape), axis=1)
     peaks = zyx[_argmax_per_label(ids, flat_probability[where], n)]
-    reasons = {
+    reasons = {"below_threshold": _max_per_label(ids, mean.ravel()[where], n) <= threshold} if low < threshold else {}
+    reasons.update({
         "outside_brain": outside > outside_ratio * sizes,
         "outside_scan": ~native.contains_ras(model.index_to_ras(peaks[:, ::-1].astype(float))),
         "too_small": volume < min_volume_mm3,
         "too_large": volume > (np.inf if max_volume_mm3 is None else max_volume_mm3),
-    }
+    })
     keep = np.ones(n + 1, dtype=bool)
     keep[0] = False
     for reason, hit in reasons.items():
@@ -155,7 +163,7 @@ class NativeLabels:
 
 
 def map_to_native(components: Components, model: Geometry, native: Geometry, threshold: float) -> NativeLabels:
-    """Step 4 of the module docstring."""
+    """Step 4 of the module docstring (``threshold``: the extent threshold where there is one)."""
     dtype = np.uint8 if components.count < 256 else np.uint16
     out = np.zeros(native.array_shape, dtype=dtype)
     voxels = np.zeros(components.count + 1, dtype=np.int64)

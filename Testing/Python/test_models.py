@@ -32,6 +32,12 @@ def test_descriptor_fields(model):
     assert d.shape == (80, 96, 80) and d.spacing_mm == (1.0, 1.0, 1.0)
     assert d.normalization.method == "percentile" and d.normalization.clip == 1.3
     assert [f.file for f in d.folds] == ["fold0.onnx", "fold1.onnx"]
+    assert d.extent_threshold is None  # optional: components reach down to the threshold itself
+
+
+def test_extent_threshold_is_read(model):
+    edit(model, lambda d: d.update(threshold=0.99, extent_threshold=0.5))
+    assert (read_descriptor(model).threshold, read_descriptor(model).extent_threshold) == (0.99, 0.5)
 
 
 def test_verification_names_the_corrupt_fold(model):
@@ -57,6 +63,8 @@ def test_verification_names_the_missing_fold(model):
     (lambda d: d["input"].update(orientation="LPS"), "only RAS"),
     (lambda d: d["output"].update(activation="relu"), "'output.activation' is 'relu'"),
     (lambda d: d.update(threshold=1.5), "between 0 and 1"),
+    (lambda d: d.update(threshold=0.9, extent_threshold=0.95), "'extent_threshold' is 0.95, expected a value above 0"),
+    (lambda d: d.update(extent_threshold="low"), "'extent_threshold' must be float"),
     (lambda d: d.update(folds=[]), "at least one fold"),
     (lambda d: d["folds"][0].update(file="../elsewhere.onnx"), "inside the model folder"),
     (lambda d: d["folds"][0].update(sha256="abc"), "64-character"),

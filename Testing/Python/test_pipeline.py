@@ -1,6 +1,7 @@
 """One scan end to end: CMBs planted at known RAS positions come back there, in every geometry."""
 
 import json
+import shutil
 import socket
 
 import numpy as np
@@ -179,6 +180,22 @@ def test_threshold_override_is_used_and_recorded(tmp_path, iso_scan, model_dir):
     assert result.run.settings["threshold"] == 0.95
     assert all(f.max_prob > 0.95 for f in result.findings)
 
+
+
+def test_extent_threshold_gives_strict_detections_their_whole_extent(tmp_path, iso_scan, model_dir):
+    strict = segment(iso_scan, tmp_path / "strict", SegmentOptions(model=str(model_dir), threshold=0.95, report=False))
+    model = tmp_path / "hysteresis"
+    shutil.copytree(model_dir, model)
+    descriptor = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    descriptor.update(threshold=0.95, extent_threshold=0.3)
+    (model / "model.json").write_text(json.dumps(descriptor), encoding="utf-8")
+    whole = segment(iso_scan, tmp_path / "whole", SegmentOptions(model=str(model), report=False))
+    assert whole.run.settings["extent_threshold"] == 0.3 and strict.run.settings["extent_threshold"] == 0.95
+    assert len(whole.findings) == len(strict.findings) > 0  # the threshold alone decides what is a CMB
+    assert np.all(match(np.array([f.ras for f in whole.findings]), np.array([f.ras for f in strict.findings])) < 1.0)
+    assert all(w.voxels > s.voxels for w, s in zip(whole.findings, strict.findings))
+    lower = segment(iso_scan, tmp_path / "lower", SegmentOptions(model=str(model), threshold=0.2, report=False))
+    assert lower.run.settings["extent_threshold"] == 0.2  # a lower --threshold lowers the extent with it
 
 def test_failure_while_writing_leaves_nothing(tmp_path, iso_scan, model_dir, monkeypatch):
     def broken(*args, **kwargs):

@@ -61,6 +61,23 @@ def test_threshold_is_strict_and_size_limits_apply():
     assert (large.count, large.dropped["too_large"]) == (1, 1)
 
 
+
+def test_extent_threshold_keeps_a_cmb_whole_and_the_threshold_decides():
+    mean = empty()
+    blob(mean, (12, 20, 20), 3, value=0.4)    # shell above the extent threshold...
+    blob(mean, (12, 20, 20), 1, value=0.995)  # ...around a core above the threshold: one CMB, all of it
+    blob(mean, (28, 20, 20), 3, value=0.9)    # peak under the threshold: no CMB, however large
+    inside = np.ones_like(mean, bool)
+    strict = find_components(mean, inside, BOX, NATIVE_1MM, 0.99)
+    assert strict.count == 1 and np.count_nonzero(strict.labels) == 7 and "below_threshold" not in strict.dropped
+    whole = find_components(mean, inside, BOX, NATIVE_1MM, 0.99, extent=0.3)
+    assert whole.count == 1 and whole.dropped["below_threshold"] == 1
+    assert np.count_nonzero(whole.labels) == np.count_nonzero(blob(empty(), (12, 20, 20), 3))
+    assert whole.probability[28, 20, 20] == 0  # the dropped component's voxels are cleared
+    assert map_to_native(whole, BOX, NATIVE_1MM, 0.3).voxels[1] == np.count_nonzero(whole.labels)
+    same = find_components(mean, inside, BOX, NATIVE_1MM, 0.5, extent=0.5)  # no hysteresis: as before
+    assert same.count == 2 and "below_threshold" not in same.dropped
+
 def test_components_outside_the_scan_field_of_view_are_dropped():
     mean = empty()
     blob(mean, (20, 20, 5), 2)

@@ -557,9 +557,10 @@ DESCRIPTION = ("DEMONSTRATION MODEL trained by the project on its own synthetic 
 
 
 def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dict] = None,
-                       threshold: float = 0.5, version: str = "1.0") -> Path:
+                       threshold: float = 0.5, version: str = "1.0", extent_threshold: Optional[float] = None) -> Path:
     """One ONNX fold per training run (``fold0.onnx``, ``fold1.onnx``...) plus a ``model.json``
-    (DESIGN: model descriptor) with their sha256 and each fold's training provenance.
+    (DESIGN: model descriptor) with their sha256 and each fold's training provenance; ``extent_threshold``
+    is written when given (postprocess: hysteresis).
 
     A run may also be an exported ``.onnx`` fold (of a shipped model, say): it is copied as it is,
     with the provenance its own ``model.json`` records, so that an ensemble can keep a fold."""
@@ -590,8 +591,8 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
         "input": {"shape": list(BOX), "layout": "NCDHW", "spacing_mm": [1, 1, 1], "orientation": "RAS",
                   "normalization": {"method": "percentile", "percentile": 99, "clip": 1.3}},
         "output": {"activation": "none", "channel": 0},
-        "threshold": threshold, "fold_floor": 0.001,
-        "folds": folds,
+        "threshold": threshold, **({} if extent_threshold is None else {"extent_threshold": extent_threshold}),
+        "fold_floor": 0.001, "folds": folds,
         "metrics": metrics or {},
         "training": {"architecture": "ResidualUNet3D(base=8, levels=4), batch norm, sigmoid output",
                      "folds": training},
@@ -762,6 +763,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--metrics", type=Path, help="JSON with the measured metrics to record in model.json")
     e.add_argument("--threshold", type=float, default=0.5, help="the model's probability threshold")
     e.add_argument("--version", default="1.0", help="the model's version (raise it whenever the folds change)")
+    e.add_argument("--extent-threshold", type=float, help="a CMB's voxels reach down to this probability when its "
+                   "peak exceeds --threshold (default: the threshold itself)")
     c = steps.add_parser("calibrate", help="metrics per threshold on validation phantoms (to choose --threshold)")
     c.add_argument("--model-dir", type=Path, required=True)
     c.add_argument("--phantoms", type=Path, required=True, help="validation phantoms (never used in training)")
@@ -806,7 +809,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(calibration_table(calibrate(args.model_dir, args.phantoms, args.work, args.thresholds)))
     else:
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
-        folder = write_model_folder(args.run, args.model_dir, metrics, args.threshold, args.version)
+        folder = write_model_folder(args.run, args.model_dir, metrics, args.threshold, args.version,
+                                    args.extent_threshold)
         print(f"wrote {folder}")
     return 0
 

@@ -63,6 +63,7 @@ class ModelDescriptor:
     fold_floor: float
     folds: Tuple[Fold, ...]
     metrics: Dict[str, Any] = field(default_factory=dict)
+    extent_threshold: Optional[float] = None  # hysteresis: a CMB's voxels reach down to it (postprocess)
 
     def summary(self) -> Dict[str, Any]:
         """What run.json and `models list` report about this model."""
@@ -228,6 +229,10 @@ class _Parser:
         threshold = self.get("threshold", float, 0.5)
         if not 0.0 < threshold < 1.0:
             raise self.fail("threshold", f"is {threshold}, expected a value between 0 and 1")
+        extent = self.get("extent_threshold", float, None)
+        if extent is not None and not 0.0 < extent <= threshold:
+            raise self.fail("extent_threshold", f"is {extent}, expected a value above 0 and at most the threshold "
+                                                f"({threshold})")
         return ModelDescriptor(
             path=folder,
             name=self.get("name", str),
@@ -248,6 +253,7 @@ class _Parser:
             fold_floor=self.get("fold_floor", float, 0.001),
             folds=self.folds(folder),
             metrics=self.get("metrics", dict, {}),
+            extent_threshold=extent,
         )
 
     def normalization(self) -> Normalization:
