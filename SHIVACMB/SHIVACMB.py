@@ -126,6 +126,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Packages
         self._install = None
         self._missingPackages: List[str] = []
         self._modelsListed = False
+        self._thresholdModel: Optional[str] = None  # the model whose own threshold the panel was given
         self._observedTable: Optional[vtkMRMLTableNode] = None
         self._observedSegmentation: Optional[vtkMRMLSegmentationNode] = None
         self._tableEditPending = False

@@ -82,7 +82,7 @@ class ScanSettings:
                        "runs, with a warning (default: %(default)s)", choices=PRECISIONS, gui=Gui("choice", "fp32")))
     threshold: Optional[float] = setting(None, Option(
         "--threshold", "probability threshold, 0-1 (default: the model's own, usually 0.5)", "T", probability,
-        gui=Gui("range", 0.5, (0.01, 0.99))))
+        gui=Gui("range", 0.5, (0.001, 0.999))))
     min_volume_mm3: float = setting(0.0, Option(
         "--min-volume", "drop CMBs smaller than this, in mm^3 on the model grid (default: keep all)", "MM3", volume))
     max_volume_mm3: Optional[float] = setting(None, Option(

@@ -19,6 +19,8 @@ from SHIVACMBLib.slicerside import slicerbridge
 from .command import SHIVACMBCommand
 from .nodes import TITLE
 
+THRESHOLD_ROLE_OFFSET = 1  # model selector items: the model's own threshold, at Qt.UserRole + this
+
 
 class PackagesLogic:
     """Packages and models (a mixin of SHIVACMBLogic)."""
@@ -126,6 +128,7 @@ class PackagesSection:
         if combo.findData(choice.value) < 0:
             combo.addItem(choice.label, choice.value)
             combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+            combo.setItemData(combo.count - 1, choice.threshold, qt.Qt.UserRole + THRESHOLD_ROLE_OFFSET)
 
     def _showSelectedModel(self) -> None:
         """Show the parameter node's model in the selector (a model folder is added to it).
@@ -152,6 +155,11 @@ class PackagesSection:
         wasBlocked = combo.blockSignals(True)
         combo.currentIndex = index
         combo.blockSignals(wasBlocked)
+        if model != self._thresholdModel:  # a model newly chosen brings its own threshold (the slider then moves it)
+            self._thresholdModel = model
+            own = combo.itemData(index, qt.Qt.UserRole + THRESHOLD_ROLE_OFFSET)
+            if own is not None:
+                self._parameterNode.threshold = float(own)
 
     def onModelSelected(self, index: int) -> None:
         if self._parameterNode and index >= 0:

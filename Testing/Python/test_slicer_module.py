@@ -143,11 +143,13 @@ def test_model_choices_from_the_models_list():
         {"name": "broken", "path": "/a/broken", "error": "/a/broken/model.json: 'target' is missing"},
         {"name": "shiva-cmb-swi", "version": "1.0", "modalities": ["swi"], "license": "x", "path": "/b/swi"},
         {"name": "plain", "version": "1", "modalities": [], "license": "", "path": "/b/plain"},
-        {"name": "two", "version": "1", "modalities": ["swi", "t2s"], "license": "Apache-2.0", "path": "/b/two"})
+        {"name": "two", "version": "1", "modalities": ["swi", "t2s"], "license": "Apache-2.0", "path": "/b/two",
+         "threshold": 0.3})
     choices, problems = slicerbridge.model_choices(text)
     assert [c.label for c in choices] == ["shiva-cmb-swi (swi, CC-BY-NC-SA-4.0)", "plain", "two (swi/t2s, Apache-2.0)"]
     assert [c.value for c in choices] == ["shiva-cmb-swi", "plain", "two"]
     assert "/a/swi" in choices[0].tooltip and "CC-BY-NC-SA-4.0" in choices[0].tooltip
+    assert [c.threshold for c in choices] == [0.5, 0.5, 0.3]  # a row without one: the descriptor default
     assert problems == ["/a/broken/model.json: 'target' is missing"]
     _, problems = slicerbridge.model_choices(models_json({"name": "odd", "path": "/c/odd", "error": "no folds"}))
     assert problems == ["/c/odd: no folds"]
@@ -162,8 +164,10 @@ def test_model_choices_refuse_unexpected_output(text):
 def test_model_folder_choice(tmp_path):
     folder = blobmodel.write_model(tmp_path / "my model", name="blob")
     choice = slicerbridge.model_folder_choice(folder)
-    assert choice == ModelChoice("blob (swi/t2s, Apache-2.0)", str(folder), choice.tooltip)
+    assert choice == ModelChoice("blob (swi/t2s, Apache-2.0)", str(folder), choice.tooltip, 0.5)
     assert str(folder) in choice.tooltip
+    strict = slicerbridge.model_folder_choice(blobmodel.write_model(tmp_path / "strict", name="strict", threshold=0.995))
+    assert strict.threshold == 0.995 and "Threshold: 0.995" in strict.tooltip  # the panel's threshold follows it
     with pytest.raises(ValueError, match="model.json: missing"):
         slicerbridge.model_folder_choice(tmp_path)
     (tmp_path / "model.json").write_text("{broken", encoding="utf-8")

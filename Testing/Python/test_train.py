@@ -344,12 +344,14 @@ def test_export_writes_one_verified_fold_per_run(tmp_path) -> None:
     runs = [tmp_path / "run-a", tmp_path / "run-b"]
     train.fit(tmp_path, runs[0], steps=1, seed=1, patch=16)
     train.fit(tmp_path, runs[1], steps=1, seed=2, init=runs[0] / "checkpoint.pt", patch=16)
-    folder = train.write_model_folder(runs, tmp_path / "demo-model", {"precision": 0.5}, threshold=0.8, version="2.1")
+    folder = train.write_model_folder(runs, tmp_path / "demo-model", {"precision": 0.5}, threshold=0.8, version="2.1",
+                                      extent_threshold=0.5)
 
     from SHIVACMBLib.modelstore.models import load_model
 
     model = load_model(str(folder))  # checks every fold's sha256
     assert [f.file for f in model.folds] == ["fold0.onnx", "fold1.onnx"] and model.threshold == 0.8
+    assert model.extent_threshold == 0.5
     assert model.version == "2.1"
     training = json.loads((folder / "model.json").read_text(encoding="utf-8"))["training"]["folds"]
     assert [len(fold["phases"]) for fold in training] == [1, 2]  # run-b started from run-a's weights
@@ -362,7 +364,7 @@ def test_export_writes_one_verified_fold_per_run(tmp_path) -> None:
     kept = json.loads((ensemble / "model.json").read_text(encoding="utf-8"))["training"]["folds"]
     assert kept[0]["onnx"] == "fold1.onnx" and kept[0]["phases"] == training[1]["phases"]
     assert kept[1]["phases"] == training[0]["phases"]
-    assert len(load_model(str(ensemble)).folds) == 2
+    assert len(load_model(str(ensemble)).folds) == 2 and load_model(str(ensemble)).extent_threshold is None
     with pytest.raises(ValueError, match="another folder"):
         train.write_model_folder([folder / "fold0.onnx"], folder)
 

@@ -75,6 +75,8 @@ class ModelDescriptor:
             "license": self.license,
             "source": self.source,
             "description": self.description,
+            "threshold": self.threshold,
+            **({} if self.extent_threshold is None else {"extent_threshold": self.extent_threshold}),
             "path": str(self.path),
             "folds": [{"file": f.file, "sha256": f.sha256} for f in self.folds],
         }

@@ -137,6 +137,7 @@ class ModelChoice:
     label: str  # "name (modalities, licence)"
     value: str  # what --model gets: an installed model's name or a model folder
     tooltip: str
+    threshold: float = 0.5  # the model's own threshold, which the panel's threshold takes when it is chosen
 
 
 def model_label(name: str, modalities: Sequence[str], licence: str) -> str:
@@ -155,9 +156,11 @@ def model_choice(entry: Mapping[str, Any], value: Optional[str] = None) -> Model
         lines.append(str(entry["description"]))
     if licence:
         lines.append(f"Licence: {licence}")
+    threshold = float(entry.get("threshold", 0.5))
+    lines.append(f"Threshold: {threshold:g}")
     lines.append(f"Folder: {entry.get('path', '')}")
     return ModelChoice(model_label(name, modalities, licence), value if value is not None else name,
-                       "\n".join(lines))
+                       "\n".join(lines), threshold)
 
 
 def model_choices(models_json: str) -> Tuple[List[ModelChoice], List[str]]:
