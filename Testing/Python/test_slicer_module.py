@@ -166,7 +166,8 @@ def test_model_folder_choice(tmp_path):
     choice = slicerbridge.model_folder_choice(folder)
     assert choice == ModelChoice("blob (swi/t2s, Apache-2.0)", str(folder), choice.tooltip, 0.5)
     assert str(folder) in choice.tooltip
-    strict = slicerbridge.model_folder_choice(blobmodel.write_model(tmp_path / "strict", name="strict", threshold=0.995))
+    strict = slicerbridge.model_folder_choice(blobmodel.write_model(tmp_path / "strict", name="strict",
+                                                                    threshold=0.995))
     assert strict.threshold == 0.995 and "Threshold: 0.995" in strict.tooltip  # the panel's threshold follows it
     with pytest.raises(ValueError, match="model.json: missing"):
         slicerbridge.model_folder_choice(tmp_path)
