@@ -228,6 +228,7 @@ class SHIVACMBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Packages
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        self._thresholdModel = None  # a new node takes its model's own threshold
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
