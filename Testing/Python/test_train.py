@@ -339,6 +339,15 @@ def test_fit_refuses_a_patch_the_network_cannot_pool(tmp_path, capsys, patch) ->
     assert not (tmp_path / "run").exists()
 
 
+
+@pytest.mark.parametrize("extent", ["0.995", "0", "-0.1"])
+def test_export_refuses_an_extent_threshold_outside_0_to_the_threshold(tmp_path, capsys, extent) -> None:
+    with pytest.raises(SystemExit) as stop:
+        train.main(["export", "--run", str(tmp_path / "run"), "--model-dir", str(tmp_path / "model"),
+                    "--threshold", "0.99", "--extent-threshold", extent])
+    assert stop.value.code == 2 and f"--extent-threshold {float(extent)}: above 0" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
 def test_export_writes_one_verified_fold_per_run(tmp_path) -> None:
     _tiny_cache(tmp_path)
     runs = [tmp_path / "run-a", tmp_path / "run-b"]
