@@ -108,7 +108,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     threshold = model.threshold if options.threshold is None else float(options.threshold)
     if not 0.0 < threshold < 1.0:
         raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
-    extent = threshold if model.extent_threshold is None else min(model.extent_threshold, threshold)
+    extent = model.extent_for(threshold)
     check_writable(Path(out_dir))
     scan_id = result_name(input_path, options.scan_id)
     out = Path(out_dir) / scan_id

@@ -340,6 +340,23 @@ def test_a_worker_reuses_its_sessions_and_their_memory_for_every_scan(tmp_path, 
     inference.clear_ensembles()
 
 
+
+def test_results_depend_on_the_extent_threshold_only_for_a_model_that_has_one(model_dir, tmp_path):
+    from SHIVACMBLib.modelstore.models import read_descriptor
+
+    plain = read_descriptor(model_dir)
+    assert "extent_threshold" not in BatchSettings().result_settings(plain)  # older fingerprints stay valid
+    descriptor = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    descriptor.update(threshold=0.9, extent_threshold=0.5)
+    (tmp_path / "model.json").write_text(json.dumps(descriptor), encoding="utf-8")
+    shutil.copy(model_dir / descriptor["folds"][0]["file"], tmp_path)
+    hysteresis = read_descriptor(tmp_path)
+    assert BatchSettings().result_settings(hysteresis)["extent_threshold"] == 0.5
+    assert BatchSettings(threshold=0.3).result_settings(hysteresis)["extent_threshold"] == 0.3  # never above it
+    descriptor.update(extent_threshold=0.4)
+    (tmp_path / "model.json").write_text(json.dumps(descriptor), encoding="utf-8")
+    assert BatchSettings().result_settings(read_descriptor(tmp_path))["extent_threshold"] == 0.4  # a new one: rerun
+
 def test_batch_bar_counts_scans():
     from SHIVACMBLib.progress import BatchBar
 

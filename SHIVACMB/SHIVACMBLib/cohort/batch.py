@@ -260,13 +260,15 @@ class BatchSettings(ScanSettings):
 
     def result_settings(self, model: ModelDescriptor) -> Dict[str, Any]:
         """The settings a scan's results depend on (ScanSettings.reuse_values), the model and candidate filter
-        by their checksums and the threshold resolved."""
+        by their checksums and the threshold resolved (and the extent threshold, for a model that has one)."""
         candidate_filter = load_filter(self.fp_filter)
+        threshold = model.threshold if self.threshold is None else self.threshold
+        extent = {} if model.extent_threshold is None else {"extent_threshold": model.extent_for(threshold)}
         return {**self.reuse_values(),
                 "model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},
                 "fp_filter": None if candidate_filter is None else {**candidate_filter.summary(),
                                                                     "sha256": candidate_filter.sha256},
-                "threshold": model.threshold if self.threshold is None else self.threshold}
+                "threshold": threshold, **extent}
 
 
 def fingerprint(job: Job, model: ModelDescriptor, settings: BatchSettings) -> Dict[str, Any]:

@@ -65,6 +65,10 @@ class ModelDescriptor:
     metrics: Dict[str, Any] = field(default_factory=dict)
     extent_threshold: Optional[float] = None  # hysteresis: a CMB's voxels reach down to it (postprocess)
 
+    def extent_for(self, threshold: float) -> float:
+        """The extent threshold a run at ``threshold`` uses: the model's own, never above the threshold."""
+        return threshold if self.extent_threshold is None else min(self.extent_threshold, threshold)
+
     def summary(self) -> Dict[str, Any]:
         """What run.json and `models list` report about this model."""
         return {
