@@ -340,7 +340,6 @@ def test_a_worker_reuses_its_sessions_and_their_memory_for_every_scan(tmp_path, 
     inference.clear_ensembles()
 
 
-
 def test_results_depend_on_the_extent_threshold_only_for_a_model_that_has_one(model_dir, tmp_path):
     from SHIVACMBLib.modelstore.models import read_descriptor
 
@@ -356,6 +355,7 @@ def test_results_depend_on_the_extent_threshold_only_for_a_model_that_has_one(mo
     descriptor.update(extent_threshold=0.4)
     (tmp_path / "model.json").write_text(json.dumps(descriptor), encoding="utf-8")
     assert BatchSettings().result_settings(read_descriptor(tmp_path))["extent_threshold"] == 0.4  # a new one: rerun
+
 
 def test_batch_bar_counts_scans():
     from SHIVACMBLib.progress import BatchBar

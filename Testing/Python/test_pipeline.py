@@ -181,7 +181,6 @@ def test_threshold_override_is_used_and_recorded(tmp_path, iso_scan, model_dir):
     assert all(f.max_prob > 0.95 for f in result.findings)
 
 
-
 def test_extent_threshold_gives_strict_detections_their_whole_extent(tmp_path, iso_scan, model_dir):
     strict = segment(iso_scan, tmp_path / "strict", SegmentOptions(model=str(model_dir), threshold=0.95, report=False))
     model = tmp_path / "hysteresis"
@@ -196,6 +195,7 @@ def test_extent_threshold_gives_strict_detections_their_whole_extent(tmp_path, i
     assert all(w.voxels > s.voxels for w, s in zip(whole.findings, strict.findings))
     lower = segment(iso_scan, tmp_path / "lower", SegmentOptions(model=str(model), threshold=0.2, report=False))
     assert lower.run.settings["extent_threshold"] == 0.2  # a lower --threshold lowers the extent with it
+
 
 def test_failure_while_writing_leaves_nothing(tmp_path, iso_scan, model_dir, monkeypatch):
     def broken(*args, **kwargs):

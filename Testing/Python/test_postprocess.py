@@ -61,7 +61,6 @@ def test_threshold_is_strict_and_size_limits_apply():
     assert (large.count, large.dropped["too_large"]) == (1, 1)
 
 
-
 def test_extent_threshold_keeps_a_cmb_whole_and_the_threshold_decides():
     mean = empty()
     blob(mean, (12, 20, 20), 3, value=0.4)    # shell above the extent threshold...
@@ -77,6 +76,7 @@ def test_extent_threshold_keeps_a_cmb_whole_and_the_threshold_decides():
     assert map_to_native(whole, BOX, NATIVE_1MM, 0.3).voxels[1] == np.count_nonzero(whole.labels)
     same = find_components(mean, inside, BOX, NATIVE_1MM, 0.5, extent=0.5)  # no hysteresis: as before
     assert same.count == 2 and "below_threshold" not in same.dropped
+
 
 def test_components_outside_the_scan_field_of_view_are_dropped():
     mean = empty()

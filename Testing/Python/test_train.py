@@ -339,7 +339,6 @@ def test_fit_refuses_a_patch_the_network_cannot_pool(tmp_path, capsys, patch) ->
     assert not (tmp_path / "run").exists()
 
 
-
 @pytest.mark.parametrize("extent", ["0.995", "0", "-0.1"])
 def test_export_refuses_an_extent_threshold_outside_0_to_the_threshold(tmp_path, capsys, extent) -> None:
     with pytest.raises(SystemExit) as stop:
@@ -347,6 +346,7 @@ def test_export_refuses_an_extent_threshold_outside_0_to_the_threshold(tmp_path,
                     "--threshold", "0.99", "--extent-threshold", extent])
     assert stop.value.code == 2 and f"--extent-threshold {float(extent)}: above 0" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
+
 
 def test_export_writes_one_verified_fold_per_run(tmp_path) -> None:
     _tiny_cache(tmp_path)
