@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from ..files import atomic_path
 from ..geometry import resample
-from ..modelstore.models import Normalization
+from ..modelstore.models import Normalization, extent_threshold_problem
 from ..postprocess import CONNECT_26
 from ..preprocess import compute_brain_mask, prepare_input
 from ..scan import read_scan
@@ -781,8 +781,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_filter_step(args)
     if args.step == "fit" and len(args.mix) not in (3, 4):
         parser.error("--mix takes three or four shares")
-    if args.step == "export" and args.extent_threshold is not None and not 0 < args.extent_threshold <= args.threshold:
-        parser.error(f"--extent-threshold {args.extent_threshold}: above 0 and at most --threshold ({args.threshold})")
+    problem = (extent_threshold_problem(args.extent_threshold, args.threshold)
+               if args.step == "export" and args.extent_threshold is not None else None)
+    if problem:
+        parser.error(f"--extent-threshold {args.extent_threshold}: {problem}")
     if args.step == "fit" and (args.patch % 8 or not 16 <= args.patch <= 128):
         parser.error(f"--patch {args.patch}: a multiple of 8 from 16 to 128")
     if args.step == "prepare":

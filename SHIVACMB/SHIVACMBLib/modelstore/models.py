@@ -86,6 +86,12 @@ class ModelDescriptor:
         }
 
 
+def extent_threshold_problem(extent: float, threshold: float) -> Optional[str]:
+    """What is wrong with an extent threshold beside this threshold (None: nothing); model.json and `train export`
+    both check it."""
+    return None if 0.0 < extent <= threshold else f"above 0 and at most the threshold ({threshold})"
+
+
 def user_model_dirs() -> List[Path]:
     """Folders where users install models: ``SHIVACMB_MODELS`` if set, else the per-user data folder."""
     env = os.environ.get(MODELS_ENV, "").strip()
@@ -236,9 +242,9 @@ class _Parser:
         if not 0.0 < threshold < 1.0:
             raise self.fail("threshold", f"is {threshold}, expected a value between 0 and 1")
         extent = self.get("extent_threshold", float, None)
-        if extent is not None and not 0.0 < extent <= threshold:
-            raise self.fail("extent_threshold", f"is {extent}, expected a value above 0 and at most the threshold "
-                                                f"({threshold})")
+        problem = None if extent is None else extent_threshold_problem(extent, threshold)
+        if problem:
+            raise self.fail("extent_threshold", f"is {extent}, expected a value {problem}")
         return ModelDescriptor(
             path=folder,
             name=self.get("name", str),
