@@ -105,7 +105,7 @@ def segment(input_path: PathLike, out_dir: PathLike, options: Optional[SegmentOp
     clock = _Stopwatch()
     if model is None:
         model = load_model(options.model, verify=False)
-    threshold = model.threshold if options.threshold is None else float(options.threshold)
+    threshold = model.threshold_for(options.threshold)
     if not 0.0 < threshold < 1.0:
         raise InputError(None, f"threshold must be between 0 and 1, not {threshold}")
     extent = model.extent_for(threshold)

@@ -40,6 +40,13 @@ def test_extent_threshold_is_read(model):
     assert (read_descriptor(model).threshold, read_descriptor(model).extent_threshold) == (0.99, 0.5)
 
 
+def test_a_run_threshold_is_the_option_else_the_model_own_and_the_extent_never_above_it(model):
+    edit(model, lambda d: d.update(threshold=0.99, extent_threshold=0.5))
+    d = read_descriptor(model)
+    assert (d.threshold_for(None), d.threshold_for(0.3)) == (0.99, 0.3)
+    assert (d.extent_for(d.threshold_for(None)), d.extent_for(0.3)) == (0.5, 0.3)
+
+
 def test_verification_names_the_corrupt_fold(model):
     fold = model / "fold1.onnx"
     fold.write_bytes(fold.read_bytes() + b"x")

@@ -262,7 +262,7 @@ class BatchSettings(ScanSettings):
         """The settings a scan's results depend on (ScanSettings.reuse_values), the model and candidate filter
         by their checksums and the threshold resolved (and the extent threshold, for a model that has one)."""
         candidate_filter = load_filter(self.fp_filter)
-        threshold = model.threshold if self.threshold is None else self.threshold
+        threshold = model.threshold_for(self.threshold)
         extent = {} if model.extent_threshold is None else {"extent_threshold": model.extent_for(threshold)}
         return {**self.reuse_values(),
                 "model": {"name": model.name, "version": model.version, "folds": [f.sha256 for f in model.folds]},

@@ -65,6 +65,10 @@ class ModelDescriptor:
     metrics: Dict[str, Any] = field(default_factory=dict)
     extent_threshold: Optional[float] = None  # hysteresis: a CMB's voxels reach down to it (postprocess)
 
+    def threshold_for(self, option: Optional[float]) -> float:
+        """The threshold a run uses: the option given (``--threshold``), else the model's own."""
+        return self.threshold if option is None else float(option)
+
     def extent_for(self, threshold: float) -> float:
         """The extent threshold a run at ``threshold`` uses: the model's own, never above the threshold."""
         return threshold if self.extent_threshold is None else min(self.extent_threshold, threshold)
