@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from SHIVACMBLib.devtools import selection, train  # noqa: E402
-from SHIVACMBLib.devtools.unet import ResidualUNet3D  # noqa: E402
+from SHIVACMBLib.devtools.unet import ResidualUNet3D, widen  # noqa: E402
 
 
 def _tiny_cache(folder, seed: int = 0) -> None:
@@ -24,6 +24,17 @@ def _tiny_cache(folder, seed: int = 0) -> None:
     mimic[30, 30, 30] = 2  # a calcification: 1 voxel
     brain = np.ones_like(cmb)
     np.savez(folder / "scan-a.npz", volume=volume, cmb=cmb, mimic=mimic, brain=brain)
+
+
+def _trained_looking(model: ResidualUNet3D) -> ResidualUNet3D:
+    with torch.no_grad():  # non-trivial batch-norm statistics and affine parameters, as after training
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
 
 
 def test_onnx_export_matches_torch_on_any_size(tmp_path) -> None:
@@ -237,7 +248,9 @@ def test_mimic_voxels_weigh_more_in_the_loss(tmp_path) -> None:
 
 @pytest.mark.parametrize("args, message", [(["--mimic-weight", "vein=0"], "above 0"),
                                            (["--mimic-weight", "veins=2"], "mimic class weights"),
-                                           (["--mix", "0.5", "0", "0", "0.5"], "--hard")])
+                                           (["--mix", "0.5", "0", "0", "0.5"], "--hard"),
+                                           (["--widths", "8"], "--widths 8: two or more levels"),
+                                           (["--widths", "8", "16", "32", "64", "128"], "--patch 16: a multiple of 16")])
 def test_fit_refusals_are_one_line_usage_errors(tmp_path, capsys, args, message) -> None:
     _tiny_cache(tmp_path)
     with pytest.raises(SystemExit) as stop:
@@ -282,14 +295,7 @@ def test_mine_keeps_the_voxels_of_false_positive_components_only(tmp_path, model
 
 def test_fine_tuning_from_an_onnx_fold_starts_where_the_fold_is(tmp_path) -> None:
     torch.manual_seed(1)
-    model = ResidualUNet3D()
-    with torch.no_grad():  # non-trivial batch-norm statistics and affine parameters, as after training
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm3d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
+    model = _trained_looking(ResidualUNet3D())
     fold = tmp_path / "fold0.onnx"
     train.export_onnx(model, fold)
     restored = train.model_from_onnx(fold)
@@ -305,6 +311,46 @@ def test_fine_tuning_from_an_onnx_fold_starts_where_the_fold_is(tmp_path) -> Non
     assert not torch.equal(tuned["encoders.0.conv1.weight"], start["encoders.0.conv1.weight"])  # weights train
     phases = train.training_phases(run)
     assert phases[0]["onnx"] == "fold0.onnx" and len(phases[0]["sha256"]) == 64 and phases[1]["frozen_norms"]
+
+
+def test_widening_keeps_the_output_and_the_new_channels_learn() -> None:
+    torch.manual_seed(2)
+    model = _trained_looking(ResidualUNet3D())
+    wide = widen(model, (12, 16, 48, 96)).eval()
+    image = torch.randn(1, 1, 21, 30, 17)
+    assert wide.widths == (12, 16, 48, 96) and sum(p.numel() for p in wide.parameters()) > 2 * 372_265 - 1
+    with torch.no_grad():
+        assert float((wide.logits(image) - model.logits(image)).abs().max()) < 1e-5  # the same function
+    wide.logits(image).sum().backward()
+    new_into_old = wide.decoders[2].conv1.weight.grad[:32, 32:48]  # the new channels of level 2 into old ones
+    assert float(new_into_old.abs().max()) > 0  # silent at first, yet they get a gradient
+    assert float(wide.head.weight.grad[0, 8:].abs().max()) > 0  # the new channels of level 0 reach the output
+    for widths in [(8, 16, 32), (8, 8, 32, 64)]:  # other levels, a narrower level
+        with pytest.raises(ValueError, match="none narrower"):
+            widen(model, widths)
+
+
+def test_fit_widens_an_onnx_fold_and_exports_the_wider_network(tmp_path) -> None:
+    torch.manual_seed(3)
+    fold = tmp_path / "fold0.onnx"
+    train.export_onnx(_trained_looking(ResidualUNet3D()), fold)
+    widths = (8, 16, 48, 96)
+    start = train.start_model(tmp_path / "no-checkpoint.pt", fold, widths)
+    assert start.widths == widths and train.parity(start, fold, (21, 30, 17)) < 1e-5  # starts where the fold is
+
+    _tiny_cache(tmp_path)
+    run = tmp_path / "run"
+    train.main(["fit", "--cache", str(tmp_path), "--run", str(run), "--init", str(fold), "--widths", "8", "16", "48",
+                "96", "--steps", "3", "--until", "2", "--patch", "16", "--seed", "5"])
+    train.fit(tmp_path, run, steps=3, seed=5, init=fold, patch=16)  # resumes the wider network without --widths
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert train.training_phases(run)[-1]["widths"] == [8, 16, 48, 96]
+    folder = train.write_model_folder([run, fold], tmp_path / "model")
+    assert train.model_from_onnx(folder / "fold0.onnx").widths == widths
+    assert train.parity(train.load_checkpoint(run / "checkpoint.pt"), folder / "fold0.onnx", (19, 24, 33)) < 1e-4
+    architecture = json.loads((folder / "model.json").read_text(encoding="utf-8"))["training"]["architecture"]
+    assert architecture == ("ResidualUNet3D(widths=8-16-48-96), batch norm, sigmoid output; "
+                            "ResidualUNet3D(widths=8-16-32-64), batch norm, sigmoid output")
 
 
 def test_loss_is_small_for_a_right_answer_and_large_for_a_wrong_one() -> None:

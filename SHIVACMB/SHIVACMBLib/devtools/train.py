@@ -47,7 +47,7 @@ from ..preprocess import compute_brain_mask, prepare_input
 from ..scan import read_scan
 from .selection import calibrate, calibration_table, screen
 from .synthetic import MIMIC_CLASSES, read_objects, truth_paths
-from .unet import ResidualUNet3D
+from .unet import WIDTHS, ResidualUNet3D, widen, widths_of
 
 BOX = (160, 214, 176)
 INPUT = SimpleNamespace(shape=BOX, spacing_mm=(1.0, 1.0, 1.0), normalization=Normalization())
@@ -333,11 +333,13 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
         mix: Sequence[float] = MIX, hard: Optional[Path] = None,
         class_weights: Optional[Dict[str, float]] = None, patch: int = PATCH,
         mimic_loss_weight: float = 1.0, cmb_by_lesion: bool = False, augment: str = "basic",
-        small_cmb_weight: float = 1.0) -> Path:
+        small_cmb_weight: float = 1.0, widths: Optional[Sequence[int]] = None) -> Path:
     """Train (or resume) for ``steps`` in all (stopping early at ``until``); return the checkpoint path.
 
     ``init``: start from the weights of another run's checkpoint, or of an exported ONNX fold (whose
     batch norms are folded into the convolutions: they stay frozen, see ``model_from_onnx``).
+    ``widths``: channels per level (default 8-16-32-64, or the init's); wider than the init's, the
+    init is widened without changing what it computes (``unet.widen``).
     """
     rng = np.random.default_rng(seed)
     files = sorted(cache.glob("*.npz"))
@@ -346,24 +348,20 @@ def fit(cache: Path, run: Path, steps: int, seed: int, batch: int = 4, lr: float
                            cmb_by_lesion=cmb_by_lesion, strong=augment != "basic",
                            context=augment in ("context", "faint"), faint=augment == "faint",
                            small_cmb_weight=small_cmb_weight)
-    run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     checkpoint = run / "checkpoint.pt"
     frozen_norms = init is not None and Path(init).suffix == ".onnx"
-    if frozen_norms and not checkpoint.exists():
-        model = model_from_onnx(Path(init))
-    else:
-        model = ResidualUNet3D()
-        if init is not None and not checkpoint.exists():
-            model.load_state_dict(torch.load(init, weights_only=False)["model"])
+    model = start_model(checkpoint, init, widths)
+    run.mkdir(parents=True, exist_ok=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     step = resume(checkpoint, model, optimiser, rng)
     (run / "config.json").write_text(json.dumps(
         {"cache": str(cache), "scans": len(files), "steps": steps, "seed": seed, "batch": batch, "lr": lr,
          "patch": patch, "mix": list(mix), "init": str(init) if init else None, "hard": str(hard) if hard else None,
-         "frozen_norms": frozen_norms, "mimics_by_class": mimics_by_class, "class_weights": class_weights or {},
+         "frozen_norms": frozen_norms, "widths": list(model.widths), "mimics_by_class": mimics_by_class,
+         "class_weights": class_weights or {},
          "mimic_loss_weight": mimic_loss_weight, "small_cmb_weight": small_cmb_weight,
          "cmb_sampling": "lesion" if cmb_by_lesion else "voxel", "augment": augment, "command": " ".join(sys.argv),
          "torch": torch.__version__}, indent=2) + "\n")
@@ -428,6 +426,17 @@ def save_checkpoint(checkpoint: Path, model: nn.Module, optimiser: torch.optim.O
         torch.save(state, tmp)
 
 
+def start_model(checkpoint: Path, init: Optional[Path], widths: Optional[Sequence[int]]) -> ResidualUNet3D:
+    """The network a fit starts from: its own checkpoint's shape when resuming, else the init's
+    weights (widened to ``widths`` when given) or fresh ones."""
+    if checkpoint.exists():
+        return ResidualUNet3D(widths_of(torch.load(checkpoint, weights_only=False)["model"]))
+    if init is None:
+        return ResidualUNet3D(widths or WIDTHS)
+    model = model_from_onnx(Path(init)) if Path(init).suffix == ".onnx" else load_checkpoint(Path(init)).train()
+    return widen(model, widths) if widths and tuple(widths) != model.widths else model
+
+
 def cosine_rate(optimiser: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
     """Cosine decay from ``lr`` to 1 % of it over ``steps``."""
     for group in optimiser.param_groups:
@@ -448,7 +457,11 @@ def model_from_onnx(path: Path) -> ResidualUNet3D:
     graph = onnx.load(str(path)).graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     nodes = [node for node in graph.node if node.op_type == "Conv"]
-    model = ResidualUNet3D().eval()
+    levels = (len(nodes) + 2) // 6  # three convolutions per block, 2 * levels - 1 blocks, and the head
+    if levels < 2 or len(nodes) != 6 * levels - 2:
+        raise ValueError(f"{path}: {len(nodes)} convolutions, not a network of train.py's kind")
+    # the encoders' first convolutions run first, one block (three convolutions) apart
+    model = ResidualUNet3D([weights[nodes[3 * level].input[1]].shape[0] for level in range(levels)]).eval()
     ran: List[nn.Conv3d] = []  # convolutions in the order the forward pass runs them, as exported
     hooks = [m.register_forward_hook(lambda module, *_: ran.append(module))
              for m in model.modules() if isinstance(m, nn.Conv3d)]
@@ -571,7 +584,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
     if any(Path(run).suffix == ".onnx" and Path(run).resolve().parent == folder.resolve() for run in runs):
         raise ValueError(f"{folder}: write the model into another folder than the ONNX folds it keeps")
     folder.mkdir(parents=True, exist_ok=True)
-    folds, training = [], []
+    folds, training, architectures = [], [], []
     for number, run in enumerate(runs):
         onnx_path = folder / f"fold{number}.onnx"
         if Path(run).suffix == ".onnx":
@@ -585,6 +598,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
                           "phases": training_phases(run)}
         folds.append({"file": onnx_path.name, "sha256": checksum([onnx_path])})
         training.append({"file": onnx_path.name, **provenance})
+        architectures.append(model_from_onnx(onnx_path).architecture)
     descriptor = {
         "name": folder.name, "version": version, "target": "CMB", "modalities": ["swi", "t2s"],
         "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/devtools/train.py",
@@ -594,8 +608,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
         "threshold": threshold, **({} if extent_threshold is None else {"extent_threshold": extent_threshold}),
         "fold_floor": 0.001, "folds": folds,
         "metrics": metrics or {},
-        "training": {"architecture": "ResidualUNet3D(base=8, levels=4), batch norm, sigmoid output",
-                     "folds": training},
+        "training": {"architecture": "; ".join(dict.fromkeys(architectures)), "folds": training},
     }
     atomic_write_text(folder / "model.json", json.dumps(descriptor, indent=2) + "\n")
     return folder
@@ -622,7 +635,7 @@ def training_phases(run: Path) -> List[Dict]:
     while run is not None:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
-        keep = ("scans", "steps", "seed", "batch", "lr", "patch", "mix", "mimics_by_class", "class_weights",
+        keep = ("scans", "steps", "seed", "batch", "lr", "patch", "widths", "mix", "mimics_by_class", "class_weights",
                 "mimic_loss_weight", "small_cmb_weight", "cmb_sampling", "augment", "frozen_norms", "torch")
         phases.insert(0, {"trained_steps": step, **{k: config[k] for k in keep if k in config}})
         init = Path(config["init"]) if config.get("init") else None
@@ -635,8 +648,9 @@ def training_phases(run: Path) -> List[Dict]:
 
 
 def load_checkpoint(path: Path) -> ResidualUNet3D:
-    model = ResidualUNet3D()
-    model.load_state_dict(torch.load(path, weights_only=False)["model"])
+    state = torch.load(path, weights_only=False)["model"]
+    model = ResidualUNet3D(widths_of(state))
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -730,6 +744,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--threads", type=int)
     f.add_argument("--until", type=int, help="stop at this step (a later rerun resumes)")
     f.add_argument("--init", type=Path, help="start from the weights of this checkpoint or ONNX fold (fine-tuning)")
+    f.add_argument("--widths", type=int, nargs="+", metavar="C",
+                   help="channels per level (default 8 16 32 64, or the init's); with --init, at least the init's "
+                        "per level: the init is widened and starts out computing what it computed")
     f.add_argument("--mix", type=float, nargs="+", default=MIX, metavar="SHARE",
                    help="shares of patches centred on CMBs, mimics, anywhere in the brain "
                         "and (optional fourth) on mined false positives")
@@ -785,8 +802,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                if args.step == "export" and args.extent_threshold is not None else None)
     if problem:
         parser.error(f"--extent-threshold {args.extent_threshold}: {problem}")
-    if args.step == "fit" and (args.patch % 8 or not 16 <= args.patch <= 128):
-        parser.error(f"--patch {args.patch}: a multiple of 8 from 16 to 128")
+    if args.step == "fit" and args.widths is not None and (len(args.widths) < 2 or min(args.widths) < 1):
+        parser.error(f"--widths {' '.join(map(str, args.widths))}: two or more levels of at least one channel")
+    pooled = 2 ** (len(args.widths or WIDTHS) - 1) if args.step == "fit" else 8
+    if args.step == "fit" and (args.patch % pooled or not 2 * pooled <= args.patch <= 128):
+        parser.error(f"--patch {args.patch}: a multiple of {pooled} from {2 * pooled} to 128")
     if args.step == "prepare":
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
@@ -796,7 +816,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 mix=tuple(args.mix), hard=args.hard, class_weights=_class_weights(parser, args.mimic_weight),
                 patch=args.patch, mimic_loss_weight=args.mimic_loss_weight,
                 cmb_by_lesion=args.cmb_sampling == "lesion", augment=args.augment,
-                small_cmb_weight=args.small_cmb_weight)
+                small_cmb_weight=args.small_cmb_weight, widths=args.widths)
         except ValueError as error:  # the sampler's refusals (unknown class, missing --hard, ...)
             parser.error(str(error))
     elif args.step == "mine":
