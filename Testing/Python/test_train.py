@@ -250,7 +250,8 @@ def test_mimic_voxels_weigh_more_in_the_loss(tmp_path) -> None:
                                            (["--mimic-weight", "veins=2"], "mimic class weights"),
                                            (["--mix", "0.5", "0", "0", "0.5"], "--hard"),
                                            (["--widths", "8"], "--widths 8: two or more levels"),
-                                           (["--widths", "8", "16", "32", "64", "128"], "--patch 16: a multiple of 16")])
+                                           (["--widths", "8", "16", "32", "64", "128"],
+                                            "--patch 16: a multiple of 16")])
 def test_fit_refusals_are_one_line_usage_errors(tmp_path, capsys, args, message) -> None:
     _tiny_cache(tmp_path)
     with pytest.raises(SystemExit) as stop:

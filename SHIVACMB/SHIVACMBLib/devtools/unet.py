@@ -1,9 +1,10 @@
 """A compact 3D residual U-Net of the SHIVA-CMB kind (needs the optional ``train`` extra: torch).
 
 Residual encoder-decoder with skip connections and a sigmoid output, sized to train on two
-CPU cores: one resolution level per entry of ``widths`` (channels), 8-16-32-64 by default.
-``widen`` grows a trained network's channels without changing what it computes. Any spatial size works (pooling rounds up, upsampling matches the skip's size), so the ONNX
-export has dynamic spatial axes. Input and output are NCDHW with the spatial axes in the
+CPU cores: one resolution level per entry of ``widths`` (channels), 8-16-32-64 by default;
+``widen`` grows a trained network's channels without changing what it computes. Any spatial
+size works (pooling rounds up, upsampling matches the skip's size), so the ONNX export has
+dynamic spatial axes. Input and output are NCDHW with the spatial axes in the
 model grid's [x, y, z] (R, A, S) order.
 """
 
@@ -75,7 +76,8 @@ class ResidualUNet3D(nn.Module):
 
 def widths_of(state: dict) -> List[int]:
     """The widths of the network whose ``state_dict`` this is."""
-    levels = sorted(int(name.split(".")[1]) for name in state if name.startswith("encoders.") and name.endswith("conv1.weight"))
+    levels = sorted(int(name.split(".")[1]) for name in state
+                    if name.startswith("encoders.") and name.endswith("conv1.weight"))
     return [int(state[f"encoders.{level}.conv1.weight"].shape[0]) for level in levels]
 
 
