@@ -589,6 +589,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
         onnx_path = folder / f"fold{number}.onnx"
         if Path(run).suffix == ".onnx":
             provenance = onnx_provenance(Path(run))
+            model = model_from_onnx(Path(run))  # for its architecture
             with atomic_path(onnx_path) as tmp:
                 shutil.copyfile(run, tmp)
         else:
@@ -598,7 +599,7 @@ def write_model_folder(runs: Sequence[Path], folder: Path, metrics: Optional[Dic
                           "phases": training_phases(run)}
         folds.append({"file": onnx_path.name, "sha256": checksum([onnx_path])})
         training.append({"file": onnx_path.name, **provenance})
-        architectures.append(model_from_onnx(onnx_path).architecture)
+        architectures.append(model.architecture)
     descriptor = {
         "name": folder.name, "version": version, "target": "CMB", "modalities": ["swi", "t2s"],
         "description": DESCRIPTION, "license": "Apache-2.0", "source": "SHIVACMBLib/devtools/train.py",
@@ -802,11 +803,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                if args.step == "export" and args.extent_threshold is not None else None)
     if problem:
         parser.error(f"--extent-threshold {args.extent_threshold}: {problem}")
-    if args.step == "fit" and args.widths is not None and (len(args.widths) < 2 or min(args.widths) < 1):
-        parser.error(f"--widths {' '.join(map(str, args.widths))}: two or more levels of at least one channel")
-    pooled = 2 ** (len(args.widths or WIDTHS) - 1) if args.step == "fit" else 8
-    if args.step == "fit" and (args.patch % pooled or not 2 * pooled <= args.patch <= 128):
-        parser.error(f"--patch {args.patch}: a multiple of {pooled} from {2 * pooled} to 128")
+    if args.step == "fit":
+        if args.widths is not None and (len(args.widths) < 2 or min(args.widths) < 1):
+            parser.error(f"--widths {' '.join(map(str, args.widths))}: two or more levels of at least one channel")
+        pooled = 2 ** (len(args.widths or WIDTHS) - 1)  # the patch must pool down to every level
+        if args.patch % pooled or not 2 * pooled <= args.patch <= 128:
+            parser.error(f"--patch {args.patch}: a multiple of {pooled} from {2 * pooled} to 128")
     if args.step == "prepare":
         prepare(args.phantoms, args.cache)
     elif args.step == "fit":
