@@ -482,6 +482,46 @@ def _onnx_fold(path, op: str, constant: float) -> None:
     onnx.save(model, str(path))
 
 
+def _candidate_scans(folder, peaks_per_scan) -> None:
+    """``train candidates`` tables of scans with two truth CMBs: one fold candidate per (peak, truth) given."""
+    folder.mkdir()
+    for number, candidates in enumerate(peaks_per_scan):
+        peak = np.array([p for p, _ in candidates] + [0.0, 0.0], np.float32)  # and the two planted CMBs
+        truth = np.array([t for _, t in candidates] + [1, 2])
+        np.savez(folder / f"val-{number}.npz", peak=peak, truth=truth, label=(truth > 0).astype(int),
+                 kind=np.array([0] * len(candidates) + [1, 1]), cls=np.zeros(len(peak), int), n_truth=np.asarray(2))
+
+
+def test_compare_tells_a_real_difference_from_the_spread_of_the_scans(tmp_path, capsys) -> None:
+    """Fold B finds what fold A finds plus a false positive at 0.995 on every scan: worse at 0.99, equal at 0.999.
+    Folds C and D score the same in all but on different scans (each finds both CMBs with a false positive where
+    the other finds one): the interval spans zero."""
+    found = [(0.999, 1), (0.999, 2)]
+    _candidate_scans(tmp_path / "a", [found] * 12)
+    _candidate_scans(tmp_path / "b", [found + [(0.995, 0)]] * 12)
+    worse = selection.compare(tmp_path / "a", tmp_path / "b", (0.99, 0.99), resamples=500)
+    assert [(f["tp"], f["fn"], f["fp"]) for f in worse["folds"]] == [(24, 0, 0), (24, 0, 12)]
+    assert worse["difference"] == pytest.approx(48 / 60 - 1) and worse["interval"][1] < 0 and worse["second_ahead"] == 0
+    same = selection.compare(tmp_path / "a", tmp_path / "b", (0.99, 0.999), resamples=500)
+    assert same["difference"] == 0 and same["interval"] == [0, 0]
+    _candidate_scans(tmp_path / "c", [found + [(0.995, 0)], [(0.999, 1)]] * 6)
+    _candidate_scans(tmp_path / "d", [[(0.999, 1)], found + [(0.995, 0)]] * 6)
+    mixed = selection.compare(tmp_path / "c", tmp_path / "d", (0.99, 0.99), resamples=500)
+    assert mixed["difference"] == 0 and mixed["interval"][0] < 0 < mixed["interval"][1]
+    assert 0.2 < mixed["second_ahead"] < 0.8
+    filtertrain = pytest.importorskip("SHIVACMBLib.devtools.filtertrain")
+    row = filtertrain.screen_filter(tmp_path / "d", None, [0.99], [0.0])[0]  # the same counting as screen-filter's
+    assert (row["tp"], row["fn"], row["fp"]) == tuple(mixed["folds"][1][k] for k in ("tp", "fn", "fp"))
+
+    assert train.main(["compare", "--candidates", str(tmp_path / "a"), str(tmp_path / "b"), "--thresholds", "0.99",
+                       "0.99", "--resamples", "200", "--out", str(tmp_path / "c.json")]) == 0
+    assert "second minus first: F1 -0.2000" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["folds"][1]["fp"] == 12
+    (tmp_path / "a" / "val-0.npz").unlink()
+    with pytest.raises(SystemExit, match="same scans .11 and 12 files, 1 in one only"):
+        train.main(["compare", "--candidates", str(tmp_path / "a"), str(tmp_path / "b"), "--thresholds", "0.9", "0.9"])
+
+
 def test_screen_scores_every_ensemble_per_threshold(tmp_path) -> None:
     """A CMB, a calcification and a vein, all dark; fold A sees darkness, fold B sees nothing."""
     volume = np.ones((30, 30, 30), np.float16)

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from ..files import atomic_path, atomic_write_text, checksum
 from ..fpfilter import DESCRIPTOR, TARGET, patches
 from ..postprocess import CONNECT_26, OUTSIDE_RATIO
+from .selection import candidate_counts
 from .synthetic import MIMIC_CLASSES
 from .train import degrade, lower_ir_version, resume, run_steps
 
@@ -261,13 +262,11 @@ def screen_filter(candidate_dir: Path, run: Optional[Path], fold_thresholds: Seq
             cubes = data["patches"][fold][:, MARGIN:MARGIN + PATCH, MARGIN:MARGIN + PATCH, MARGIN:MARGIN + PATCH]
             with torch.no_grad():
                 scores = model(torch.from_numpy(cubes.astype(np.float32)[:, None])).numpy().reshape(-1)
-        peak, truth, label, cls = (data[k][fold] for k in ("peak", "truth", "label", "cls"))
+        peak, cls = data["peak"][fold], data["cls"][fold]
         for (u, f), row in rows.items():
-            kept = (peak >= u) & (scores >= f)
-            found = len(set(truth[kept & (label == 1)].tolist()))
+            found, missed, false = candidate_counts(data, (peak >= u) & (scores >= f))
             row["tp"] += found
-            row["fn"] += int(data["n_truth"]) - found
-            false = kept & (label == 0)
+            row["fn"] += missed
             row["fp"] += int(false.sum())
             for code in cls[false]:
                 name = MIMIC_CLASSES[code - 1] if code else "anatomy"

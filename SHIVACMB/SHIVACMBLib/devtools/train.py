@@ -45,7 +45,7 @@ from ..modelstore.models import Normalization, extent_threshold_problem
 from ..postprocess import CONNECT_26
 from ..preprocess import compute_brain_mask, prepare_input
 from ..scan import read_scan
-from .selection import calibrate, calibration_table, screen
+from .selection import calibrate, calibration_table, compare, screen
 from .synthetic import MIMIC_CLASSES, read_objects, truth_paths
 from .unet import WIDTHS, ResidualUNet3D, widen, widths_of
 
@@ -666,7 +666,7 @@ def _class_weights(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dic
     return weights
 
 
-FILTER_STEPS = ("candidates", "fit-filter", "export-filter", "screen-filter")
+FILTER_STEPS = ("candidates", "fit-filter", "export-filter", "screen-filter", "compare")
 
 
 def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
@@ -699,6 +699,13 @@ def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
     s.add_argument("--fold-thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     s.add_argument("--filter-thresholds", type=float, nargs="+", default=[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     s.add_argument("--out", type=Path, help="also write the rows as JSON")
+    v = steps.add_parser("compare", help="two folds' validation candidates, scan by scan (paired bootstrap of F1)")
+    v.add_argument("--candidates", type=Path, nargs=2, required=True, metavar=("FIRST", "SECOND"),
+                   help="candidates of the same validation phantoms, one folder per fold")
+    v.add_argument("--thresholds", type=float, nargs=2, required=True, metavar=("FIRST", "SECOND"))
+    v.add_argument("--resamples", type=int, default=2000)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", type=Path, help="also write the comparison as JSON")
 
 
 def run_filter_step(args: argparse.Namespace) -> int:
@@ -710,6 +717,20 @@ def run_filter_step(args: argparse.Namespace) -> int:
     elif args.step == "fit-filter":
         filtertrain.fit_filter(args.candidates, args.run, args.steps, args.seed, args.batch, args.lr,
                                threads=args.threads, until=args.until, width=args.width)
+    elif args.step == "compare":
+        try:
+            result = compare(args.candidates[0], args.candidates[1], tuple(args.thresholds), args.resamples, args.seed)
+        except ValueError as error:
+            raise SystemExit(f"train compare: {error}") from None
+        for fold in result["folds"]:
+            print(f"{fold['candidates']} at {fold['threshold']:g}: TP {fold['tp']} FN {fold['fn']} FP {fold['fp']} "
+                  f"F1 {fold['f1']:.4f}")
+        low, high = result["interval"]
+        print(f"second minus first: F1 {result['difference']:+.4f}, 95 % interval {low:+.4f} to {high:+.4f} "
+              f"({result['scans']} scans, {result['resamples']} paired resamples; second ahead in "
+              f"{100 * result['second_ahead']:.0f} %)")
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     elif args.step == "export-filter":
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
         print(f"wrote {filtertrain.export_filter(args.run, args.out, args.threshold, args.name, args.version, metrics)}")
