@@ -512,6 +512,11 @@ def test_compare_tells_a_real_difference_from_the_spread_of_the_scans(tmp_path, 
     filtertrain = pytest.importorskip("SHIVACMBLib.devtools.filtertrain")
     row = filtertrain.screen_filter(tmp_path / "d", None, [0.99], [0.0])[0]  # the same counting as screen-filter's
     assert (row["tp"], row["fn"], row["fp"]) == tuple(mixed["folds"][1][k] for k in ("tp", "fn", "fp"))
+    assert train.main(["screen-filter", "--candidates", str(tmp_path / "b"), "--fold-thresholds", "0.99", "0.995",
+                       "0.999", "--filter-thresholds", "0"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]  # thresholds as given, not rounded to two places
+    assert [line.split()[:5] for line in rows] == [["0.99", "0", "24", "0", "12"], ["0.995", "0", "24", "0", "12"],
+                                                   ["0.999", "0", "24", "0", "0"]]
 
     assert train.main(["compare", "--candidates", str(tmp_path / "a"), str(tmp_path / "b"), "--thresholds", "0.99",
                        "0.99", "--resamples", "200", "--out", str(tmp_path / "c.json")]) == 0

@@ -736,9 +736,9 @@ def run_filter_step(args: argparse.Namespace) -> int:
         print(f"wrote {filtertrain.export_filter(args.run, args.out, args.threshold, args.name, args.version, metrics)}")
     else:
         rows = filtertrain.screen_filter(args.candidates, args.run, args.fold_thresholds, args.filter_thresholds)
-        print(f"{'fold':>5} {'filter':>6} {'TP':>4} {'FN':>4} {'FP':>4} {'sens':>6} {'prec':>6} {'FP/scan':>7}  FP on")
+        print(f"{'fold':>6} {'filter':>6} {'TP':>4} {'FN':>4} {'FP':>4} {'sens':>6} {'prec':>6} {'FP/scan':>7}  FP on")
         for row in rows:
-            print(f"{row['fold_threshold']:>5.2f} {row['filter_threshold']:>6.2f} {row['tp']:>4} {row['fn']:>4} "
+            print(f"{row['fold_threshold']:>6g} {row['filter_threshold']:>6g} {row['tp']:>4} {row['fn']:>4} "
                   f"{row['fp']:>4} {row['sensitivity'] or 0:>6.3f} {row['precision'] or 0:>6.3f} "
                   f"{row['fp_avg']:>7.3f}  {row['false_positives_on']}")
         if args.out:
