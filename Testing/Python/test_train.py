@@ -522,6 +522,9 @@ def test_compare_tells_a_real_difference_from_the_spread_of_the_scans(tmp_path, 
                        "0.99", "--resamples", "200", "--out", str(tmp_path / "c.json")]) == 0
     assert "second minus first: F1 -0.2000" in capsys.readouterr().out
     assert json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["folds"][1]["fp"] == 12
+    with pytest.raises(SystemExit, match="--resamples 0: at least one resample"):
+        train.main(["compare", "--candidates", str(tmp_path / "a"), str(tmp_path / "b"), "--thresholds", "0.9", "0.9",
+                    "--resamples", "0"])
     (tmp_path / "a" / "val-0.npz").unlink()
     with pytest.raises(SystemExit, match="same scans .11 and 12 files, 1 in one only"):
         train.main(["compare", "--candidates", str(tmp_path / "a"), str(tmp_path / "b"), "--thresholds", "0.9", "0.9"])

@@ -6,7 +6,7 @@ calibrate``, ``train screen`` and ``train compare``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -121,7 +121,7 @@ def screen(cache: Path, folds: Sequence[Path], thresholds: Sequence[float]) -> L
     return rows
 
 
-def candidate_counts(data, kept: np.ndarray) -> Tuple[int, int, np.ndarray]:
+def candidate_counts(data: Mapping[str, np.ndarray], kept: np.ndarray) -> Tuple[int, int, np.ndarray]:
     """Overlap-rule counts of one scan's candidates (``train candidates``) when the fold candidates ``kept``
     stay: CMBs found (touched by a kept candidate), CMBs missed, and the mask of kept false positives."""
     fold = data["kind"] == 0
@@ -135,6 +135,8 @@ def compare(first: Path, second: Path, thresholds: Tuple[float, float], resample
     """Two folds' candidates on the same validation scans, each at its threshold: pooled F1 of each and a
     paired bootstrap over the scans of the difference (second minus first), with its 95 % interval and the
     share of resamples in which the second is ahead. Tells a real difference from the spread of the set."""
+    if resamples < 1:
+        raise ValueError(f"--resamples {resamples}: at least one resample")
     names = sorted(path.name for path in Path(first).glob("*.npz"))
     others = sorted(path.name for path in Path(second).glob("*.npz"))
     if not names or names != others:
