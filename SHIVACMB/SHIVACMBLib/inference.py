@@ -50,6 +50,7 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (CUDA, "CoreMLExecutionProvider", "DmlExecutionProvider")
 NVIDIA_PROVIDERS = (TENSORRT, CUDA)  # where IO binding keeps the input on the GPU
+STOP_GRACE_S = 0.5  # how long a cancelled run may take to stop before the command ends without it
 
 ProgressFn = Callable[[float, str], None]
 
@@ -404,9 +405,11 @@ def run_interruptibly(call: Callable[[], Any], stop: Optional[Callable[[], None]
 
     A fold runs for seconds inside onnxruntime, and OpenVINO compiles a session for a second or more, where Python
     cannot act on a signal; waiting here instead, the main thread gets SIGTERM/Ctrl-C at once and raises. ``stop``
-    ends the call first (a run's ``RunOptions.terminate``: onnxruntime stops between two kernels); a call without
-    one (a session being compiled) is left to its daemon thread, which the command's exit ends. Off the main thread
-    (batch workers), which never gets signals, it simply runs.
+    ends the call first (a run's ``RunOptions.terminate``: onnxruntime stops between two kernels), waited for at
+    most ``STOP_GRACE_S`` (a provider that runs the whole graph as one kernel, as OpenVINO may, stops only at its
+    end); a call that has not ended by then, or has no ``stop`` (a session being compiled), is left to its daemon
+    thread, which the command's exit ends. Off the main thread (batch workers), which never gets signals, it
+    simply runs.
     """
     if threading.current_thread() is not threading.main_thread():
         return call()
@@ -428,7 +431,7 @@ def run_interruptibly(call: Callable[[], Any], stop: Optional[Callable[[], None]
     except BaseException:
         if stop is not None:
             stop()
-            finished.wait()
+            finished.wait(STOP_GRACE_S)
         raise
     if "error" in outcome:
         raise outcome["error"]

@@ -1,6 +1,8 @@
 """onnxruntime sessions: layouts, activations, the fold ensemble, providers and CPU fallback."""
 
 import json
+import signal
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -401,3 +403,31 @@ def test_gpu_provider_tuning_and_tensorrt_engine_cache(tmp_path, monkeypatch):
         assert trt["trt_engine_cache_path"] == str(tmp_path / "cache" / "tensorrt")
     assert (tmp_path / "cache" / "tensorrt").is_dir()  # made before the provider writes its first engine
     assert inference.provider_options(CPU) == {}
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX interval timers")
+@pytest.mark.parametrize("honours_stop", [True, False])
+def test_a_signal_ends_an_interruptible_run_whether_or_not_the_run_stops(honours_stop):
+    """A signal during a run raises at once; ``stop`` is called, and a run that does not stop (a provider running
+    the graph as one kernel) is not waited for beyond the grace: it stays in its daemon thread."""
+    release, stopped, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def stop() -> None:
+        stopped.set()
+        if honours_stop:
+            release.set()
+
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: (_ for _ in ()).throw(_Cancelled()))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Cancelled):
+            inference.run_interruptibly(lambda: (release.wait(5), returned.set()), stop)
+        assert stopped.is_set() and returned.is_set() == honours_stop  # a stubborn run is still running here
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.set()
