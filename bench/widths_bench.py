@@ -34,12 +34,14 @@ def main() -> int:
     sets = [WIDTHS] + [tuple(int(c) for c in text.split("-")) for text in args.widths]
     plan, _ = provider_plan("cpu", ort.get_available_providers())
     image = np.random.default_rng(0).random((1, 1, *BOX), dtype=np.float32)
-    sessions = {}
+    sessions, parameters = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for widths in sets:
             torch.manual_seed(0)
+            network = ResidualUNet3D(widths)
+            parameters[widths] = sum(p.numel() for p in network.parameters())
             path = Path(folder) / f"{'-'.join(map(str, widths))}.onnx"
-            export_onnx(ResidualUNet3D(widths), path)
+            export_onnx(network, path)
             sessions[widths] = create_session(str(path), plan, args.threads)
         seconds = {widths: [] for widths in sets}
         for _ in range(args.rounds):
@@ -51,9 +53,8 @@ def main() -> int:
     print(f"{plan[0]}, {args.threads} threads, model box {'x'.join(map(str, BOX))}, medians of {args.rounds} rounds")
     print(f"{'widths':<14} {'parameters':>10} {'seconds':>8} {'ratio':>6}")
     for widths in sets:
-        parameters = sum(p.numel() for p in ResidualUNet3D(widths).parameters())
         median = float(np.median(seconds[widths]))
-        print(f"{'-'.join(map(str, widths)):<14} {parameters:>10,} {median:>8.2f} {median / reference:>6.2f}")
+        print(f"{'-'.join(map(str, widths)):<14} {parameters[widths]:>10,} {median:>8.2f} {median / reference:>6.2f}")
     return 0
 
 
