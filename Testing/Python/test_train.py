@@ -556,3 +556,38 @@ def test_screen_scores_every_ensemble_per_threshold(tmp_path) -> None:
     both = rows[(("a.onnx", "b.onnx"), 0.5)]  # mean probability: 0.5 at the CMB and calcification, 0.3 vein
     assert (both["tp"], both["fp"], both["precision"]) == (1, 1, 0.5)
     assert (rows[(("a.onnx", "b.onnx"), 0.7)]["tp"], rows[(("b.onnx",), 0.5)]["fn"]) == (0, 1)
+
+
+def test_sizes_counts_the_cmbs_found_by_size(tmp_path, capsys) -> None:
+    """Three CMBs of 2, 4 and 7 mm in a prepared scan; candidates from a probability that peaks at 0.999 on the first
+    two and 0.9 on the third: at 0.99 the 7 mm one is missed, at 0.5 all are found."""
+    filtertrain = pytest.importorskip("SHIVACMBLib.devtools.filtertrain")
+    shape = (40, 40, 40)
+    grid = np.indices(shape).transpose(1, 2, 3, 0)
+    cmb = np.zeros(shape, np.uint8)
+    probability = np.zeros(shape, np.float32)
+    for centre, diameter, peak in [((10, 10, 10), 2.0, 0.999), ((25, 12, 20), 4.0, 0.999), ((20, 28, 24), 7.0, 0.9)]:
+        inside = np.linalg.norm(grid - np.array(centre), axis=-1) <= diameter / 2
+        cmb[inside] = 1
+        probability[inside] = peak
+    (tmp_path / "cache").mkdir()
+    np.savez(tmp_path / "cache" / "val-1.npz", volume=1 - probability, cmb=cmb, mimic=np.zeros(shape, np.uint8),
+             brain=np.ones(shape, np.uint8))
+    table = filtertrain.scan_candidates(1 - probability, probability, cmb, np.zeros(shape, np.uint8),
+                                        np.ones(shape, np.uint8), 0.1)
+    (tmp_path / "cand").mkdir()
+    np.savez(tmp_path / "cand" / "val-1.npz", **table)
+    assert selection.found_by_size(tmp_path / "cand", tmp_path / "cache", 0.99) == {
+        "<= 3 mm": [1, 1], "3-5 mm": [1, 1], "> 5 mm": [0, 1]}
+    assert selection.found_by_size(tmp_path / "cand", tmp_path / "cache", 0.5)["> 5 mm"] == [1, 1]
+    assert train.main(["sizes", "--candidates", str(tmp_path / "cand"), "--cache", str(tmp_path / "cache"),
+                       "--threshold", "0.99"]) == 0
+    assert "CMBs <= 3 mm 1/1 = 1.000, CMBs 3-5 mm 1/1 = 1.000, CMBs > 5 mm 0/1 = 0.000" in capsys.readouterr().out
+    np.savez(tmp_path / "cache" / "val-1.npz", volume=probability, cmb=np.zeros(shape, np.uint8),
+             mimic=np.zeros(shape, np.uint8), brain=np.ones(shape, np.uint8))
+    with pytest.raises(SystemExit, match="val-1.npz: 3 CMBs, but .* holds 0"):
+        train.main(["sizes", "--candidates", str(tmp_path / "cand"), "--cache", str(tmp_path / "cache"),
+                    "--threshold", "0.99"])
+    with pytest.raises(SystemExit, match="no prepared scan"):
+        train.main(["sizes", "--candidates", str(tmp_path / "cand"), "--cache", str(tmp_path / "none"),
+                    "--threshold", "0.99"])

@@ -1,7 +1,7 @@
 """Choosing on validation phantoms: a model's metrics per threshold (``calibrate``, through ``segment``),
 every ensemble of some folds per threshold on prepared arrays (``screen``), both by the overlap rule with
-mimic detections, and two folds' candidates compared scan by scan (``compare``). Used by ``train
-calibrate``, ``train screen`` and ``train compare``."""
+mimic detections, two folds' candidates compared scan by scan (``compare``) and the CMBs a fold finds by
+size (``found_by_size``). Used by ``train calibrate``, ``screen``, ``compare`` and ``sizes``."""
 
 from __future__ import annotations
 
@@ -164,6 +164,38 @@ def compare(first: Path, second: Path, thresholds: Tuple[float, float], resample
             "difference": float(scores[1] - scores[0]),
             "interval": [float(v) for v in np.percentile(difference, [2.5, 97.5])],
             "second_ahead": float(np.mean(difference > 0))}
+
+
+SIZE_BINS_MM = (3.0, 5.0)  # the issue's CMB sizes: <= 3 mm, 3-5 mm, > 5 mm
+
+
+def found_by_size(candidates: Path, cache: Path, threshold: float, voxel_mm: float = 1.0) -> Dict[str, List[int]]:
+    """Per CMB size, the truth CMBs a fold's candidates (``train candidates``) find at ``threshold`` and all of them
+    (``[found, planted]``). A CMB's size is the diameter of the sphere of its voxels' volume in the prepared
+    scan (``cache``, the model box of ``voxel_mm``), its truth number as in the candidates' table."""
+    from scipy import ndimage
+
+    names = ("<= 3 mm", "3-5 mm", "> 5 mm")
+    counts = {name: [0, 0] for name in names}
+    files = sorted(Path(candidates).glob("*.npz"))
+    if not files:
+        raise ValueError(f"{candidates}: no candidates (train candidates writes them)")
+    for path in files:
+        prepared = Path(cache) / path.name
+        if not prepared.is_file():
+            raise ValueError(f"{prepared}: no prepared scan for the candidates {path}")
+        data = np.load(path)
+        truth, n = ndimage.label(np.load(prepared)["cmb"] > 0, CONNECT_26)
+        if n != int(data["n_truth"]):
+            raise ValueError(f"{path}: {int(data['n_truth'])} CMBs, but {prepared} holds {n}")
+        voxels = np.asarray(ndimage.sum_labels(np.ones_like(truth), truth, np.arange(1, n + 1)), float)
+        diameters = np.cbrt(6 * voxels * voxel_mm ** 3 / np.pi)
+        kept = (data["kind"] == 0) & (data["label"] == 1) & (data["peak"] >= threshold)
+        found = np.isin(np.arange(1, n + 1), data["truth"][kept])
+        for bin_, hit in zip(np.digitize(diameters, SIZE_BINS_MM, right=True), found):
+            counts[names[bin_]][0] += int(hit)
+            counts[names[bin_]][1] += 1
+    return counts
 
 
 def _pairs(owner: np.ndarray, labels: np.ndarray) -> np.ndarray:

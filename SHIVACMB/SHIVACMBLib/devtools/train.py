@@ -45,7 +45,7 @@ from ..modelstore.models import Normalization, extent_threshold_problem
 from ..postprocess import CONNECT_26
 from ..preprocess import compute_brain_mask, prepare_input
 from ..scan import read_scan
-from .selection import calibrate, calibration_table, compare, screen
+from .selection import calibrate, calibration_table, compare, found_by_size, screen
 from .synthetic import MIMIC_CLASSES, read_objects, truth_paths
 from .unet import WIDTHS, ResidualUNet3D, widen, widths_of
 
@@ -666,7 +666,7 @@ def _class_weights(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dic
     return weights
 
 
-FILTER_STEPS = ("candidates", "fit-filter", "export-filter", "screen-filter", "compare")
+FILTER_STEPS = ("candidates", "fit-filter", "export-filter", "screen-filter", "compare", "sizes")
 
 
 def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
@@ -706,6 +706,10 @@ def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
     v.add_argument("--resamples", type=int, default=2000)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", type=Path, help="also write the comparison as JSON")
+    z = steps.add_parser("sizes", help="the CMBs a fold's candidates find, by size (<= 3, 3-5, > 5 mm)")
+    z.add_argument("--candidates", type=Path, required=True, help="one fold's candidates (train candidates)")
+    z.add_argument("--cache", type=Path, required=True, help="the prepared phantoms they were cut from")
+    z.add_argument("--threshold", type=float, required=True)
 
 
 def run_filter_step(args: argparse.Namespace) -> int:
@@ -731,6 +735,14 @@ def run_filter_step(args: argparse.Namespace) -> int:
               f"{100 * result['second_ahead']:.0f} %)")
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    elif args.step == "sizes":
+        try:
+            counts = found_by_size(args.candidates, args.cache, args.threshold)
+        except ValueError as error:
+            raise SystemExit(f"train sizes: {error}") from None
+        print(f"{args.candidates} at {args.threshold:g}: " + ", ".join(
+            f"CMBs {name} {found}/{planted}" + (f" = {found / planted:.3f}" if planted else "")
+            for name, (found, planted) in counts.items()))
     elif args.step == "export-filter":
         metrics = json.loads(args.metrics.read_text(encoding="utf-8")) if args.metrics else None
         print(f"wrote {filtertrain.export_filter(args.run, args.out, args.threshold, args.name, args.version, metrics)}")
