@@ -169,10 +169,10 @@ def compare(first: Path, second: Path, thresholds: Tuple[float, float], resample
 SIZE_BINS_MM = (3.0, 5.0)  # the issue's CMB sizes: <= 3 mm, 3-5 mm, > 5 mm
 
 
-def found_by_size(candidates: Path, cache: Path, threshold: float, voxel_mm: float = 1.0) -> Dict[str, List[int]]:
+def found_by_size(candidates: Path, cache: Path, threshold: float) -> Dict[str, List[int]]:
     """Per CMB size, the truth CMBs a fold's candidates (``train candidates``) find at ``threshold`` and all of them
     (``[found, planted]``). A CMB's size is the diameter of the sphere of its voxels' volume in the prepared
-    scan (``cache``, the model box of ``voxel_mm``), its truth number as in the candidates' table."""
+    scan (``cache``: ``train prepare``'s 1 mm model box), its truth number as in the candidates' table."""
     from scipy import ndimage
 
     names = ("<= 3 mm", "3-5 mm", "> 5 mm")
@@ -188,8 +188,7 @@ def found_by_size(candidates: Path, cache: Path, threshold: float, voxel_mm: flo
         truth, n = ndimage.label(np.load(prepared)["cmb"] > 0, CONNECT_26)
         if n != int(data["n_truth"]):
             raise ValueError(f"{path}: {int(data['n_truth'])} CMBs, but {prepared} holds {n}")
-        voxels = np.asarray(ndimage.sum_labels(np.ones_like(truth), truth, np.arange(1, n + 1)), float)
-        diameters = np.cbrt(6 * voxels * voxel_mm ** 3 / np.pi)
+        diameters = np.cbrt(6 * np.bincount(truth.ravel(), minlength=n + 1)[1:] / np.pi)
         kept = (data["kind"] == 0) & (data["label"] == 1) & (data["peak"] >= threshold)
         found = np.isin(np.arange(1, n + 1), data["truth"][kept])
         for bin_, hit in zip(np.digitize(diameters, SIZE_BINS_MM, right=True), found):
