@@ -666,11 +666,12 @@ def _class_weights(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dic
     return weights
 
 
-FILTER_STEPS = ("candidates", "fit-filter", "export-filter", "screen-filter", "compare", "sizes")
+CANDIDATE_STEPS = ("candidates", "fit-filter", "export-filter", "screen-filter", "compare", "sizes")
 
 
-def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
-    """The candidate filter's steps (``filtertrain``)."""
+def _add_candidate_steps(steps: argparse._SubParsersAction) -> None:
+    """The steps on fold candidates: the candidate filter's (``filtertrain``), ``compare`` and ``sizes``
+    (``selection``)."""
     c = steps.add_parser("candidates", help="cubes around the folds' candidates and the planted objects")
     c.add_argument("--cache", type=Path, required=True, help="prepared phantoms")
     c.add_argument("--folds", type=Path, nargs="+", required=True, help="segmentation folds (ONNX)")
@@ -712,7 +713,7 @@ def _add_filter_steps(steps: argparse._SubParsersAction) -> None:
     z.add_argument("--threshold", type=float, required=True)
 
 
-def run_filter_step(args: argparse.Namespace) -> int:
+def run_candidate_step(args: argparse.Namespace) -> int:
     from . import filtertrain
 
     if args.step == "candidates":
@@ -826,10 +827,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sc.add_argument("--folds", type=Path, nargs="+", required=True, help="the project's own ONNX folds")
     sc.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     sc.add_argument("--out", type=Path, help="also write the rows as JSON")
-    _add_filter_steps(steps)
+    _add_candidate_steps(steps)
     args = parser.parse_args(argv)
-    if args.step in FILTER_STEPS:
-        return run_filter_step(args)
+    if args.step in CANDIDATE_STEPS:
+        return run_candidate_step(args)
     if args.step == "fit" and len(args.mix) not in (3, 4):
         parser.error("--mix takes three or four shares")
     problem = (extent_threshold_problem(args.extent_threshold, args.threshold)
